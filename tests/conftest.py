@@ -1,0 +1,61 @@
+"""Shared fixtures: the tiny checkpoint on CPU, real speech, and a helper that runs a session."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moshi_engine.audio import read_wav
+from moshi_engine.engine import load_engine
+from moshi_engine.session import AudioOut, MoshiSession, TextOut
+
+SPEECH_DIR = Path(__file__).resolve().parent.parent / "assets" / "speech"
+HELLO_WAV = SPEECH_DIR / "hello.wav"
+MUSIC_WAV = SPEECH_DIR / "music.wav"
+
+
+@pytest.fixture(scope="session")
+def hello_pcm() -> np.ndarray:
+    return read_wav(HELLO_WAV)
+
+
+@pytest.fixture(scope="session")
+def music_pcm() -> np.ndarray:
+    return read_wav(MUSIC_WAV)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine():
+    """Two warm instances of the tiny checkpoint, shared by the tests that only lease."""
+    engine = load_engine("tiny", device="cpu", instances=2)
+    yield engine
+    engine.close()
+
+
+async def converse(session: MoshiSession, pcm: np.ndarray, chunk: int = 1920) -> tuple[np.ndarray, list[str]]:
+    """Stream pcm into a started session in `chunk`-sample pieces; collect every output
+    the input produces (one step per full frame; the first step answers nothing)."""
+    expected_frames = pcm.size // 1920 - 1
+
+    async def feed() -> None:
+        for start in range(0, pcm.size, chunk):
+            await session.send_pcm(pcm[start : start + chunk])
+
+    feeder = asyncio.create_task(feed())
+    frames: list[np.ndarray] = []
+    texts: list[str] = []
+    try:
+        while len(frames) < expected_frames:
+            out = await asyncio.wait_for(session.receive(), timeout=30)
+            if isinstance(out, AudioOut):
+                frames.append(out.pcm)
+            else:
+                assert isinstance(out, TextOut)
+                texts.append(out.text)
+        await feeder
+    finally:
+        feeder.cancel()
+    return np.concatenate(frames), texts

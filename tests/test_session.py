@@ -1,0 +1,167 @@
+"""Sessions on leased instances: streaming, isolation, leasing, input validation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE
+from moshi_engine.engine import BusyError, load_engine
+from moshi_engine.model import Sampling
+from moshi_engine.session import AudioOut, SessionClosed
+
+from .conftest import converse
+
+
+@pytest.fixture(scope="module")
+def single_engine():
+    engine = load_engine("tiny", device="cpu", instances=1)
+    yield engine
+    engine.close()
+
+
+async def test_three_seconds_of_speech_give_three_seconds_of_frames_and_text(tiny_engine, hello_pcm):
+    pcm = hello_pcm[: 3 * SAMPLE_RATE]
+    async with tiny_engine.session(Sampling(seed=0)) as session:
+        audio, texts = await converse(session, pcm, chunk=1000)
+    assert audio.dtype == np.float32
+    assert audio.size % FRAME_SIZE == 0
+    # one frame of initial delay: 37 input frames answer 36 frames
+    assert audio.size == (pcm.size // FRAME_SIZE - 1) * FRAME_SIZE
+    assert abs(audio.size / SAMPLE_RATE - 3.0) <= 0.2
+    assert np.isfinite(audio).all() and np.abs(audio).max() > 0
+    assert texts and all(isinstance(t, str) and t for t in texts)
+
+
+async def test_output_does_not_depend_on_how_input_is_chunked(tiny_engine, hello_pcm):
+    pcm = hello_pcm[: 2 * SAMPLE_RATE]
+    results = []
+    for chunk in (FRAME_SIZE, 7, 5000):
+        async with tiny_engine.session(Sampling(seed=3)) as session:
+            results.append(await converse(session, pcm, chunk=chunk))
+    for audio, texts in results[1:]:
+        assert np.array_equal(audio, results[0][0]) and texts == results[0][1]
+
+
+async def test_a_session_on_a_returned_instance_is_identical_to_one_on_a_fresh_instance(
+    single_engine, hello_pcm, music_pcm
+):
+    pcm = hello_pcm[: 2 * SAMPLE_RATE]
+    fresh = load_engine("tiny", device="cpu", instances=1)
+    try:
+        async with fresh.session(Sampling(seed=11)) as session:
+            on_fresh = await converse(session, pcm)
+    finally:
+        fresh.close()
+    # something else runs first on the single instance, with other sampling and input
+    async with single_engine.session(Sampling(seed=99, temp=1.2, top_k=5)) as session:
+        await converse(session, music_pcm[: 2 * SAMPLE_RATE])
+    async with single_engine.session(Sampling(seed=11)) as session:
+        after_other = await converse(session, pcm)
+    assert np.array_equal(on_fresh[0], after_other[0])
+    assert on_fresh[1] == after_other[1]
+
+
+async def test_different_seeds_give_different_answers(tiny_engine, hello_pcm):
+    pcm = hello_pcm[: SAMPLE_RATE]
+    answers = []
+    for seed in (1, 2):
+        async with tiny_engine.session(Sampling(seed=seed)) as session:
+            answers.append((await converse(session, pcm))[0])
+    assert not np.array_equal(*answers)
+
+
+async def test_leasing_beyond_capacity_raises_busy_at_once_and_close_returns_the_lease(tiny_engine):
+    first = tiny_engine.open_session()
+    second = tiny_engine.open_session()
+    assert tiny_engine.active == 2
+    with pytest.raises(BusyError):
+        tiny_engine.open_session()
+    await first.start()
+    await first.close()
+    await second.close()  # never started: closing still returns it
+    assert tiny_engine.active == 0
+    third = tiny_engine.open_session()
+    await third.close()
+    assert tiny_engine.active == 0
+
+
+async def test_cancelling_a_conversation_returns_its_lease(tiny_engine, hello_pcm):
+    started = asyncio.Event()
+
+    async def talk_forever():
+        async with tiny_engine.session() as session:
+            started.set()
+            while True:
+                await session.send_pcm(hello_pcm[:FRAME_SIZE])
+                await session.receive()
+
+    task = asyncio.create_task(talk_forever())
+    await started.wait()
+    await asyncio.sleep(0.3)
+    assert tiny_engine.active == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert tiny_engine.active == 0
+
+
+async def test_a_closed_session_ends_its_output_and_refuses_input(tiny_engine, hello_pcm):
+    session = tiny_engine.open_session()
+    await session.start()
+    await session.close()
+    with pytest.raises(SessionClosed):
+        await session.receive()
+    with pytest.raises(SessionClosed):
+        await session.send_pcm(hello_pcm[: 2 * FRAME_SIZE])
+    assert [out async for out in session] == []
+
+
+@pytest.mark.parametrize(
+    ("pcm", "message"),
+    [
+        (np.zeros(FRAME_SIZE, dtype=np.int16), "float32"),
+        (np.zeros(FRAME_SIZE, dtype=np.float64), "float32"),
+        (np.zeros((1, FRAME_SIZE), dtype=np.float32), "1-d"),
+        (np.array([0.0, np.nan] * 10, dtype=np.float32), "NaN or inf"),
+        (np.array([0.0, np.inf] * 10, dtype=np.float32), "NaN or inf"),
+        (np.zeros(0, dtype=np.float32), "empty"),
+        ([0.0] * FRAME_SIZE, "numpy array"),
+    ],
+)
+async def test_bad_input_raises_value_error_saying_what_is_wrong(tiny_engine, pcm, message):
+    async with tiny_engine.session() as session:
+        with pytest.raises(ValueError, match=message):
+            await session.send_pcm(pcm)
+    assert tiny_engine.active == 0
+
+
+async def test_a_reader_that_falls_behind_loses_oldest_audio_not_memory(hello_pcm):
+    engine = load_engine("tiny", device="cpu", instances=1, warmup_frames=1)
+    try:
+        session = engine.open_session(Sampling(seed=5), max_output_frames=4)
+        await session.start()
+        for start in range(0, 20 * FRAME_SIZE, FRAME_SIZE):
+            await session.send_pcm(hello_pcm[start : start + FRAME_SIZE])
+        while session.frames_in < 20:
+            await asyncio.sleep(0.01)
+        await session.close()
+        assert session.frames_out == 19
+        assert session.dropped_frames == 15
+        queued = []
+        while True:
+            try:
+                queued.append(await session.receive())
+            except SessionClosed:
+                break
+        assert sum(isinstance(out, AudioOut) for out in queued) == 4
+    finally:
+        engine.close()
+
+
+def test_sampling_rejects_nonsense():
+    for bad in ({"temp": -1.0}, {"top_k": 0}, {"top_k_text": 2.5}, {"seed": -3}, {"temp_text": "hot"}):
+        with pytest.raises(ValueError):
+            Sampling(**bad)
