@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import DEFAULT_MODEL, ModelUnavailableError, resolve_checkpoint
+from .conversation import BusyError
 from .model import MoshiInstance, Sampling
 from .session import MAX_OUTPUT_FRAMES, MAX_PENDING_FRAMES, MoshiSession
 from .timings import StageTimings
@@ -27,10 +28,6 @@ from .timings import StageTimings
 log = logging.getLogger(__name__)
 
 WARMUP_FRAMES = 4
-
-
-class BusyError(RuntimeError):
-    """Every instance is leased by a session."""
 
 
 @dataclass(frozen=True)

@@ -16,43 +16,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from .audio import FRAME_SIZE, check_pcm
+from .conversation import AudioOut, Output, SessionClosed, SessionError, TextOut  # noqa: F401 (re-exported)
 from .model import MoshiInstance, Sampling
 
 log = logging.getLogger(__name__)
 
 MAX_PENDING_FRAMES = 25  # 2 s of input waiting for the model
 MAX_OUTPUT_FRAMES = 25  # 2 s of output waiting for its reader
-
-
-@dataclass(frozen=True)
-class AudioOut:
-    """A FRAME_SIZE pcm frame of Moshi's voice."""
-
-    pcm: np.ndarray
-
-
-@dataclass(frozen=True)
-class TextOut:
-    """A detokenised text piece of what Moshi says (leading space marks a word start)."""
-
-    text: str
-
-
-Output = AudioOut | TextOut
-
-
-class SessionClosed(Exception):
-    """The session ended; no more outputs will come."""
-
-
-class SessionError(RuntimeError):
-    """The model failed during this session (the instance was reset and released)."""
 
 
 class _OutputQueue:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE
-from moshi_engine.engine import BusyError, load_engine
+from moshi_engine.conversation import AudioOut, BusyError, SessionClosed
+from moshi_engine.engine import load_engine
 from moshi_engine.model import Sampling
-from moshi_engine.session import AudioOut, SessionClosed
 
 from .conftest import converse
 
