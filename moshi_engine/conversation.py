@@ -8,7 +8,9 @@ module is light on purpose: no torch, no model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from collections import deque
+from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
 import numpy as np
@@ -16,6 +18,44 @@ import numpy as np
 
 class BusyError(RuntimeError):
     """Every Moshi instance is in a conversation; try again when one ends."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a session samples; LMGen's defaults unless the checkpoint or the user says otherwise.
+
+    `seed` makes a session reproducible: the same seed and the same input give
+    the same output on any instance, whatever ran on it before (sessions share
+    torch's global generator, so this holds for sessions that do not overlap).
+    """
+
+    temp: float = 0.8
+    temp_text: float = 0.7
+    top_k: int = 250
+    top_k_text: int = 25
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("temp", "temp_text"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 10.0):
+                raise ValueError(f"{name} must be a number in [0, 10], got {value!r}")
+        for name in ("top_k", "top_k_text"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+
+    @classmethod
+    def from_config(cls, lm_gen_config: dict) -> Sampling:
+        """The sampling keys of a checkpoint's `lm_gen_config` over LMGen's defaults."""
+        names = {field.name for field in fields(cls)} - {"seed"}
+        return cls(**{key: value for key, value in lm_gen_config.items() if key in names})
+
+    def updated(self, **changes: object) -> Sampling:
+        """A copy with the given fields changed (None values are ignored)."""
+        return replace(self, **{key: value for key, value in changes.items() if value is not None})
 
 
 @dataclass(frozen=True)
@@ -53,3 +93,45 @@ class SessionClosed(Exception):
 
 class SessionError(RuntimeError):
     """The model failed during this session (the instance was reset and released)."""
+
+
+class OutputQueue:
+    """Ordered outputs, at most `max_frames` of each kind: past that the oldest output of
+    the same kind is dropped, so a reader that falls behind costs frames, never memory."""
+
+    def __init__(self, max_frames: int) -> None:
+        self._items: deque[Output] = deque()
+        self._counts = {AudioOut: 0, TextOut: 0}
+        self._max = max_frames
+        self._ready = asyncio.Event()
+        self._end: BaseException | None = None
+        self.dropped = 0  # audio frames
+        self.dropped_texts = 0
+
+    def put(self, item: Output) -> None:
+        kind = type(item)
+        if self._counts[kind] >= self._max:
+            del self._items[next(i for i, queued in enumerate(self._items) if type(queued) is kind)]
+            self._counts[kind] -= 1
+            if kind is AudioOut:
+                self.dropped += 1
+            else:
+                self.dropped_texts += 1
+        self._counts[kind] += 1
+        self._items.append(item)
+        self._ready.set()
+
+    def end(self, reason: BaseException) -> None:
+        if self._end is None:
+            self._end = reason
+        self._ready.set()
+
+    async def get(self) -> Output:
+        while not self._items:
+            if self._end is not None:
+                raise self._end
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._items.popleft()
+        self._counts[type(item)] -= 1
+        return item

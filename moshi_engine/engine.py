@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import DEFAULT_MODEL, ModelUnavailableError, resolve_checkpoint
-from .conversation import BusyError
-from .model import MoshiInstance, Sampling
+from .conversation import BusyError, Sampling
+from .model import MoshiInstance
 from .session import MAX_OUTPUT_FRAMES, MAX_PENDING_FRAMES, MoshiSession
 from .timings import StageTimings
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import numpy as np
 import sentencepiece
@@ -19,47 +19,10 @@ import torch
 from moshi.models import LMGen, LMModel, MimiModel
 
 from .audio import FRAME_SIZE
+from .conversation import Sampling
 from .timings import LM_STEP, MIMI_DECODE, MIMI_ENCODE, StageTimings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How a session samples; LMGen's defaults unless the checkpoint or the user says otherwise.
-
-    `seed` makes a session reproducible: the same seed and the same input give
-    the same output on any instance, whatever ran on it before (sessions share
-    torch's global generator, so this holds for sessions that do not overlap).
-    """
-
-    temp: float = 0.8
-    temp_text: float = 0.7
-    top_k: int = 250
-    top_k_text: int = 25
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("temp", "temp_text"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0.0 <= value <= 10.0):
-                raise ValueError(f"{name} must be a number in [0, 10], got {value!r}")
-        for name in ("top_k", "top_k_text"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
-
-    @classmethod
-    def from_config(cls, lm_gen_config: dict) -> "Sampling":
-        """The sampling keys of a checkpoint's `lm_gen_config` over LMGen's defaults."""
-        names = {field.name for field in fields(cls)} - {"seed"}
-        return cls(**{key: value for key, value in lm_gen_config.items() if key in names})
-
-    def updated(self, **changes: object) -> "Sampling":
-        """A copy with the given fields changed (None values are ignored)."""
-        return replace(self, **{key: value for key, value in changes.items() if value is not None})
 
 
 @dataclass(frozen=True)

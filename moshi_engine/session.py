@@ -15,58 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from .audio import FRAME_SIZE, check_pcm
-from .conversation import AudioOut, Output, SessionClosed, SessionError, TextOut  # noqa: F401 (re-exported)
-from .model import MoshiInstance, Sampling
+from .conversation import AudioOut, Output, OutputQueue, Sampling, SessionClosed, SessionError, TextOut
+from .model import MoshiInstance
 
 log = logging.getLogger(__name__)
 
 MAX_PENDING_FRAMES = 25  # 2 s of input waiting for the model
 MAX_OUTPUT_FRAMES = 25  # 2 s of output waiting for its reader
-
-
-class _OutputQueue:
-    """Ordered outputs; past `max_audio` queued frames the oldest audio frame is dropped."""
-
-    def __init__(self, max_audio: int) -> None:
-        self._items: deque[Output] = deque()
-        self._audio = 0
-        self._max_audio = max_audio
-        self._ready = asyncio.Event()
-        self._end: BaseException | None = None
-        self.dropped = 0
-
-    def put(self, item: Output) -> None:
-        if isinstance(item, AudioOut):
-            if self._audio >= self._max_audio:
-                oldest = next(i for i, queued in enumerate(self._items) if isinstance(queued, AudioOut))
-                del self._items[oldest]
-                self._audio -= 1
-                self.dropped += 1
-            self._audio += 1
-        self._items.append(item)
-        self._ready.set()
-
-    def end(self, reason: BaseException) -> None:
-        if self._end is None:
-            self._end = reason
-        self._ready.set()
-
-    async def get(self) -> Output:
-        while not self._items:
-            if self._end is not None:
-                raise self._end
-            self._ready.clear()
-            await self._ready.wait()
-        item = self._items.popleft()
-        if isinstance(item, AudioOut):
-            self._audio -= 1
-        return item
 
 
 class MoshiSession:
@@ -84,7 +44,7 @@ class MoshiSession:
         self.sampling = sampling
         self._release = release
         self._inbox: asyncio.Queue[np.ndarray] = asyncio.Queue(max_pending_frames)
-        self._outbox = _OutputQueue(max_output_frames)
+        self._outbox = OutputQueue(max_output_frames)
         self._buffer = np.zeros(0, dtype=np.float32)
         self._task: asyncio.Task | None = None
         self._closed: asyncio.Future | None = None
@@ -171,7 +131,7 @@ class MoshiSession:
         except Exception:
             log.exception("resetting instance %d failed", self.instance.index)
 
-    async def __aenter__(self) -> "MoshiSession":
+    async def __aenter__(self) -> MoshiSession:
         return self
 
     async def __aexit__(self, *exc_info) -> None:

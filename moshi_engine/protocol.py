@@ -1,0 +1,117 @@
+"""The bytes on the wire: kind bytes, close codes and limits of the two websocket protocols.
+
+- `/ws`, QuiLLMan's: the client sends raw Ogg Opus pages; the server sends
+  `KIND_AUDIO` + Ogg Opus and `KIND_TEXT` + UTF-8 text. No handshake.
+- `/api/chat`, moshi's reference server's: the server sends `KIND_HANDSHAKE`
+  once the session is ready; then both sides prefix every message with a kind
+  byte (the client only sends `KIND_AUDIO`).
+
+Sampling parameters may ride on the URL query (`?seed=1&temp=0.7`); moshi's
+server ignores them, ours applies them to the session. This module imports
+nothing of ours.
+"""
+
+from __future__ import annotations
+
+import enum
+from urllib.parse import urlencode, urlsplit
+
+KIND_HANDSHAKE = 0
+KIND_AUDIO = 1
+KIND_TEXT = 2
+
+HANDSHAKE = bytes([KIND_HANDSHAKE])
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+class Protocol(enum.StrEnum):
+    QUILLMAN = "ws"
+    MOSHI = "api/chat"
+
+    @property
+    def path(self) -> str:
+        return "/" + self.value
+
+    @classmethod
+    def from_url(cls, url: str) -> Protocol:
+        """The protocol a websocket URL's path names (`.../ws` or `.../api/chat`)."""
+        path = urlsplit(url).path.rstrip("/")
+        for protocol in cls:
+            if path.endswith(protocol.path):
+                return protocol
+        raise ValueError(f"{url!r} names neither /ws nor /api/chat")
+
+
+class CloseCode(enum.IntEnum):
+    NORMAL = 1000  # the conversation ended, or its time limit was reached
+    GOING_AWAY = 1001  # the server is shutting down
+    UNSUPPORTED_DATA = 1003  # a text frame: this protocol is binary
+    INVALID_PAYLOAD = 1007  # bytes that are not Opus, or an unknown kind byte
+    POLICY_VIOLATION = 1008  # bad query parameters, or no audio for too long
+    MESSAGE_TOO_BIG = 1009  # a message over MAX_MESSAGE_BYTES
+    INTERNAL_ERROR = 1011  # the model or the server failed
+    TRY_AGAIN_LATER = 1013  # every Moshi instance is in a conversation, or still loading
+
+
+class ConnectionClose(Exception):
+    """Ends a connection with a close `code` and a short `reason` for the client."""
+
+    def __init__(self, code: CloseCode, reason: str) -> None:
+        super().__init__(f"{int(code)}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class ProtocolError(ConnectionClose):
+    """A client broke the protocol."""
+
+
+def client_audio(protocol: Protocol, message: bytes) -> bytes:
+    """The Ogg Opus bytes of a client message (possibly empty); ProtocolError otherwise."""
+    if len(message) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(
+            CloseCode.MESSAGE_TOO_BIG, f"message of {len(message)} bytes; the limit is {MAX_MESSAGE_BYTES}"
+        )
+    if protocol is Protocol.QUILLMAN or not message:
+        return message
+    if message[0] != KIND_AUDIO:
+        raise ProtocolError(CloseCode.INVALID_PAYLOAD, f"unknown message kind {message[0]}; clients send 1 (audio)")
+    return message[1:]
+
+
+def client_message(protocol: Protocol, ogg: bytes) -> bytes:
+    """What a client sends for Ogg Opus bytes."""
+    return ogg if protocol is Protocol.QUILLMAN else bytes([KIND_AUDIO]) + ogg
+
+
+def audio_message(ogg: bytes) -> bytes:
+    return bytes([KIND_AUDIO]) + ogg
+
+
+def text_message(text: str) -> bytes:
+    return bytes([KIND_TEXT]) + text.encode("utf-8")
+
+
+def sampling_query(**params: float | int | None) -> str:
+    """`?temp=...&seed=...` for the parameters that are set ('' if none)."""
+    present = {key: value for key, value in params.items() if value is not None}
+    return "?" + urlencode(present) if present else ""
+
+
+_SAMPLING_TYPES = {"temp": float, "temp_text": float, "top_k": int, "top_k_text": int, "seed": int}
+
+
+def parse_sampling_query(query: dict[str, str]) -> dict[str, float | int]:
+    """Sampling overrides from URL query parameters; ProtocolError for a bad value.
+
+    Unknown parameters are ignored, as moshi's server ignores them all.
+    """
+    parsed: dict[str, float | int] = {}
+    for key, kind in _SAMPLING_TYPES.items():
+        if key in query:
+            try:
+                parsed[key] = kind(query[key])
+            except ValueError:
+                reason = f"{key}={query[key]!r} is not a valid {kind.__name__}"
+                raise ProtocolError(CloseCode.POLICY_VIOLATION, reason) from None
+    return parsed

@@ -1,0 +1,245 @@
+"""The FastAPI app: `/status`, and the Opus websockets `/ws` (QuiLLMan's) and `/api/chat` (moshi's).
+
+Each connection leases one Moshi instance and runs three tasks over it, as
+QuiLLMan does: receive (bytes -> Opus decode -> session), inference (the
+session's worker thread) and send (frames -> Opus encode -> websocket; text ->
+websocket), plus a watchdog for the session and idle limits. They wait on
+queues and events, never poll. Whatever ends a connection, its instance is
+reset and released before the close frame goes out, and nothing else notices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from fastapi import FastAPI, WebSocket
+from fastapi.responses import JSONResponse
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from .codec import OpusDecoder, OpusEncoder, OpusError
+from .conversation import AudioOut, BusyError, SessionError
+from .engine import MoshiEngine
+from .protocol import (
+    HANDSHAKE,
+    CloseCode,
+    ConnectionClose,
+    Protocol,
+    ProtocolError,
+    audio_message,
+    client_audio,
+    parse_sampling_query,
+    text_message,
+)
+from .session import MoshiSession
+from .timings import OPUS_DECODE, OPUS_ENCODE, StageTimings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """How long one conversation may last, and how long it may go without audio."""
+
+    max_session_s: float = 600.0
+    idle_s: float = 30.0
+
+
+class _ClientGone(Exception):
+    """The client disconnected; nothing is left to tell it."""
+
+
+class MoshiServer:
+    """The state behind the routes: the engine (None while it loads) and counters."""
+
+    def __init__(self, engine: MoshiEngine | None, limits: SessionLimits) -> None:
+        self.engine = engine
+        self.limits = limits
+        self.connections_served = 0
+        self._dropped_in_closed_sessions = 0
+        self._live: set[MoshiSession] = set()
+
+    @property
+    def dropped_audio_frames(self) -> int:
+        """Outgoing audio frames dropped because a client could not keep up."""
+        return self._dropped_in_closed_sessions + sum(s.dropped_frames for s in self._live)
+
+    def status(self) -> tuple[int, dict]:
+        if self.engine is None:
+            return 503, {"status": "loading"}
+        return 200, {
+            "status": "ready",
+            **self.engine.status(),
+            "dropped_audio_frames": self.dropped_audio_frames,
+            "connections_served": self.connections_served,
+            "limits": {"max_session_s": self.limits.max_session_s, "idle_s": self.limits.idle_s},
+        }
+
+    async def serve(self, ws: WebSocket, protocol: Protocol) -> None:
+        """One websocket conversation, from accept to close."""
+        await ws.accept()
+        try:
+            session = self._open_session(ws)
+        except ConnectionClose as close:
+            log.info("refused %s connection: %s", protocol.path, close.reason)
+            await _close(ws, close.code, close.reason)
+            return
+        self.connections_served += 1
+        self._live.add(session)
+        connection = _Connection(ws, protocol, session, self.limits, self.engine.timings)
+        code, reason = CloseCode.INTERNAL_ERROR, "internal error"
+        try:
+            code, reason = await connection.run()
+        finally:
+            await session.close()
+            self._live.discard(session)
+            self._dropped_in_closed_sessions += session.dropped_frames
+            log.info("%s session on instance %d ended (%s, %s) after %d frames",
+                     protocol.path, session.instance.index, code, reason, session.frames_in)
+            if code is not None:
+                await _close(ws, code, reason)
+
+    def _open_session(self, ws: WebSocket) -> MoshiSession:
+        if self.engine is None:
+            raise ConnectionClose(CloseCode.TRY_AGAIN_LATER, "Moshi is still loading, try again in a minute")
+        overrides = parse_sampling_query(dict(ws.query_params))
+        try:
+            sampling = self.engine.default_sampling.updated(**overrides)
+        except ValueError as error:
+            raise ProtocolError(CloseCode.POLICY_VIOLATION, str(error)) from None
+        try:
+            return self.engine.open_session(sampling)
+        except BusyError as error:
+            raise ConnectionClose(CloseCode.TRY_AGAIN_LATER, f"{error}; try again later") from None
+
+
+class _Connection:
+    """The receive / send / watchdog tasks of one websocket over one session."""
+
+    def __init__(self, ws: WebSocket, protocol: Protocol, session: MoshiSession,
+                 limits: SessionLimits, timings: StageTimings) -> None:
+        self.ws = ws
+        self.protocol = protocol
+        self.session = session
+        self.limits = limits
+        self.timings = timings
+        self.decoder = OpusDecoder()
+        self.encoder = OpusEncoder()
+        self.started = self.last_audio = time.monotonic()
+
+    async def run(self) -> tuple[CloseCode | None, str]:
+        """Run until something ends the conversation; returns the close code and reason
+        (code None when the client is already gone)."""
+        tasks: list[asyncio.Task] = []
+        try:
+            await self.session.start()
+            if self.protocol is Protocol.MOSHI:
+                await self._send(HANDSHAKE)
+            self.started = self.last_audio = time.monotonic()
+            tasks = [asyncio.create_task(coro) for coro in (self._receive(), self._send_outputs(), self._watch())]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            raise next(iter(done)).exception() or ConnectionClose(CloseCode.NORMAL, "conversation ended")
+        except _ClientGone:
+            return None, "client disconnected"
+        except ConnectionClose as close:
+            return close.code, close.reason
+        except SessionError as error:
+            return CloseCode.INTERNAL_ERROR, str(error)
+        except Exception:
+            log.exception("connection failed")
+            return CloseCode.INTERNAL_ERROR, "internal error"
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _receive(self) -> None:
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                raise _ClientGone
+            if message.get("text") is not None:
+                raise ProtocolError(CloseCode.UNSUPPORTED_DATA, "text frames are not part of the protocol; send Opus")
+            ogg = client_audio(self.protocol, message.get("bytes") or b"")
+            if not ogg:
+                continue
+            started = time.perf_counter()
+            try:
+                pcm = self.decoder.decode(ogg)
+            except OpusError as error:
+                raise ProtocolError(CloseCode.INVALID_PAYLOAD, str(error)) from None
+            self.timings.record(OPUS_DECODE, time.perf_counter() - started)
+            if pcm.size:
+                self.last_audio = time.monotonic()
+                await self.session.send_pcm(pcm)
+
+    async def _send_outputs(self) -> None:
+        while True:
+            out = await self.session.receive()
+            if isinstance(out, AudioOut):
+                started = time.perf_counter()
+                ogg = self.encoder.encode(out.pcm)
+                self.timings.record(OPUS_ENCODE, time.perf_counter() - started)
+                if ogg:
+                    await self._send(audio_message(ogg))
+            else:
+                await self._send(text_message(out.text))
+
+    async def _watch(self) -> None:
+        """Sleeps until the next deadline (session length or idle), then checks it."""
+        limits = self.limits
+        while True:
+            now = time.monotonic()
+            if now - self.started >= limits.max_session_s:
+                raise ConnectionClose(CloseCode.NORMAL, f"session time limit of {limits.max_session_s:g} s reached")
+            if now - self.last_audio >= limits.idle_s:
+                raise ConnectionClose(CloseCode.POLICY_VIOLATION, f"no audio received for {limits.idle_s:g} s")
+            await asyncio.sleep(min(self.started + limits.max_session_s, self.last_audio + limits.idle_s) - now)
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            await self.ws.send_bytes(data)
+        except (WebSocketDisconnect, OSError):
+            raise _ClientGone from None
+        except RuntimeError:
+            if self.ws.application_state == WebSocketState.DISCONNECTED:
+                raise _ClientGone from None
+            raise
+
+
+async def _close(ws: WebSocket, code: int, reason: str) -> None:
+    if ws.application_state == WebSocketState.DISCONNECTED:
+        return
+    try:
+        # a close reason must fit in 123 bytes of UTF-8
+        await ws.close(code=int(code), reason=reason.encode()[:120].decode(errors="ignore"))
+    except (RuntimeError, OSError):
+        pass  # the client went away first
+
+
+def create_api(engine: MoshiEngine | None = None, limits: SessionLimits = SessionLimits()) -> FastAPI:
+    """The app serving `/status`, `/ws` and `/api/chat` over `engine`.
+
+    With `engine=None` the app answers 503 / 1013 until `app.state.moshi.engine`
+    is set, so a server can listen while the model loads.
+    """
+    app = FastAPI(title="Moshi", docs_url=None, redoc_url=None)
+    server = MoshiServer(engine, limits)
+    app.state.moshi = server
+
+    @app.get("/status")
+    async def status() -> JSONResponse:
+        code, body = server.status()
+        return JSONResponse(body, status_code=code)
+
+    @app.websocket(Protocol.QUILLMAN.path)
+    async def quillman(ws: WebSocket) -> None:
+        await server.serve(ws, Protocol.QUILLMAN)
+
+    @app.websocket(Protocol.MOSHI.path)
+    async def moshi_chat(ws: WebSocket) -> None:
+        await server.serve(ws, Protocol.MOSHI)
+
+    return app
