@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from moshi_engine.audio import read_wav
-from moshi_engine.engine import load_engine
 from moshi_engine.conversation import AudioOut, TextOut
+from moshi_engine.engine import load_engine
 from moshi_engine.session import MoshiSession
 
 SPEECH_DIR = Path(__file__).resolve().parent.parent / "assets" / "speech"

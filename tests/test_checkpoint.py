@@ -12,8 +12,8 @@ from moshi.models import loaders
 
 from moshi_engine import tiny
 from moshi_engine.checkpoint import TINY_DIR, ModelUnavailableError, resolve_checkpoint
+from moshi_engine.conversation import Sampling
 from moshi_engine.engine import load_engine
-from moshi_engine.model import Sampling
 
 from .conftest import converse
 

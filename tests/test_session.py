@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE
-from moshi_engine.conversation import AudioOut, BusyError, SessionClosed
+from moshi_engine.conversation import AudioOut, BusyError, Sampling, SessionClosed
 from moshi_engine.engine import load_engine
-from moshi_engine.model import Sampling
 
 from .conftest import converse
 

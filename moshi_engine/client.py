@@ -1,0 +1,315 @@
+"""An asyncio client for Moshi servers: ours (`/ws`, `/api/chat`) and moshi's reference server.
+
+    python -m moshi_engine.client ws://127.0.0.1:7860/api/chat --wav assets/speech/hello.wav --out reply.wav
+
+`RemoteSession` is a `Conversation` like a local `MoshiSession`: pcm in, Moshi's
+frames and text out, with Opus on the wire. `exchange()` streams a whole
+recording (in real time or as fast as the server takes it) and reports what came
+back and how fast. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from .audio import FRAME_SECONDS, FRAME_SIZE, check_pcm, read_wav, write_wav
+from .codec import OpusDecoder, OpusEncoder, OpusError
+from .conversation import (
+    AudioOut,
+    BusyError,
+    Output,
+    OutputQueue,
+    Sampling,
+    SessionClosed,
+    SessionError,
+    TextOut,
+)
+from .protocol import (
+    HANDSHAKE,
+    KIND_AUDIO,
+    KIND_HANDSHAKE,
+    KIND_TEXT,
+    CloseCode,
+    Protocol,
+    client_message,
+    sampling_query,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_OUTPUT_FRAMES = 250  # 20 s: a client keeps what it is sent unless told otherwise
+
+
+def websocket_url(url: str) -> str:
+    """ws(s):// URL for `url`; http(s) becomes ws(s), and a bare host gets `/api/chat`."""
+    parts = urlsplit(url if "://" in url else "ws://" + url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss"):
+        raise ValueError(f"{url!r} is not a websocket or http URL")
+    path = parts.path if parts.path.rstrip("/") else Protocol.MOSHI.path
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def _close_error(code: int | None, reason: str) -> Exception:
+    """The exception a transport sees for a server's close code."""
+    if code == CloseCode.TRY_AGAIN_LATER:
+        return BusyError(reason or "the Moshi server is busy")
+    if code == CloseCode.INTERNAL_ERROR:
+        return SessionError(f"server error: {reason or 'no reason given'}")
+    return SessionClosed(f"server closed the connection ({code}: {reason or 'no reason given'})")
+
+
+class RemoteSession:
+    """A conversation with a Moshi server over one websocket.
+
+    `start()` connects; on `/api/chat` it also waits for the handshake, so a busy
+    server raises BusyError there. On `/ws` (no handshake) a busy server's 1013
+    surfaces from `receive()` or `send_pcm()` instead.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        sampling: Sampling | None = None,
+        protocol: Protocol | None = None,
+        open_timeout: float = 10.0,
+        max_output_frames: int = MAX_OUTPUT_FRAMES,
+    ) -> None:
+        self.url = websocket_url(url)
+        self.protocol = protocol or Protocol.from_url(self.url)
+        self.sampling = sampling
+        self.open_timeout = open_timeout
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._outputs = OutputQueue(max_output_frames)
+        self._encoder = OpusEncoder()
+        self._decoder = OpusDecoder()
+        self._pending = np.zeros(0, dtype=np.float32)
+        self._ws: ClientConnection | None = None
+        self._reader: asyncio.Task | None = None
+
+    @property
+    def dropped_frames(self) -> int:
+        return self._outputs.dropped
+
+    async def start(self) -> None:
+        query = ""
+        if self.sampling is not None:
+            s = self.sampling
+            query = sampling_query(temp=s.temp, temp_text=s.temp_text, top_k=s.top_k, top_k_text=s.top_k_text,
+                                   seed=s.seed)
+        self._ws = await connect(self.url + query, open_timeout=self.open_timeout, max_size=None,
+                                 compression=None)
+        if self.protocol is Protocol.MOSHI:
+            try:
+                first = await asyncio.wait_for(self._ws.recv(), self.open_timeout)
+            except ConnectionClosed:
+                raise self._closed() from None
+            if first != HANDSHAKE:
+                await self._ws.close()
+                raise SessionClosed(f"expected the handshake {HANDSHAKE!r}, got {first[:8]!r}")
+        self._reader = asyncio.create_task(self._read())
+
+    async def send_pcm(self, pcm: np.ndarray) -> None:
+        check_pcm(pcm)
+        if self._ws is None:
+            raise SessionClosed("not started")
+        ogg = self._encoder.encode(pcm)
+        if ogg:
+            try:
+                await self._ws.send(client_message(self.protocol, ogg))
+            except ConnectionClosed:
+                raise self._closed() from None
+
+    async def receive(self) -> Output:
+        return await self._outputs.get()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Output:
+        try:
+            return await self.receive()
+        except SessionClosed:
+            raise StopAsyncIteration from None
+
+    async def _read(self) -> None:
+        assert self._ws is not None
+        try:
+            async for message in self._ws:
+                if isinstance(message, str) or not message:
+                    log.warning("ignoring a %s message from the server", "text" if message else "empty")
+                    continue
+                kind, payload = message[0], message[1:]
+                if kind == KIND_AUDIO:
+                    self._queue_audio(self._decoder.decode(payload))
+                elif kind == KIND_TEXT:
+                    self._outputs.put(TextOut(payload.decode("utf-8", errors="replace")))
+                elif kind != KIND_HANDSHAKE:
+                    log.warning("ignoring a message of unknown kind %d", kind)
+            self._outputs.end(self._closed())
+        except ConnectionClosed:
+            self._outputs.end(self._closed())
+        except OpusError as error:
+            self._outputs.end(SessionError(f"server sent invalid Opus: {error}"))
+            await self._ws.close(CloseCode.INVALID_PAYLOAD, "invalid Opus")
+
+    def _queue_audio(self, pcm: np.ndarray) -> None:
+        self._pending = np.concatenate([self._pending, pcm])
+        while self._pending.size >= FRAME_SIZE:
+            frame, self._pending = self._pending[:FRAME_SIZE], self._pending[FRAME_SIZE:]
+            self._outputs.put(AudioOut(frame))
+
+    def _closed(self) -> Exception:
+        if self._ws is not None:
+            self.close_code, self.close_reason = self._ws.close_code, self._ws.close_reason or ""
+        return _close_error(self.close_code, self.close_reason)
+
+    async def close(self) -> None:
+        """Close the websocket (1000) and stop reading. Idempotent."""
+        if self._ws is not None:
+            await self._ws.close()
+            if self.close_code is None:
+                self.close_code, self.close_reason = self._ws.close_code, self._ws.close_reason or ""
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        self._outputs.end(SessionClosed("session closed"))
+
+    async def __aenter__(self) -> RemoteSession:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+
+@dataclass
+class Exchange:
+    """What a server answered to a recording, with timestamps (seconds, monotonic clock)."""
+
+    pcm: np.ndarray
+    texts: list[str]
+    sent_at: list[float] = field(default_factory=list)  # when each input frame left
+    received_at: list[float] = field(default_factory=list)  # when each answer frame arrived
+    close_code: int | None = None
+    close_reason: str = ""
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+    @property
+    def time_to_first_audio(self) -> float | None:
+        """From the first frame sent to the first frame of answer received."""
+        if not self.sent_at or not self.received_at:
+            return None
+        return self.received_at[0] - self.sent_at[0]
+
+
+async def exchange(
+    url: str,
+    pcm: np.ndarray,
+    sampling: Sampling | None = None,
+    realtime: bool = True,
+    tail_s: float = 1.0,
+    protocol: Protocol | None = None,
+) -> Exchange:
+    """Stream pcm to a Moshi server frame by frame and collect the answer.
+
+    With `realtime` frames leave every 80 ms, as from a microphone; otherwise as
+    fast as the server accepts them. Collection ends once every input frame has
+    been answered (servers answer all but the first), or `tail_s` after the last
+    frame when answers stop coming.
+    """
+    check_pcm(pcm)
+    frames = [pcm[i : i + FRAME_SIZE] for i in range(0, pcm.size, FRAME_SIZE)]
+    frames[-1] = np.pad(frames[-1], (0, FRAME_SIZE - frames[-1].size))
+    result = Exchange(np.zeros(0, dtype=np.float32), [])
+    session = RemoteSession(url, sampling, protocol)
+    await session.start()
+
+    async def feed() -> None:
+        start = time.monotonic()
+        for index, frame in enumerate(frames):
+            if realtime:
+                await asyncio.sleep(max(0.0, start + index * FRAME_SECONDS - time.monotonic()))
+            result.sent_at.append(time.monotonic())
+            await session.send_pcm(frame)
+
+    feeder = asyncio.create_task(feed())
+    answer: list[np.ndarray] = []
+    try:
+        while not (feeder.done() and len(answer) >= len(frames) - 1):
+            try:
+                out = await asyncio.wait_for(session.receive(), tail_s)
+            except TimeoutError:
+                if feeder.done():
+                    break
+                continue
+            except SessionClosed:
+                break
+            if isinstance(out, AudioOut):
+                result.received_at.append(time.monotonic())
+                answer.append(out.pcm)
+            else:
+                result.texts.append(out.text)
+        if feeder.done() and not isinstance(feeder.exception(), SessionClosed):
+            feeder.result()  # a send that failed (busy, server error) says why
+    finally:
+        feeder.cancel()
+        await asyncio.gather(feeder, return_exceptions=True)
+        await session.close()
+    result.close_code, result.close_reason = session.close_code, session.close_reason
+    if answer:
+        result.pcm = np.concatenate(answer)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m moshi_engine.client",
+        description="Stream a WAV to a Moshi server (ours or moshi's) and save what Moshi says back.",
+    )
+    parser.add_argument("url", help="ws://host:port/api/chat, ws://host:port/ws, or http://host:port")
+    parser.add_argument("--wav", required=True, help="what to say: a 16-bit WAV (resampled to 24 kHz)")
+    parser.add_argument("--out", help="write Moshi's answer to this WAV")
+    parser.add_argument("--fast", action="store_true", help="send as fast as the server takes it, not in real time")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--temp", type=float)
+    parser.add_argument("--temp-text", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-k-text", type=int)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+
+    overrides = {"seed": args.seed, "temp": args.temp, "temp_text": args.temp_text, "top_k": args.top_k,
+                 "top_k_text": args.top_k_text}
+    sampling = Sampling().updated(**overrides) if any(v is not None for v in overrides.values()) else None
+    try:
+        result = asyncio.run(exchange(args.url, read_wav(args.wav), sampling, realtime=not args.fast))
+    except (OSError, BusyError, SessionClosed, SessionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(result.text.strip())
+    first = result.time_to_first_audio
+    seconds = result.pcm.size / 24000
+    print(f"[{seconds:.2f} s of audio back; first audio after "
+          f"{'-' if first is None else f'{first * 1000:.0f} ms'}; closed {result.close_code}]", file=sys.stderr)
+    if args.out:
+        write_wav(args.out, result.pcm)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""The Opus websocket server, end to end: a real uvicorn server and real websocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import psutil
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE
+from moshi_engine.client import exchange, websocket_url
+from moshi_engine.codec import OpusEncoder
+from moshi_engine.conversation import BusyError, Sampling
+from moshi_engine.engine import load_engine
+from moshi_engine.protocol import HANDSHAKE, MAX_MESSAGE_BYTES, CloseCode, Protocol
+from moshi_engine.server import SessionLimits, create_api
+
+from .live import serve_asgi
+
+PROTOCOLS = [Protocol.QUILLMAN, Protocol.MOSHI]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    """Our API over the shared two-instance tiny engine."""
+    with serve_asgi(create_api(tiny_engine)) as url:
+        yield url
+
+
+@pytest.fixture(autouse=True)
+def no_session_left_over(tiny_engine):
+    """Each test starts with every instance free (a closed connection releases asynchronously)."""
+    deadline = time.monotonic() + 5
+    while tiny_engine.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert tiny_engine.active == 0
+
+
+def get_json(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def ws_url(base: str, protocol: Protocol, query: str = "") -> str:
+    return websocket_url(base + protocol.path) + query
+
+
+def ogg_frames(pcm: np.ndarray) -> list[bytes]:
+    encoder = OpusEncoder()
+    return [encoder.encode(pcm[i : i + FRAME_SIZE]) for i in range(0, pcm.size - FRAME_SIZE + 1, FRAME_SIZE)]
+
+
+async def until(condition, timeout: float = 5.0) -> float:
+    """Waits until condition() holds; returns how long that took."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+async def open_chat(base: str, protocol: Protocol, query: str = ""):
+    ws = await connect(ws_url(base, protocol, query))
+    if protocol is Protocol.MOSHI:
+        assert await ws.recv() == HANDSHAKE
+    return ws
+
+
+async def close_of(ws) -> tuple[int, str]:
+    """Reads until the server closes; returns its close code and reason."""
+    with pytest.raises(ConnectionClosed):
+        while True:
+            await asyncio.wait_for(ws.recv(), 10)
+    return ws.close_code, ws.close_reason
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS, ids=lambda p: p.value)
+async def test_speech_in_gives_opus_audio_of_the_same_length_and_text_back(server, tiny_engine, hello_pcm, protocol):
+    pcm = hello_pcm[: 3 * SAMPLE_RATE]
+    result = await exchange(ws_url(server, protocol), pcm, Sampling(seed=4), realtime=False)
+    input_frames = -(-pcm.size // FRAME_SIZE)
+    assert abs(result.pcm.size - pcm.size) <= 2 * FRAME_SIZE
+    assert len(result.received_at) >= input_frames - 2
+    assert np.sqrt(np.mean(result.pcm**2)) > 0.01
+    assert result.texts and result.text.strip()
+    assert result.close_code == CloseCode.NORMAL
+    await until(lambda: tiny_engine.active == 0)
+
+
+async def test_status_reports_model_sessions_timings_and_uptime(server, tiny_engine, hello_pcm):
+    await exchange(ws_url(server, Protocol.MOSHI), hello_pcm[:SAMPLE_RATE], realtime=False)
+    await until(lambda: tiny_engine.active == 0)
+    code, status = get_json(server + "/status")
+    assert code == 200 and status["status"] == "ready"
+    assert status["model"] == "tiny" and status["device"] == "cpu"
+    assert status["sessions"] == {"active": 0, "capacity": 2}
+    for stage in ("opus_decode", "mimi_encode", "lm_step", "mimi_decode", "opus_encode"):
+        assert status["timings"][stage]["count"] > 0
+        assert 0 < status["timings"][stage]["p50_ms"] <= status["timings"][stage]["p95_ms"]
+    assert status["uptime_s"] >= 0 and status["dropped_audio_frames"] >= 0
+
+
+async def test_status_is_503_and_sessions_refused_until_the_model_is_loaded(tiny_engine, hello_pcm):
+    app = create_api(None)
+    with serve_asgi(app) as base:
+        code, body = get_json(base + "/status")
+        assert code == 503 and body["status"] == "loading"
+        ws = await connect(ws_url(base, Protocol.QUILLMAN))
+        code, reason = await close_of(ws)
+        assert code == CloseCode.TRY_AGAIN_LATER and "loading" in reason
+        app.state.moshi.engine = tiny_engine
+        assert get_json(base + "/status")[0] == 200
+        result = await exchange(ws_url(base, Protocol.MOSHI), hello_pcm[:SAMPLE_RATE], realtime=False)
+        assert result.pcm.size > 0
+
+
+async def test_one_connection_beyond_capacity_gets_1013_at_once_and_is_served_after_one_closes(server, hello_pcm):
+    first = await open_chat(server, Protocol.MOSHI)
+    second = await open_chat(server, Protocol.QUILLMAN)
+    started = time.monotonic()
+    extra = await connect(ws_url(server, Protocol.QUILLMAN))
+    code, reason = await close_of(extra)
+    assert time.monotonic() - started < 1.0  # accept + close: well within a blink
+    assert code == CloseCode.TRY_AGAIN_LATER and "try again" in reason
+    with pytest.raises(BusyError):
+        await exchange(ws_url(server, Protocol.MOSHI), hello_pcm[:SAMPLE_RATE])
+    await first.close()
+    result = await exchange(ws_url(server, Protocol.MOSHI), hello_pcm[:SAMPLE_RATE], realtime=False)
+    assert result.pcm.size > 0
+    await second.close()
+
+
+async def test_refusal_at_capacity_arrives_within_100_ms_of_accept(server):
+    holders = [await open_chat(server, Protocol.MOSHI) for _ in range(2)]
+    try:
+        ws = await connect(ws_url(server, Protocol.MOSHI))
+        opened = time.monotonic()
+        await close_of(ws)
+        assert ws.close_code == CloseCode.TRY_AGAIN_LATER
+        assert time.monotonic() - opened < 0.1
+    finally:
+        for holder in holders:
+            await holder.close()
+
+
+MALFORMED = [
+    pytest.param(Protocol.QUILLMAN, "text frame", CloseCode.UNSUPPORTED_DATA, id="text-frame"),
+    pytest.param(Protocol.QUILLMAN, b"this is not an ogg page", CloseCode.INVALID_PAYLOAD, id="ws-garbage"),
+    pytest.param(Protocol.MOSHI, b"\x01" + b"\x00" * 100, CloseCode.INVALID_PAYLOAD, id="chat-garbage-opus"),
+    pytest.param(Protocol.MOSHI, b"\x07hello", CloseCode.INVALID_PAYLOAD, id="chat-unknown-kind"),
+    pytest.param(Protocol.MOSHI, b"\x01" + b"\x00" * MAX_MESSAGE_BYTES, CloseCode.MESSAGE_TOO_BIG, id="chat-too-big"),
+    pytest.param(Protocol.QUILLMAN, b"O" * (MAX_MESSAGE_BYTES + 1), CloseCode.MESSAGE_TOO_BIG, id="ws-too-big"),
+]
+
+
+@pytest.mark.parametrize(("protocol", "message", "expected"), MALFORMED)
+async def test_malformed_input_closes_that_connection_with_its_code_and_the_server_goes_on(
+    server, tiny_engine, hello_pcm, protocol, message, expected
+):
+    bystander = asyncio.create_task(exchange(ws_url(server, Protocol.MOSHI), hello_pcm[: 2 * SAMPLE_RATE]))
+    ws = await open_chat(server, protocol)
+    for page in ogg_frames(hello_pcm[: 3 * FRAME_SIZE]):  # a good start, then the bad message
+        await ws.send(page if protocol is Protocol.QUILLMAN else b"\x01" + page)
+    await ws.send(message)
+    code, reason = await close_of(ws)
+    assert code == expected and reason
+    undisturbed = await bystander  # the other session never noticed
+    assert undisturbed.close_code == CloseCode.NORMAL
+    assert abs(undisturbed.pcm.size - 2 * SAMPLE_RATE) <= 2 * FRAME_SIZE
+    await until(lambda: tiny_engine.active == 0)
+    after = await exchange(ws_url(server, protocol), hello_pcm[:SAMPLE_RATE], realtime=False)
+    assert after.pcm.size > 0
+
+
+@pytest.mark.parametrize("query", ["?temp=hot", "?top_k=0", "?seed=-1"])
+async def test_bad_sampling_parameters_close_with_1008_and_a_reason(server, query):
+    ws = await connect(ws_url(server, Protocol.QUILLMAN, query))
+    code, reason = await close_of(ws)
+    assert code == CloseCode.POLICY_VIOLATION and reason
+
+
+async def test_sampling_parameters_on_the_url_make_a_session_reproducible(server, hello_pcm):
+    pcm = hello_pcm[: 2 * SAMPLE_RATE]
+    url = ws_url(server, Protocol.MOSHI)
+    a, b = [await exchange(url, pcm, Sampling(seed=77, temp=0.6), realtime=False) for _ in range(2)]
+    c = await exchange(url, pcm, Sampling(seed=78, temp=0.6), realtime=False)
+    assert a.text == b.text and np.array_equal(a.pcm, b.pcm)
+    assert a.text != c.text or not np.array_equal(a.pcm, c.pcm)
+
+
+async def test_an_abrupt_disconnect_mid_stream_frees_the_instance_within_a_second(server, tiny_engine, hello_pcm):
+    ws = await open_chat(server, Protocol.MOSHI)
+    for page in ogg_frames(hello_pcm[: 10 * FRAME_SIZE]):
+        await ws.send(b"\x01" + page)
+    await until(lambda: tiny_engine.active == 1)
+    await ws.recv()  # the conversation is under way
+    ws.transport.abort()  # no close frame: the TCP connection just dies
+    freed_after = await until(lambda: tiny_engine.active == 0, timeout=5)
+    assert freed_after < 1.0
+
+
+async def test_session_and_idle_limits_close_with_their_codes_and_reasons(tiny_engine, hello_pcm):
+    app = create_api(tiny_engine, SessionLimits(max_session_s=1.0, idle_s=0.4))
+    with serve_asgi(app) as base:
+        silent = await open_chat(base, Protocol.MOSHI)
+        code, reason = await close_of(silent)
+        assert code == CloseCode.POLICY_VIOLATION and "no audio" in reason
+        result = await exchange(ws_url(base, Protocol.QUILLMAN), hello_pcm[: 3 * SAMPLE_RATE])  # real time
+        assert result.close_code == CloseCode.NORMAL and "time limit" in result.close_reason
+        assert 0.8 * SAMPLE_RATE <= result.pcm.size <= 1.2 * SAMPLE_RATE
+        await until(lambda: tiny_engine.active == 0)
+
+
+async def test_a_model_failure_closes_with_1011_and_the_instance_serves_the_next_session(hello_pcm, monkeypatch):
+    engine = load_engine("tiny", device="cpu", instances=1, warmup_frames=1)
+    instance = engine._instances[0]
+    real_step = instance.step
+    calls = 0
+
+    def failing_step(frame, record=True):
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_step(frame, record)
+
+    monkeypatch.setattr(instance, "step", failing_step)
+    try:
+        with serve_asgi(create_api(engine)) as base:
+            ws = await open_chat(base, Protocol.MOSHI)
+            for page in ogg_frames(hello_pcm[: 10 * FRAME_SIZE]):
+                await ws.send(b"\x01" + page)
+            code, reason = await close_of(ws)
+            assert code == CloseCode.INTERNAL_ERROR and "illegal memory access" in reason
+            await until(lambda: engine.active == 0)
+            result = await exchange(ws_url(base, Protocol.MOSHI), hello_pcm[:SAMPLE_RATE], realtime=False)
+            assert result.close_code == CloseCode.NORMAL and result.pcm.size > 0
+    finally:
+        engine.close()
+
+
+async def test_fifty_sequential_sessions_leak_neither_leases_nor_memory(server, tiny_engine, hello_pcm):
+    url = ws_url(server, Protocol.MOSHI)
+    pcm = hello_pcm[: 6 * FRAME_SIZE]
+    process = psutil.Process()
+    for _ in range(10):  # allocator pools and caches settle first
+        await exchange(url, pcm, realtime=False)
+    gc.collect()
+    before = process.memory_info().rss
+    for _ in range(40):
+        result = await exchange(url, pcm, realtime=False)
+        assert result.pcm.size == 5 * FRAME_SIZE
+    gc.collect()
+    grown_mb = (process.memory_info().rss - before) / 2**20
+    await until(lambda: tiny_engine.active == 0)
+    assert grown_mb < 20, f"RSS grew by {grown_mb:.1f} MB over 40 sessions"
+
+
+async def test_a_client_that_cannot_keep_up_loses_its_oldest_audio_not_the_servers_memory(tiny_engine, hello_pcm):
+    """The client sends 40 s of audio as fast as it can and never reads. Once the socket
+    buffers between them are full, the server's send loop blocks and the session's bounded
+    output queue drops its oldest audio, counted in /status."""
+    pcm = np.tile(hello_pcm, 8)[: 40 * SAMPLE_RATE]
+    with serve_asgi(create_api(tiny_engine), send_buffer=4096) as base:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # small buffers fill in seconds
+        sock.connect(("127.0.0.1", int(base.rsplit(":", 1)[1])))
+        ws = await connect(ws_url(base, Protocol.QUILLMAN), max_queue=1, sock=sock)
+        for page in ogg_frames(pcm):
+            await ws.send(page)
+        status = get_json(base + "/status")[1]
+        deadline = time.monotonic() + 60
+        while status["dropped_audio_frames"] == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            status = get_json(base + "/status")[1]
+        assert status["dropped_audio_frames"] > 0
+        ws.transport.abort()
+        await until(lambda: tiny_engine.active == 0)
