@@ -153,7 +153,7 @@ def _set_output_level(mimi, audio: torch.Tensor, level: float = 0.1) -> None:
         last.weight *= level / decoded.pow(2).mean().sqrt()
 
 
-def _voice_like(seconds: float, seed: int) -> "np.ndarray":
+def _voice_like(seconds: float, seed: int) -> np.ndarray:
     """Deterministic 24 kHz pcm with a voice's structure: harmonic syllables of varying
     pitch and loudness, noisy consonants, and pauses."""
     rng = np.random.RandomState(seed)
