@@ -1,0 +1,571 @@
+"""FastRTC adapter: each browser WebRTC connection is one Moshi conversation.
+
+FastRTC calls `MoshiHandler.copy()` once per connection, so every browser
+session gets its own handler bound to its own `Conversation`, opened from a
+factory: `engine.open_session` for a local instance, or a remote session over
+the Opus websocket. The handler never knows which one it drives.
+
+    microphone --WebRTC--> receive() --> conversation.send_pcm()   (int16 -> pcm, 24 kHz)
+    speaker   <--WebRTC--  emit()    <-- conversation.receive()    (AudioOut; TextOut -> transcript)
+
+It also keeps both sides of the conversation for the recording (`Recording`)
+and writes what happened to each connection into a `ConversationLog` that the
+page reads: how it ended, the message to show, the transcript and the WAV.
+Endings become the one message a person sees in `ending_message`.
+
+ICE servers for the browser come from `browser_rtc_configuration(host)`:
+none on loopback; TURN from the environment when set; a public STUN server
+otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import tempfile
+import time
+import uuid
+import wave
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastrtc import AdditionalOutputs, AsyncStreamHandler, CloseStream
+from fastrtc.credentials import get_cloudflare_turn_credentials_async, get_twilio_turn_credentials
+from fastrtc.utils import create_message, current_context
+
+from .audio import SAMPLE_RATE, int16_to_pcm, pcm_to_int16
+from .conversation import (
+    AudioOut,
+    BusyError,
+    Conversation,
+    Sampling,
+    SessionClosed,
+    TextOut,
+)
+
+log = logging.getLogger(__name__)
+
+# ## ICE servers
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+PUBLIC_STUN_URLS = ["stun:stun.l.google.com:19302"]
+
+# Environment variables, by ICE source, in order of precedence: explicit TURN servers
+# first, then the TURN services; HF_TOKEN last, since it is often set for other reasons.
+ICE_SOURCES: dict[str, tuple[str, ...]] = {
+    "turn": ("TURN_URLS", "TURN_USERNAME", "TURN_CREDENTIAL"),
+    "cloudflare": ("CLOUDFLARE_TURN_KEY_ID", "CLOUDFLARE_TURN_KEY_API_TOKEN"),
+    "twilio": ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN"),
+    "hf": ("HF_TOKEN",),
+}
+
+
+def ice_source(host: str, env: Mapping[str, str] = os.environ) -> str:
+    """Where a page served on `host` gets its ICE servers: "none" on loopback (the browser
+    and the server share the machine), else the first source of `ICE_SOURCES` whose
+    variables are set, else "stun". A source set halfway raises ValueError naming what
+    is missing, so a misconfigured deployment fails at start, not at a user's first call."""
+    if host in LOOPBACK_HOSTS:
+        return "none"
+    for source, names in ICE_SOURCES.items():
+        present = [name for name in names if env.get(name, "").strip()]
+        if present and len(present) < len(names):
+            missing = ", ".join(name for name in names if name not in present)
+            raise ValueError(f"{', '.join(present)} set but {missing} missing: set all of {', '.join(names)}")
+        if present:
+            return source
+    return "stun"
+
+
+def _stun_servers() -> list[dict[str, Any]]:
+    return [{"urls": list(PUBLIC_STUN_URLS)}]
+
+
+async def browser_rtc_configuration(host: str, env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """The RTCPeerConnection configuration for the browser (`{}` on loopback).
+
+    TURN credentials from Cloudflare (directly or through HF_TOKEN) and Twilio are
+    short-lived, so this runs for every new connection; if fetching them fails the
+    page still gets STUN, which works on most networks, and the failure is logged.
+    """
+    source = ice_source(host, env)
+    if source == "none":
+        return {}
+    if source == "stun":
+        return {"iceServers": _stun_servers()}
+    if source == "turn":
+        turn = {
+            "urls": [url.strip() for url in env["TURN_URLS"].split(",") if url.strip()],
+            "username": env["TURN_USERNAME"],
+            "credential": env["TURN_CREDENTIAL"],
+        }
+        return {"iceServers": _stun_servers() + [turn]}
+    try:
+        if source == "cloudflare":
+            # hf_token="" keeps fastrtc from preferring an HF_TOKEN that is also set.
+            return await get_cloudflare_turn_credentials_async(
+                turn_key_id=env["CLOUDFLARE_TURN_KEY_ID"],
+                turn_key_api_token=env["CLOUDFLARE_TURN_KEY_API_TOKEN"],
+                hf_token="",
+            )
+        if source == "twilio":
+            return await asyncio.to_thread(
+                get_twilio_turn_credentials,
+                twilio_sid=env["TWILIO_ACCOUNT_SID"],
+                twilio_token=env["TWILIO_AUTH_TOKEN"],
+            )
+        return await get_cloudflare_turn_credentials_async(hf_token=env["HF_TOKEN"])
+    except Exception:
+        log.warning("could not get TURN credentials from %s; the page falls back to STUN only", source, exc_info=True)
+        return {"iceServers": _stun_servers()}
+
+
+def server_rtc_configuration(host: str) -> dict[str, Any]:
+    """The server side's ICE servers: none on loopback (no STUN lookups to wait for),
+    else STUN so that the server learns its public address. The browser's TURN relay
+    is enough for the pair to connect, so the server needs no TURN of its own."""
+    return {"iceServers": [] if host in LOOPBACK_HOSTS else _stun_servers()}
+
+
+# ## The recording
+
+
+class Recording:
+    """Both sides of a conversation on one timeline, as the person heard it: their
+    microphone on the left channel, Moshi on the right, int16 at SAMPLE_RATE.
+
+    The microphone is the clock: its samples arrive in real time and are appended,
+    and the recording lasts exactly as long as the microphone was live. A Moshi frame
+    starts where the microphone is when the frame is handed to WebRTC, or right after
+    Moshi's previous frame if that one is still playing (WebRTC plays Moshi's frames
+    back to back, in real time), so a reply sits just after the speech it answers, up
+    to network latency. Moshi audio that would have played after the end was never
+    heard, and is left out.
+    """
+
+    def __init__(self) -> None:
+        self._person: list[np.ndarray] = []
+        self._moshi: list[tuple[int, np.ndarray]] = []
+        self.person_samples = 0
+        self.moshi_end = 0
+        self._person_energy = 0.0
+
+    def add_person(self, pcm: np.ndarray) -> None:
+        self._person.append(pcm_to_int16(pcm))
+        self.person_samples += pcm.size
+        self._person_energy += float(np.square(pcm, dtype=np.float64).sum())
+
+    def add_moshi(self, pcm: np.ndarray) -> int:
+        """Place a frame of Moshi's pcm; returns the sample where it starts."""
+        start = max(self.person_samples, self.moshi_end)
+        self._moshi.append((start, pcm_to_int16(pcm)))
+        self.moshi_end = start + pcm.size
+        return start
+
+    @property
+    def moshi_frames(self) -> int:
+        return len(self._moshi)
+
+    @property
+    def samples(self) -> int:
+        """Length of the recording in samples per channel: the microphone's."""
+        return self.person_samples
+
+    @property
+    def person_rms(self) -> float:
+        """RMS of the microphone audio heard so far (0.0 before any)."""
+        return float(np.sqrt(self._person_energy / self.person_samples)) if self.person_samples else 0.0
+
+    def stereo(self) -> np.ndarray:
+        """int16 samples [samples, 2]: the person left, Moshi right, silence where nobody spoke."""
+        out = np.zeros((self.samples, 2), dtype=np.int16)
+        if self._person:
+            out[:, 0] = np.concatenate(self._person)
+        for start, frame in self._moshi:
+            heard = frame[: max(0, self.samples - start)]
+            out[start : start + heard.size, 1] = heard
+        return out
+
+    def write_wav(self, path: str | Path) -> None:
+        """Write the stereo recording as a 16-bit WAV at SAMPLE_RATE."""
+        with wave.open(str(path), "wb") as wav:
+            wav.setnchannels(2)
+            wav.setsampwidth(2)
+            wav.setframerate(SAMPLE_RATE)
+            wav.writeframes(self.stereo().astype("<i2").tobytes())
+
+
+# ## How conversations end, and what the person is told
+
+
+class Ending(enum.Enum):
+    STOPPED = "stopped"  # the person pressed stop or closed the tab
+    BUSY = "busy"  # no Moshi instance was free
+    TIME_LIMIT = "time_limit"
+    IDLE = "idle"  # no microphone audio for a while: the connection is gone or the mic is off
+    ERROR = "error"
+
+
+def ending_message(ending: Ending, *, max_session_s: float, idle_s: float, detail: str = "") -> str:
+    """The one sentence the page shows for an ending; says what happened and what to do."""
+    if ending is Ending.BUSY:
+        return (
+            "Moshi is busy: every Moshi instance is in a conversation right now. "
+            "Please try again in a minute; the status line above shows when an instance is free."
+        )
+    if ending is Ending.TIME_LIMIT:
+        return (
+            f"Time is up: a conversation lasts at most {_duration(max_session_s)}. Press the button to start a new one."
+        )
+    if ending is Ending.IDLE:
+        return (
+            f"The conversation ended because no microphone audio arrived for {_duration(idle_s)}. "
+            "Check your microphone and connection, then press the button again."
+        )
+    if ending is Ending.ERROR:
+        return f"Something went wrong ({detail or 'unknown error'}). Press the button to try again."
+    return f"Conversation ended after {detail}." if detail else "Conversation ended."
+
+
+STARTING_MESSAGE = "Connecting to Moshi: its server may be starting up, which can take a minute or two."
+
+
+def _ending_for(error: BaseException) -> tuple[Ending, str]:
+    """The ending an error from a backend (local or remote) means, and its detail."""
+    if isinstance(error, BusyError):
+        return Ending.BUSY, str(error)
+    if isinstance(error, SessionClosed):  # a remote server ended the session
+        return Ending.ERROR, str(error) or "the conversation closed unexpectedly"
+    return Ending.ERROR, str(error) or type(error).__name__
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 60 and seconds % 60 == 0:
+        minutes = int(seconds // 60)
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    return f"{seconds:g} s"
+
+
+@dataclass
+class ConversationRecord:
+    """What happened to one browser connection, for the page to show."""
+
+    webrtc_id: str
+    started_at: float
+    sampling: Sampling | None = None
+    ending: Ending | None = None
+    message: str | None = None
+    transcript: str = ""
+    recording: Path | None = None
+    person_samples: int = 0
+    person_rms: float = 0.0
+    moshi_frames: int = 0
+    text_pieces: int = 0
+
+    @property
+    def ended(self) -> bool:
+        return self.ending is not None
+
+
+class ConversationLog:
+    """The records of recent connections by WebRTC id, and the directory of their WAVs.
+
+    Bounded: past `keep` records the oldest is forgotten and its recording deleted.
+    Written and read on the server's event loop only.
+    """
+
+    def __init__(self, directory: str | Path | None = None, keep: int = 64) -> None:
+        self.directory = Path(directory or tempfile.mkdtemp(prefix="moshi-recordings-"))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.keep = keep
+        self._records: OrderedDict[str, ConversationRecord] = OrderedDict()
+
+    def open(self, webrtc_id: str) -> ConversationRecord:
+        record = ConversationRecord(webrtc_id=webrtc_id, started_at=time.time())
+        self._records[webrtc_id] = record
+        while len(self._records) > self.keep:
+            _, old = self._records.popitem(last=False)
+            if old.recording is not None:
+                old.recording.unlink(missing_ok=True)
+        return record
+
+    def get(self, webrtc_id: str | None) -> ConversationRecord | None:
+        return self._records.get(webrtc_id) if webrtc_id else None
+
+    def recording_path(self, record: ConversationRecord) -> Path:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(record.started_at))
+        return self.directory / f"moshi-conversation-{stamp}-{record.webrtc_id[:8]}.wav"
+
+    def records(self) -> list[ConversationRecord]:
+        """The remembered records, oldest first."""
+        return list(self._records.values())
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+
+# ## The handler
+
+OpenConversation = Callable[[Sampling | None], Conversation]
+
+
+class MoshiHandler(AsyncStreamHandler):
+    """One browser connection bound to one Conversation, from start-up to shutdown.
+
+    `open_conversation(sampling)` returns an unstarted Conversation (a local
+    `MoshiSession`, a remote session...) and may raise BusyError at once; `start()`
+    may raise it too. `sampling_from_args(inputs)` turns the page's inputs (the values
+    after the WebRTC component's) into a Sampling; without it the backend's default
+    sampling is used and the page's inputs are never waited for.
+
+    The conversation ends, and is closed (its instance reset and released) when the
+    connection stops (`shutdown`), after `max_session_s`, after `idle_s` without
+    microphone audio, or on an error; then the page gets `CloseStream(message)`.
+    """
+
+    def __init__(
+        self,
+        open_conversation: OpenConversation,
+        conversations: ConversationLog,
+        *,
+        sampling_from_args: Callable[[list[Any]], Sampling | None] | None = None,
+        max_session_s: float = 600.0,
+        idle_s: float = 30.0,
+        args_timeout_s: float = 10.0,
+        slow_start_s: float = 3.0,
+    ) -> None:
+        # input_sample_rate: FastRTC resamples the microphone to 24 kHz mono int16 itself
+        # (StreamHandlerBase.resample), so receive() gets Mimi's rate.
+        super().__init__(expected_layout="mono", output_sample_rate=SAMPLE_RATE, input_sample_rate=SAMPLE_RATE)
+        self.open_conversation = open_conversation
+        self.conversations = conversations
+        self.sampling_from_args = sampling_from_args
+        self.max_session_s = max_session_s
+        self.idle_s = idle_s
+        self.args_timeout_s = args_timeout_s
+        self.slow_start_s = slow_start_s
+        self.record: ConversationRecord | None = None
+        self.recording = Recording()
+        self._conversation: Conversation | None = None
+        self._pieces: list[str] = []
+        self._ending: Ending | None = None
+        self._close_sent = False
+        self._last_heard = 0.0
+        self._started = asyncio.Event()  # start_up is over, whatever its outcome
+        self._stopped = asyncio.Event()  # FastRTC shut the connection down
+        self._watchdog: asyncio.Task | None = None
+        self._finishing: asyncio.Task | None = None
+
+    def copy(self) -> MoshiHandler:
+        return MoshiHandler(
+            self.open_conversation,
+            self.conversations,
+            sampling_from_args=self.sampling_from_args,
+            max_session_s=self.max_session_s,
+            idle_s=self.idle_s,
+            args_timeout_s=self.args_timeout_s,
+            slow_start_s=self.slow_start_s,
+        )
+
+    @property
+    def transcript(self) -> str:
+        return "".join(self._pieces).strip()
+
+    async def start_up(self) -> None:
+        """Open and start this connection's conversation with the page's sampling."""
+        context = current_context.get()
+        self.record = self.conversations.open(context.webrtc_id if context else uuid.uuid4().hex)
+        conversation: Conversation | None = None
+        try:
+            sampling = await self._sampling()
+            self.record.sampling = sampling
+            if self._ending is not None:  # stopped while waiting for the page
+                return
+            conversation = self.open_conversation(sampling)
+            await self._start(conversation)
+        except Exception as error:
+            busy = isinstance(error, BusyError)  # expected; anything else deserves its traceback
+            log.log(
+                logging.INFO if busy else logging.ERROR,
+                "connection %s: the conversation could not start: %r",
+                self.record.webrtc_id,
+                error,
+                exc_info=not busy,
+            )
+            self._end(*_ending_for(error))
+        else:
+            self._conversation = conversation
+            if self._ending is not None:  # stopped while starting: _finish missed it
+                await conversation.close()
+            else:
+                self._last_heard = asyncio.get_running_loop().time()
+                self._watchdog = asyncio.create_task(self._watch(), name=f"moshi-rtc-watch-{self.record.webrtc_id}")
+                log.info("connection %s: conversation started (%s)", self.record.webrtc_id, sampling)
+            conversation = None
+        finally:
+            if conversation is not None:  # opened, but start() failed: give the lease back
+                await conversation.close()
+            self._started.set()
+
+    async def _start(self, conversation: Conversation) -> None:
+        """Start the conversation; when that takes a while (a remote worker starting
+        from cold), tell the page so that silence does not look like a hang."""
+        starting = asyncio.ensure_future(conversation.start())
+        done, _ = await asyncio.wait({starting}, timeout=self.slow_start_s)
+        if not done:
+            await self.send_message(create_message("warning", STARTING_MESSAGE))
+        await starting
+
+    async def _sampling(self) -> Sampling | None:
+        if self.sampling_from_args is None:
+            return None
+        # Asks the page for its inputs over the data channel; FastRTC stores the answer
+        # in latest_args as ["__webrtc_value__", webrtc_id, *inputs]. A shutdown meanwhile
+        # ends the wait.
+        answered = asyncio.ensure_future(self.wait_for_args())
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait({answered, stopped}, timeout=self.args_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            answered.cancel()
+            stopped.cancel()
+        if self._ending is not None:
+            return None
+        if not self.args_set.is_set():
+            log.warning("the page sent no sampling settings in %.0f s; using the defaults", self.args_timeout_s)
+            return None
+        try:
+            return self.sampling_from_args(list(self.latest_args[2:]))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"invalid sampling settings: {error}") from error
+
+    async def receive(self, frame: tuple[int, np.ndarray]) -> None:
+        """A chunk of microphone audio, int16 [1, n] at 24 kHz; dropped unless live."""
+        conversation = self._conversation
+        if conversation is None or self._ending is not None:
+            return
+        pcm = int16_to_pcm(frame[1])
+        self._last_heard = asyncio.get_running_loop().time()
+        self.recording.add_person(pcm)
+        try:
+            await conversation.send_pcm(pcm)  # waits while the model is behind
+        except Exception as error:  # SessionClosed after _end(); else the backend ended it
+            if self._ending is None:
+                log.info("connection %s: sending audio failed: %r", self._webrtc_id, error)
+                self._end(*_ending_for(error))
+
+    async def emit(self):
+        """Moshi's next 80 ms frame `(24000, float32 [1, 1920])`, or the transcript so far
+        as AdditionalOutputs, or CloseStream(message) once the conversation has ended.
+
+        FastRTC calls emit() in a loop with no pause in between (tracks.py,
+        player_worker_decode, bounded by a 60 s timeout), so returning None when nothing
+        is ready would spin the event loop. emit() therefore awaits the conversation's
+        next output (every 80 ms of microphone audio answers one frame), and after the
+        end waits for the connection to shut down before returning None.
+        """
+        await self._started.wait()
+        while self._ending is None and self._conversation is not None:
+            try:
+                out = await self._conversation.receive()
+            except Exception as error:  # SessionClosed after _end(); else the backend ended it
+                if self._ending is None:
+                    self._end(*_ending_for(error))
+                break
+            if isinstance(out, AudioOut):
+                self.recording.add_moshi(out.pcm)
+                return SAMPLE_RATE, out.pcm.reshape(1, -1)
+            if isinstance(out, TextOut):
+                self._pieces.append(out.text)
+                return AdditionalOutputs(self.transcript)
+        if self._ending is None:  # start_up failed before deciding why: it always ends first
+            self._end(Ending.ERROR, "the conversation did not start")
+        if not self._close_sent and self._ending is not Ending.STOPPED:
+            self._close_sent = True
+            await self._finished()
+            return CloseStream(self.record.message if self.record else "Conversation ended.")
+        try:
+            await asyncio.wait_for(self._stopped.wait(), timeout=30)
+        except TimeoutError:
+            pass
+        return None
+
+    async def shutdown(self) -> None:
+        """FastRTC closed the connection (stop button, tab closed, time limit, failure)."""
+        self._stopped.set()
+        self._end(Ending.STOPPED)
+        await self._finished()
+
+    @property
+    def _webrtc_id(self) -> str:
+        return self.record.webrtc_id if self.record else "?"
+
+    async def _watch(self) -> None:
+        """End the conversation at the session limit, or when the microphone goes quiet
+        (a connection that died without FastRTC noticing stops sending frames)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_session_s
+        while True:
+            now = loop.time()
+            if now >= deadline:
+                self._end(Ending.TIME_LIMIT)
+                return
+            if now >= self._last_heard + self.idle_s:
+                self._end(Ending.IDLE)
+                return
+            await asyncio.sleep(min(deadline, self._last_heard + self.idle_s) - now)
+
+    def _end(self, ending: Ending, detail: str = "") -> asyncio.Task:
+        """Decide how the conversation ends (the first caller wins) and start finishing."""
+        if self._finishing is None:
+            self._ending = ending
+            self._finishing = asyncio.create_task(self._finish(ending, detail), name=f"moshi-rtc-end-{self._webrtc_id}")
+        return self._finishing
+
+    async def _finished(self) -> None:
+        if self._finishing is not None:
+            await asyncio.shield(self._finishing)
+
+    async def _finish(self, ending: Ending, detail: str) -> None:
+        """Close the conversation (reset and release its instance), then file the record
+        and the recording. Runs once; also runs to the end if its caller is cancelled."""
+        if self._watchdog is not None and self._watchdog is not asyncio.current_task():
+            self._watchdog.cancel()
+        if self._conversation is not None:
+            try:
+                await self._conversation.close()
+            except Exception:
+                log.exception("connection %s: closing the conversation failed", self._webrtc_id)
+        record = self.record
+        if record is None:  # shut down before start-up began
+            return
+        if ending is Ending.STOPPED and self.recording.samples:
+            detail = _duration(round(self.recording.samples / SAMPLE_RATE))
+        record.ending = ending
+        record.message = ending_message(ending, max_session_s=self.max_session_s, idle_s=self.idle_s, detail=detail)
+        record.transcript = self.transcript
+        record.text_pieces = len(self._pieces)
+        record.person_samples = self.recording.person_samples
+        record.person_rms = self.recording.person_rms
+        record.moshi_frames = self.recording.moshi_frames
+        if self.recording.samples:
+            path = self.conversations.recording_path(record)
+            try:
+                await asyncio.to_thread(self.recording.write_wav, path)
+                record.recording = path
+            except OSError:
+                log.exception("connection %s: writing the recording failed", self._webrtc_id)
+        log.info(
+            "connection %s ended (%s): %.1f s heard, %d Moshi frames, %d text pieces",
+            record.webrtc_id,
+            ending.value,
+            record.person_samples / SAMPLE_RATE,
+            record.moshi_frames,
+            record.text_pieces,
+        )

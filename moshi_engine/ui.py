@@ -1,0 +1,307 @@
+"""The voice chat page: a Gradio Blocks around FastRTC's WebRTC component.
+
+    app = create_api(engine)
+    mount_ui(app, engine)                       # a local engine: one instance per browser session
+    mount_ui(app, remote="ws://host/api/chat")  # or every session on a Moshi server elsewhere
+
+The page: what Moshi is, the WebRTC audio component (press, talk, hear Moshi),
+the live transcript, sampling controls applied when a conversation starts, a
+status line (model, device, free instances, frame time), and after each
+conversation its stereo recording to download. Busy, time limit and errors are
+shown as the sentence `rtc.ending_message` gives. This is the only module that
+imports gradio.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+from fastapi import FastAPI
+from fastrtc import WebRTC
+
+from .conversation import Sampling
+from .rtc import (
+    ConversationLog,
+    Ending,
+    MoshiHandler,
+    OpenConversation,
+    browser_rtc_configuration,
+    ending_message,
+    ice_source,
+    server_rtc_configuration,
+)
+from .timings import LM_STEP, MIMI_DECODE, MIMI_ENCODE
+
+if TYPE_CHECKING:
+    from .engine import MoshiEngine
+
+log = logging.getLogger(__name__)
+
+MODEL_CARD_URL = "https://huggingface.co/kyutai/moshiko-pytorch-bf16"
+STATUS_REFRESH_S = 1.0
+# FastRTC's own time limit closes the connection abruptly; ours ends the conversation
+# first with a message, so FastRTC's only backs it up.
+TIME_LIMIT_GRACE_S = 5.0
+
+StatusSource = Callable[[], dict | None] | Callable[[], Awaitable[dict | None]]
+
+INTRO = f"""
+# Talk with Moshi
+
+Moshi is [Kyutai's full-duplex speech model]({MODEL_CARD_URL}): it listens and speaks at the same time,
+so you can interrupt it and it can answer while you are still talking.
+Press **Click to Access Microphone**, then **Talk to Moshi**, and speak: Moshi answers out loud and its words appear
+below as it says them. Headphones keep Moshi from hearing itself. After a conversation you can download its recording.
+"""
+
+CSS = """
+#moshi-status { font-size: 0.9em; opacity: 0.85; }
+#moshi-message:not(:empty) { border-left: 4px solid var(--color-accent); padding-left: 0.75em; }
+"""
+
+
+@dataclass
+class MoshiPage:
+    """The mounted page and what tests and callers may need from it."""
+
+    blocks: gr.Blocks
+    webrtc: WebRTC
+    conversations: ConversationLog
+    handler: MoshiHandler
+
+
+def status_line(status: dict | None, remote: str | None = None) -> str:
+    """One line of Markdown from a /status-like dict: model, device, free instances, frame time."""
+    if not status:
+        return f"Moshi runs at `{remote}`." if remote else "Moshi's status is not available right now."
+    parts = [f"Model `{status.get('model', '?')}`"]
+    if "device" in status:
+        parts.append(f"on {status['device']}" + (f" ({status['dtype']})" if status.get("dtype") else ""))
+    sessions = status.get("sessions") or {}
+    if "capacity" in sessions:
+        free = max(0, sessions["capacity"] - sessions.get("active", 0))
+        parts.append(f"**{free} of {sessions['capacity']}** instance{'s' if sessions['capacity'] != 1 else ''} free")
+    frame_ms = _frame_ms(status.get("timings") or {})
+    if frame_ms is not None:
+        verdict = "real time" if frame_ms < 80 else "slower than real time"
+        parts.append(f"frame time {frame_ms:.1f} ms of 80 ms ({verdict})")
+    return " · ".join(parts)
+
+
+def _frame_ms(timings: dict) -> float | None:
+    """Median compute per 80 ms frame: Mimi encode + LM step + Mimi decode (None before any)."""
+    stages = [timings.get(stage) or {} for stage in (MIMI_ENCODE, LM_STEP, MIMI_DECODE)]
+    if not all(stage.get("count") for stage in stages):
+        return None
+    return sum(stage["p50_ms"] for stage in stages)
+
+
+def free_instances(status: dict | None) -> int | None:
+    sessions = (status or {}).get("sessions") or {}
+    if "capacity" not in sessions:
+        return None
+    return max(0, sessions["capacity"] - sessions.get("active", 0))
+
+
+def sampling_from_inputs(inputs: list[Any]) -> Sampling:
+    """The page's controls, in order (audio temperature, audio top-k, text temperature,
+    text top-k, seed), as a Sampling; a negative or blank seed is a random one. ValueError if invalid."""
+    temp, top_k, temp_text, top_k_text, seed = inputs
+    return Sampling(
+        temp=float(temp),
+        top_k=int(round(top_k)),
+        temp_text=float(temp_text),
+        top_k_text=int(round(top_k_text)),
+        seed=None if seed is None or seed == "" or int(seed) < 0 else int(seed),
+    )
+
+
+def build_page(
+    open_conversation: OpenConversation,
+    *,
+    capacity: int,
+    default_sampling: Sampling = Sampling(),
+    status: StatusSource | None = None,
+    remote: str | None = None,
+    max_session_s: float = 600.0,
+    idle_s: float = 30.0,
+    host: str = "127.0.0.1",
+    conversations: ConversationLog | None = None,
+) -> MoshiPage:
+    """The page as a Blocks, one conversation per browser session from `open_conversation`.
+
+    `capacity` bounds concurrent WebRTC connections (the number of Moshi instances
+    behind the page); `host` is where the server listens, which decides the ICE
+    servers (`rtc.ice_source`); `status` feeds the status line.
+    """
+    source = ice_source(host)  # fails here, at start, on a half-set TURN configuration
+    log.info("WebRTC ICE servers for host %s: %s", host, source)
+    conversations = conversations or ConversationLog()
+    handler = MoshiHandler(
+        open_conversation,
+        conversations,
+        sampling_from_args=sampling_from_inputs,
+        max_session_s=max_session_s,
+        idle_s=idle_s,
+    )
+
+    async def rtc_configuration() -> dict:  # a plain function: FastRTC calls it per connection
+        return await browser_rtc_configuration(host)
+
+    async def read_status() -> dict | None:
+        if status is None:
+            return None
+        try:
+            result = status()
+            return await result if inspect.isawaitable(result) else result
+        except Exception:
+            log.warning("reading the status failed", exc_info=True)
+            return None
+
+    d = default_sampling
+    theme = gr.themes.Soft(font=["system-ui", "sans-serif"])  # no web fonts to fetch
+    # Gradio copies each recording it serves into its cache: drop copies after an hour.
+    with gr.Blocks(title="Moshi voice chat", theme=theme, css=CSS, delete_cache=(600, 3600)) as blocks:
+        gr.Markdown(INTRO)
+        status_md = gr.Markdown(status_line(None, remote), elem_id="moshi-status")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                webrtc = WebRTC(
+                    label="Conversation",
+                    modality="audio",
+                    mode="send-receive",
+                    variant="wave",
+                    full_screen=False,
+                    rtc_configuration=rtc_configuration,
+                    server_rtc_configuration=server_rtc_configuration(host),
+                    button_labels={"start": "Talk to Moshi", "stop": "Stop", "waiting": "Connecting"},
+                    elem_id="moshi-webrtc",
+                )
+                message_md = gr.Markdown(elem_id="moshi-message")
+                transcript = gr.Textbox(
+                    label="What Moshi says",
+                    lines=6,
+                    max_lines=12,
+                    interactive=False,
+                    autoscroll=True,
+                    elem_id="moshi-transcript",
+                )
+                recording = gr.DownloadButton(
+                    "Download the conversation (WAV: you left, Moshi right)",
+                    visible=False,
+                    elem_id="moshi-recording",
+                )
+            with gr.Column(scale=2):
+                with gr.Accordion("Sampling, applied when a conversation starts", open=True):
+                    temp = gr.Slider(0.0, 2.0, value=d.temp, step=0.05, label="Audio temperature")
+                    top_k = gr.Slider(1, max(500, d.top_k), value=d.top_k, step=1, label="Audio top-k")
+                    temp_text = gr.Slider(0.0, 2.0, value=d.temp_text, step=0.05, label="Text temperature")
+                    top_k_text = gr.Slider(1, max(100, d.top_k_text), value=d.top_k_text, step=1, label="Text top-k")
+                    seed = gr.Number(
+                        value=-1 if d.seed is None else d.seed, precision=0, minimum=-1, label="Seed (-1: random)"
+                    )
+        shown = gr.State(None)  # the WebRTC id whose ending the page already shows
+        timer = gr.Timer(STATUS_REFRESH_S)
+
+        webrtc.stream(
+            handler,
+            inputs=[webrtc, temp, top_k, temp_text, top_k_text, seed],
+            outputs=[webrtc],
+            concurrency_limit=capacity,
+            time_limit=max_session_s + TIME_LIMIT_GRACE_S,
+        )
+        # Unlimited: each connection holds one of these streams open while it lasts, so
+        # Gradio's default limit of 1 would stall every transcript but the first.
+        webrtc.on_additional_outputs(lambda text: text, outputs=[transcript], concurrency_limit=None)
+
+        async def on_start():
+            """Clear the last conversation; if no instance is free, say so before FastRTC refuses."""
+            message = ""
+            if free_instances(await read_status()) == 0:
+                message = ending_message(Ending.BUSY, max_session_s=max_session_s, idle_s=idle_s)
+            return message, "", gr.update(value=None, visible=False)
+
+        webrtc.start_recording(
+            on_start, outputs=[message_md, transcript, recording], concurrency_limit=None, show_progress="hidden"
+        )
+
+        async def refresh(webrtc_id: str | None, shown_id: str | None):
+            """Every second: the status line; once per conversation, how it ended."""
+            line = status_line(await read_status(), remote)
+            record = conversations.get(webrtc_id)
+            if record is None or not record.ended or shown_id == webrtc_id:
+                return line, gr.update(), gr.update(), gr.update(), shown_id
+            message = record.message
+            if record.recording:
+                message += " Its recording is ready to download below."
+            download = gr.update(value=str(record.recording), visible=True) if record.recording else gr.update()
+            return line, message, record.transcript, download, webrtc_id
+
+        async def show_status() -> str:
+            return status_line(await read_status(), remote)
+
+        blocks.load(show_status, outputs=[status_md], concurrency_limit=None, show_progress="hidden")
+        timer.tick(
+            refresh,
+            inputs=[webrtc, shown],
+            outputs=[status_md, message_md, transcript, recording, shown],
+            concurrency_limit=None,
+            show_progress="hidden",
+        )
+    return MoshiPage(blocks=blocks, webrtc=webrtc, conversations=conversations, handler=handler)
+
+
+def mount_ui(
+    app: FastAPI,
+    engine: MoshiEngine | None = None,
+    *,
+    remote: str | None = None,
+    capacity: int | None = None,
+    status: StatusSource | None = None,
+    max_session_s: float = 600.0,
+    idle_s: float = 30.0,
+    host: str = "127.0.0.1",
+    path: str = "/",
+    conversations: ConversationLog | None = None,
+    connect_timeout_s: float = 10.0,
+) -> MoshiPage:
+    """Mount the page on `app` at `path`; mount it after the app's own routes.
+
+    Give either a local `engine` (capacity: its instances, status: its status) or
+    the `remote` URL of a Moshi server (`/api/chat` or `/ws`; capacity defaults to 1,
+    the number of sessions the page may hold on it at once; `connect_timeout_s`: how
+    long a session may take to connect, e.g. while a worker starts from cold).
+    """
+    if (engine is None) == (remote is None):
+        raise ValueError("give either a local engine or the URL of a remote Moshi server")
+    if engine is not None:
+        page = build_page(
+            engine.open_session,
+            capacity=capacity or engine.capacity,
+            default_sampling=engine.default_sampling,
+            status=status or engine.status,
+            max_session_s=max_session_s,
+            idle_s=idle_s,
+            host=host,
+            conversations=conversations,
+        )
+    else:
+        from .client import RemoteSession
+
+        page = build_page(
+            lambda sampling: RemoteSession(remote, sampling=sampling, open_timeout=connect_timeout_s),
+            capacity=capacity or 1,
+            status=status,
+            remote=remote,
+            max_session_s=max_session_s,
+            idle_s=idle_s,
+            host=host,
+            conversations=conversations,
+        )
+    gr.mount_gradio_app(app, page.blocks, path=path, allowed_paths=[str(page.conversations.directory)], show_api=False)
+    return page

@@ -1,0 +1,184 @@
+"""The page in a real browser: Debian's chromium, driven by playwright, with a fake
+microphone playing a speech asset, talking to the tiny model over WebRTC.
+
+One conversation is run (module fixture) and each test checks one thing it should
+have done. Screenshots go to $MOSHI_SCREENSHOTS (e.g. `docs`) when set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from playwright.sync_api import Page, sync_playwright  # noqa: E402
+
+from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE, rms  # noqa: E402
+from moshi_engine.engine import load_engine  # noqa: E402
+from moshi_engine.rtc import ConversationRecord, Ending, ending_message  # noqa: E402
+from moshi_engine.server import create_api  # noqa: E402
+from moshi_engine.ui import mount_ui  # noqa: E402
+
+from .conftest import HELLO_WAV  # noqa: E402
+from .live import serve_asgi  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+    f"--use-file-for-fake-audio-capture={HELLO_WAV.resolve()}",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--autoplay-policy=no-user-gesture-required",
+]
+# Keeps every RTCPeerConnection the page creates, so that the test can read its stats.
+HOOK_PEER_CONNECTIONS = """
+window.__peerConnections = [];
+const NativePeerConnection = window.RTCPeerConnection;
+window.RTCPeerConnection = class extends NativePeerConnection {
+  constructor(...args) { super(...args); window.__peerConnections.push(this); }
+};
+"""
+INBOUND_AUDIO = """async () => {
+  let packets = 0, energy = 0;
+  for (const pc of window.__peerConnections) {
+    (await pc.getStats()).forEach(r => {
+      if (r.type !== 'inbound-rtp' || r.kind !== 'audio') return;
+      packets += r.packetsReceived;
+      energy += r.totalAudioEnergy;
+    });
+  }
+  return {packets, energy};
+}"""
+TALK_BUTTON = "#moshi-webrtc button[aria-label='start stream']"  # "Talk to Moshi", then "Stop"
+CONVERSATION_S = 5.0
+
+
+@dataclass
+class Evidence:
+    """What one browser conversation left behind."""
+
+    transcript: str
+    inbound: dict
+    record: ConversationRecord
+    active_after_stop: int
+    talked_s: float
+    recording: Path
+    busy_message: str
+
+
+def status(url: str) -> dict:
+    with urllib.request.urlopen(url + "/status", timeout=10) as response:
+        return json.load(response)
+
+
+def screenshot(page: Page, name: str) -> None:
+    directory = os.environ.get("MOSHI_SCREENSHOTS")
+    if directory:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(directory) / name), full_page=True)
+
+
+def open_page(browser, url: str) -> Page:
+    page = browser.new_page(viewport={"width": 1280, "height": 860})
+    page.add_init_script(HOOK_PEER_CONNECTIONS)
+    page.goto(url)
+    page.click("#moshi-webrtc button", timeout=30_000)  # "Click to Access Microphone"
+    page.wait_for_selector(TALK_BUTTON, timeout=30_000)
+    return page
+
+
+@pytest.fixture(scope="module")
+def evidence(tmp_path_factory) -> Evidence:
+    engine = load_engine("tiny", device="cpu", instances=1)
+    app = create_api(engine)
+    ui = mount_ui(app, engine)
+    try:
+        with serve_asgi(app) as url, sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = open_page(browser, url)
+            started = time.monotonic()
+            page.click(TALK_BUTTON)
+            page.wait_for_function(
+                "() => document.querySelector('#moshi-transcript textarea').value.trim().length > 0", timeout=30_000
+            )
+            time.sleep(max(0.0, CONVERSATION_S - (time.monotonic() - started)))
+            inbound = page.evaluate(INBOUND_AUDIO)
+            transcript = page.input_value("#moshi-transcript textarea")
+            screenshot(page, "screenshot-conversation.png")
+
+            # a second visitor while the only instance is in this conversation
+            other = open_page(browser, url)
+            other.click(TALK_BUTTON)
+            other.wait_for_selector("#moshi-message p", timeout=15_000)
+            busy_message = other.inner_text("#moshi-message p")
+            screenshot(other, "screenshot-busy.png")
+            other.close()
+
+            page.click(TALK_BUTTON)  # "Stop"
+            talked_s = time.monotonic() - started
+            deadline = time.monotonic() + 15
+            while status(url)["sessions"]["active"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            active_after_stop = status(url)["sessions"]["active"]
+            page.wait_for_selector("#moshi-recording", state="visible", timeout=15_000)
+            with page.expect_download() as download:
+                page.click("#moshi-recording")
+            recording = tmp_path_factory.mktemp("download") / "conversation.wav"
+            download.value.save_as(recording)
+            screenshot(page, "screenshot-recording.png")
+            browser.close()
+    finally:
+        engine.close()
+    (record,) = ui.conversations.records()  # the second visitor never got a connection
+    return Evidence(transcript, inbound, record, active_after_stop, talked_s, recording, busy_message)
+
+
+def test_the_handler_hears_the_microphone(evidence):
+    assert evidence.record.person_samples > 2 * SAMPLE_RATE
+    assert evidence.record.person_rms > 0.01  # the speech asset, not silence
+
+
+def test_the_transcript_shows_what_moshi_says(evidence):
+    assert evidence.transcript.strip()
+    assert evidence.record.transcript.startswith(evidence.transcript.strip()[:10])
+
+
+def test_the_browser_receives_moshis_voice(evidence):
+    assert evidence.inbound["packets"] > 50
+    assert evidence.inbound["energy"] > 0
+
+
+def test_stopping_releases_the_instance(evidence):
+    assert evidence.active_after_stop == 0
+    assert evidence.record.ending is Ending.STOPPED
+
+
+def test_the_recording_downloads_as_a_stereo_wav_of_the_conversation(evidence):
+    with wave.open(str(evidence.recording), "rb") as wav:
+        assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (2, 2, SAMPLE_RATE)
+        frames = wav.getnframes()
+        samples = np.frombuffer(wav.readframes(frames), dtype="<i2").reshape(-1, 2)
+    # as long as the microphone was live: from connected to stopped (connecting takes ~1 s)
+    assert frames == evidence.record.person_samples
+    assert evidence.talked_s - 3.0 <= frames / SAMPLE_RATE <= evidence.talked_s + 0.5
+    person, moshi = samples[:, 0].astype(np.float32) / 32768, samples[:, 1].astype(np.float32) / 32768
+    assert rms(person) > 0.01 and rms(moshi) > 0.01
+    # Moshi speaks from its second 80 ms frame on, once the first reply reaches the browser
+    assert rms(moshi[SAMPLE_RATE:]) > 0.01 and not moshi[:FRAME_SIZE].any()
+
+
+def test_a_second_visitor_is_told_moshi_is_busy_and_what_to_do(evidence):
+    assert evidence.busy_message == ending_message(Ending.BUSY, max_session_s=600, idle_s=30)

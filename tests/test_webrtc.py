@@ -1,0 +1,238 @@
+"""The page's WebRTC route without a browser: an aiortc peer posts its SDP offer where the
+page's WebRTC component posts it (Gradio's component server, fn `offer`), sends a speech
+asset as its microphone and gets Moshi back, all on a real uvicorn server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import uvicorn  # noqa: E402
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription  # noqa: E402
+from aiortc.contrib.media import MediaPlayer  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
+
+from moshi_engine.audio import SAMPLE_RATE, rms  # noqa: E402
+from moshi_engine.engine import load_engine  # noqa: E402
+from moshi_engine.rtc import Ending, ending_message  # noqa: E402
+from moshi_engine.server import create_api  # noqa: E402
+from moshi_engine.ui import MoshiPage, mount_ui  # noqa: E402
+
+from .conftest import HELLO_WAV  # noqa: E402
+
+PAGE_INPUTS = [0.8, 250, 0.7, 25, 42]  # audio temp, audio top-k, text temp, text top-k, seed
+
+
+@pytest.fixture(scope="module")
+def single_engine():
+    engine = load_engine("tiny", device="cpu", instances=1)
+    yield engine
+    engine.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(app):
+    """Serve `app` with uvicorn in this test's event loop (the aiortc peer shares it)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    async with asyncio.timeout(30):
+        while not server.started:
+            await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+@contextlib.asynccontextmanager
+async def page_server(engine, **page_options):
+    app = create_api(engine)
+    page = mount_ui(app, engine, **page_options)
+    async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        yield page, http
+
+
+async def call_component(http: httpx.AsyncClient, page: MoshiPage, fn_name: str, data) -> dict:
+    """What the WebRTC component's front end does to reach its server functions."""
+    response = await http.post(
+        "/gradio_api/component_server/",
+        json={"session_hash": "aiortc-peer", "component_id": page.webrtc._id, "fn_name": fn_name, "data": data},
+    )
+    response.raise_for_status()
+    return response.json()
+
+
+@dataclass
+class Peer:
+    """An aiortc peer playing a WAV as its microphone, as the page's front end would."""
+
+    page: MoshiPage
+    webrtc_id: str
+    pc: RTCPeerConnection = field(default_factory=lambda: RTCPeerConnection(RTCConfiguration(iceServers=[])))
+    messages: list[dict] = field(default_factory=list)
+    received: list[np.ndarray] = field(default_factory=list)
+    _reader: asyncio.Task | None = None
+
+    async def offer(self, http: httpx.AsyncClient) -> dict:
+        channel = self.pc.createDataChannel("text")
+
+        @channel.on("message")
+        def on_message(message: str) -> None:
+            self.messages.append(json.loads(message))
+            if self.messages[-1]["type"] == "send_input":  # the page answers with its inputs
+                self.page.webrtc.set_input(self.webrtc_id, self.webrtc_id, *PAGE_INPUTS)
+
+        @self.pc.on("track")
+        def on_track(track) -> None:
+            self._reader = asyncio.create_task(self._read(track))
+
+        self.pc.addTrack(MediaPlayer(str(HELLO_WAV)).audio)
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        body = {"sdp": self.pc.localDescription.sdp, "type": "offer", "webrtc_id": self.webrtc_id}
+        answer = await call_component(http, self.page, "offer", body)
+        if "sdp" in answer:
+            await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+        return answer
+
+    async def _read(self, track) -> None:
+        with contextlib.suppress(Exception):  # ends when the track does
+            while True:
+                frame = await track.recv()
+                self.received.append(frame.to_ndarray().astype(np.float32).ravel() / 32768)
+
+    def received_seconds(self) -> float:
+        return sum(chunk.size for chunk in self.received) / 2 / 48000  # Opus decodes to 48 kHz stereo
+
+    def types(self) -> list[str]:
+        return [message["type"] for message in self.messages]
+
+    async def close(self) -> None:
+        await self.pc.close()
+        if self._reader is not None:
+            self._reader.cancel()
+
+
+async def until(condition, timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.05)
+
+
+async def test_a_webrtc_peer_speaks_and_hears_moshi_and_closing_releases_the_instance(single_engine):
+    async with page_server(single_engine) as (page, http):
+        peer = Peer(page, "peer-talks")
+        offered = time.monotonic()
+        await peer.offer(http)
+        await until(lambda: peer.received_seconds() > 3.0, timeout=30)
+        live = page.conversations.get("peer-talks")
+        assert single_engine.active == 1 and not live.ended
+        assert "fetch_output" in peer.types()  # the server told the page to fetch the transcript
+        await peer.close()
+        talked_s = time.monotonic() - offered
+        await until(lambda: single_engine.active == 0 and live.ended, timeout=15)
+
+    heard = np.concatenate(peer.received[-100:])  # the last two seconds the peer heard
+    assert rms(heard) > 0.01  # Moshi's voice, not silence
+    assert live.ending is Ending.STOPPED
+    # the speech asset reached the handler at 24 kHz, in real time
+    assert 2.0 <= live.person_samples / SAMPLE_RATE <= talked_s and live.person_rms > 0.01
+    assert live.transcript and live.text_pieces > 0
+    assert live.sampling.seed == 42 and live.recording.exists()
+
+
+async def test_a_second_connection_is_refused_while_the_only_instance_talks(single_engine):
+    async with page_server(single_engine) as (page, http):
+        first = Peer(page, "first")
+        await first.offer(http)
+        await until(lambda: first.received_seconds() > 0.5, timeout=30)
+        second = Peer(page, "second")
+        answer = await second.offer(http)
+        await second.close()
+        await first.close()
+        await until(lambda: single_engine.active == 0, timeout=15)
+    # the page's concurrency limit is the number of instances
+    assert answer == {"status": "failed", "meta": {"error": "concurrency_limit_reached", "limit": 1}}
+
+
+async def test_a_busy_engine_ends_the_stream_with_the_busy_message(single_engine):
+    held = single_engine.open_session()  # e.g. a websocket client holds the only instance
+    try:
+        async with page_server(single_engine) as (page, http):
+            peer = Peer(page, "too-late")
+            await peer.offer(http)
+            await until(lambda: "end_stream" in peer.types(), timeout=30)
+            await peer.close()
+    finally:
+        await held.close()
+    end = next(message for message in peer.messages if message["type"] == "end_stream")
+    assert end["data"] == ending_message(Ending.BUSY, max_session_s=600, idle_s=30)
+    assert page.conversations.get("too-late").ending is Ending.BUSY
+    assert single_engine.active == 0
+
+
+async def test_the_time_limit_ends_the_stream_with_its_message_and_releases_the_instance(single_engine):
+    async with page_server(single_engine, max_session_s=2.0) as (page, http):
+        peer = Peer(page, "long-talk")
+        await peer.offer(http)
+        await until(lambda: "end_stream" in peer.types(), timeout=30)
+        await until(lambda: single_engine.active == 0, timeout=10)
+        await peer.close()
+    end = next(message for message in peer.messages if message["type"] == "end_stream")
+    assert end["data"].startswith("Time is up: a conversation lasts at most 2 s.")
+    record = page.conversations.get("long-talk")
+    assert record.ending is Ending.TIME_LIMIT and record.recording.exists()
+
+
+@contextlib.asynccontextmanager
+async def remote_page_server(moshi_url: str):
+    """A page with no model of its own: every browser session is a websocket session on `moshi_url`."""
+    app = FastAPI()
+    page = mount_ui(app, remote=moshi_url.replace("http://", "ws://") + "/api/chat")
+    async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        yield page, http
+
+
+async def test_remote_mode_carries_the_call_to_a_moshi_server_over_the_opus_websocket(single_engine):
+    async with serving(create_api(single_engine)) as moshi_url, remote_page_server(moshi_url) as (page, http):
+        peer = Peer(page, "via-websocket")
+        await peer.offer(http)
+        await until(lambda: peer.received_seconds() > 3.0, timeout=30)
+        assert single_engine.active == 1  # the Moshi server leased its instance for this call
+        await peer.close()
+        await until(lambda: single_engine.active == 0, timeout=15)
+    record = page.conversations.get("via-websocket")
+    assert rms(np.concatenate(peer.received[-100:])) > 0.01
+    assert record.ending is Ending.STOPPED and record.person_rms > 0.01 and record.transcript
+
+
+async def test_remote_mode_says_moshi_is_busy_when_the_server_is(single_engine):
+    held = single_engine.open_session()
+    try:
+        async with serving(create_api(single_engine)) as moshi_url, remote_page_server(moshi_url) as (page, http):
+            peer = Peer(page, "remote-busy")
+            await peer.offer(http)
+            await until(lambda: "end_stream" in peer.types(), timeout=30)
+            await peer.close()
+    finally:
+        await held.close()
+    end = next(message for message in peer.messages if message["type"] == "end_stream")
+    assert end["data"] == ending_message(Ending.BUSY, max_session_s=600, idle_s=30)
+
+
+async def test_the_page_asks_for_no_ice_servers_on_loopback(single_engine):
+    async with page_server(single_engine, host="127.0.0.1") as (page, http):
+        assert await call_component(http, page, "turn", {}) == {}
