@@ -58,16 +58,13 @@ def resolve_checkpoint(spec: str) -> loaders.CheckpointInfo:
 
 
 def checkpoint_from_directory(directory: Path) -> loaders.CheckpointInfo:
-    """A local checkpoint directory through moshi's CheckpointInfo, like a downloaded repo."""
+    """A local checkpoint directory through moshi's CheckpointInfo, like a downloaded repo.
+
+    Without a config.json it is taken for a snapshot of a legacy repo (Moshiko /
+    Moshika 7B): moshi's default file names and configs.
+    """
     config_path = directory / CONFIG_NAME
-    if not config_path.is_file():
-        # A snapshot of a legacy repo (Moshiko / Moshika 7B): default file names, no config.
-        return loaders.CheckpointInfo(
-            moshi_weights=directory / loaders.MOSHI_NAME,
-            mimi_weights=directory / loaders.MIMI_NAME,
-            tokenizer=directory / loaders.TEXT_TOKENIZER_NAME,
-        )
-    config = json.loads(config_path.read_text())
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     named = {
         "moshi_weights": config.get("moshi_name", loaders.MOSHI_NAME),
         "mimi_weights": config.get("mimi_name", loaders.MIMI_NAME),
@@ -76,9 +73,11 @@ def checkpoint_from_directory(directory: Path) -> loaders.CheckpointInfo:
         "lora_weights": config.get("lora_name"),
     }
     files = {key: directory / name for key, name in named.items() if name}
-    missing = [str(path) for path in files.values() if not path.is_file()]
+    missing = [path.name for path in files.values() if not path.is_file()]
     if missing:
-        raise ModelUnavailableError(f"checkpoint directory {directory} lacks {', '.join(missing)}")
+        raise ModelUnavailableError(f"checkpoint directory {directory} lacks {', '.join(missing)}. {_OFFLINE_HINT}")
+    if not config:
+        return loaders.CheckpointInfo(files["moshi_weights"], files["mimi_weights"], files["tokenizer"])
     # Every file is given as a local Path, so CheckpointInfo never reaches for the hub.
     return loaders.CheckpointInfo.from_hf_repo(str(directory), config_path=config_path, **files)
 
