@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ from moshi_engine.session import MoshiSession
 SPEECH_DIR = Path(__file__).resolve().parent.parent / "assets" / "speech"
 HELLO_WAV = SPEECH_DIR / "hello.wav"
 MUSIC_WAV = SPEECH_DIR / "music.wav"
+# CPU in CI; `MOSHI_TEST_DEVICE=cuda` runs the engine, session and server tests on a GPU.
+DEVICE = os.environ.get("MOSHI_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +34,7 @@ def music_pcm() -> np.ndarray:
 @pytest.fixture(scope="session")
 def tiny_engine():
     """Two warm instances of the tiny checkpoint, shared by the tests that only lease."""
-    engine = load_engine("tiny", device="cpu", instances=2)
+    engine = load_engine("tiny", device=DEVICE, instances=2)
     yield engine
     engine.close()
 

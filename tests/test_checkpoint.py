@@ -15,7 +15,7 @@ from moshi_engine.checkpoint import TINY_DIR, ModelUnavailableError, resolve_che
 from moshi_engine.conversation import Sampling
 from moshi_engine.engine import load_engine
 
-from .conftest import converse
+from .conftest import DEVICE, converse
 
 
 def test_builder_reproduces_the_committed_checkpoint_byte_for_byte(tmp_path):
@@ -31,7 +31,7 @@ def test_written_checkpoint_reloads_and_gives_identical_outputs_for_a_fixed_seed
     pcm = hello_pcm[: 24000 * 2]
 
     async def answer(model: str):
-        engine = load_engine(model, device="cpu")
+        engine = load_engine(model, device=DEVICE)
         try:
             async with engine.session(Sampling(seed=1234)) as session:
                 return await converse(session, pcm)
@@ -54,8 +54,8 @@ def test_checkpoint_info_built_from_config_json_loads_the_directory():
         lm_config=lm_config,
         mimi_config=json.loads((TINY_DIR / config["mimi_config_name"]).read_text()),
     )
-    mimi = info.get_mimi(device="cpu")
-    lm = info.get_moshi(device="cpu", dtype=loaders.torch.float32)
+    mimi = info.get_mimi(device=DEVICE)
+    lm = info.get_moshi(device=DEVICE, dtype=loaders.torch.float32)
     tokenizer = info.get_text_tokenizer()
     assert mimi.sample_rate == 24000 and mimi.frame_rate == 12.5
     assert mimi.num_codebooks == lm.dep_q == 8

@@ -24,6 +24,7 @@ from moshi_engine.engine import load_engine
 from moshi_engine.protocol import HANDSHAKE, MAX_MESSAGE_BYTES, CloseCode, Protocol
 from moshi_engine.server import SessionLimits, create_api
 
+from .conftest import DEVICE
 from .live import serve_asgi
 
 PROTOCOLS = [Protocol.QUILLMAN, Protocol.MOSHI]
@@ -105,7 +106,7 @@ async def test_status_reports_model_sessions_timings_and_uptime(server, tiny_eng
     await until(lambda: tiny_engine.active == 0)
     code, status = get_json(server + "/status")
     assert code == 200 and status["status"] == "ready"
-    assert status["model"] == "tiny" and status["device"] == "cpu"
+    assert status["model"] == "tiny" and status["device"] == DEVICE
     assert status["sessions"] == {"active": 0, "capacity": 2}
     for stage in ("opus_decode", "mimi_encode", "lm_step", "mimi_decode", "opus_encode"):
         assert status["timings"][stage]["count"] > 0
@@ -225,7 +226,7 @@ async def test_session_and_idle_limits_close_with_their_codes_and_reasons(tiny_e
 
 
 async def test_a_model_failure_closes_with_1011_and_the_instance_serves_the_next_session(hello_pcm, monkeypatch):
-    engine = load_engine("tiny", device="cpu", instances=1, warmup_frames=1)
+    engine = load_engine("tiny", device=DEVICE, instances=1, warmup_frames=1)
     instance = engine._instances[0]
     real_step = instance.step
     calls = 0

@@ -11,12 +11,12 @@ from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE
 from moshi_engine.conversation import AudioOut, BusyError, Sampling, SessionClosed
 from moshi_engine.engine import load_engine
 
-from .conftest import converse
+from .conftest import DEVICE, converse
 
 
 @pytest.fixture(scope="module")
 def single_engine():
-    engine = load_engine("tiny", device="cpu", instances=1)
+    engine = load_engine("tiny", device=DEVICE, instances=1)
     yield engine
     engine.close()
 
@@ -48,7 +48,7 @@ async def test_a_session_on_a_returned_instance_is_identical_to_one_on_a_fresh_i
     single_engine, hello_pcm, music_pcm
 ):
     pcm = hello_pcm[: 2 * SAMPLE_RATE]
-    fresh = load_engine("tiny", device="cpu", instances=1)
+    fresh = load_engine("tiny", device=DEVICE, instances=1)
     try:
         async with fresh.session(Sampling(seed=11)) as session:
             on_fresh = await converse(session, pcm)
@@ -138,7 +138,7 @@ async def test_bad_input_raises_value_error_saying_what_is_wrong(tiny_engine, pc
 
 
 async def test_a_reader_that_falls_behind_loses_oldest_audio_not_memory(hello_pcm):
-    engine = load_engine("tiny", device="cpu", instances=1, warmup_frames=1)
+    engine = load_engine("tiny", device=DEVICE, instances=1, warmup_frames=1)
     try:
         session = engine.open_session(Sampling(seed=5), max_output_frames=4)
         await session.start()
