@@ -1,0 +1,259 @@
+# ---
+# cmd: ["modal", "serve", "app.py"]
+# ---
+
+# # Talk with Moshi: a full-duplex voice chat on Modal, Hugging Face Spaces, or your own machine
+
+# [Moshi](https://huggingface.co/kyutai/moshiko-pytorch-bf16) is Kyutai's speech-to-speech model:
+# it listens and speaks at the same time, with about 200 ms between your words and its answer
+# on a good GPU. This file deploys it as a voice chat page: a Gradio app whose FastRTC (WebRTC)
+# audio component streams your microphone to a dedicated Moshi instance and streams its voice back,
+# next to the Opus websockets `/ws` (QuiLLMan's protocol) and `/api/chat` (moshi's own).
+
+# Everything it wires lives in `moshi_engine/`; this file only tells the deployment story.
+#
+# - `modal serve app.py` / `modal deploy app.py`: a GPU container on Modal.
+# - `python app.py`: the same app on your machine or as a Hugging Face Space.
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import modal
+
+# ## Configuration
+
+# These are read when Modal builds and deploys the app (`MOSHI_GPU=H100 modal deploy app.py`),
+# and copied into the image so that the containers see the same values.
+
+CONFIG = {
+    "MOSHI_MODEL": os.environ.get("MOSHI_MODEL", "kyutai/moshiko-pytorch-bf16"),
+    "MOSHI_GPU": os.environ.get("MOSHI_GPU", "L40S"),
+    "MOSHI_SESSION_LIMIT_S": os.environ.get("MOSHI_SESSION_LIMIT_S", "600"),
+    "MOSHI_IDLE_LIMIT_S": os.environ.get("MOSHI_IDLE_LIMIT_S", "30"),
+    "MOSHI_SCALE_OUT": os.environ.get("MOSHI_SCALE_OUT", "0"),
+    "MOSHI_MAX_WORKERS": os.environ.get("MOSHI_MAX_WORKERS", "10"),
+    "MOSHI_MIN_WORKERS": os.environ.get("MOSHI_MIN_WORKERS", "0"),
+    "MOSHI_MODAL_SECRET": os.environ.get("MOSHI_MODAL_SECRET", ""),
+}
+MODEL = CONFIG["MOSHI_MODEL"]
+GPU = CONFIG["MOSHI_GPU"]
+SESSION_LIMIT_S = int(CONFIG["MOSHI_SESSION_LIMIT_S"])
+IDLE_LIMIT_S = int(CONFIG["MOSHI_IDLE_LIMIT_S"])
+SCALE_OUT = CONFIG["MOSHI_SCALE_OUT"].lower() in ("1", "true", "yes")
+MAX_WORKERS = int(CONFIG["MOSHI_MAX_WORKERS"])
+MIN_WORKERS = int(CONFIG["MOSHI_MIN_WORKERS"])
+
+MINUTES = 60  # seconds
+HERE = Path(__file__).parent
+
+# ## The container image
+
+# The image installs exactly what a Space installs, `requirements.txt`, then adds the engine
+# package and its assets. Weights are not baked in: they live in a Volume (below).
+
+image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .pip_install_from_requirements(str(HERE / "requirements.txt"))
+    .env(CONFIG | {"HF_HOME": "/cache/huggingface", "HF_XET_HIGH_PERFORMANCE": "1"})
+    .add_local_dir(HERE / "assets", "/root/assets")
+    .add_local_python_source("moshi_engine")
+)
+
+app = modal.App("moshi-voice-chat", image=image)
+
+# ## Weights in a Volume, secrets optional
+
+# Moshi's 7B weights (about 15 GB in bf16) download from Hugging Face on the first start and are
+# kept in a Volume mounted as the Hugging Face cache, so later cold starts read them from there.
+
+hf_cache = modal.Volume.from_name("moshi-hf-cache", create_if_missing=True)
+VOLUMES = {"/cache": hf_cache}
+
+# A Modal Secret can carry HF_TOKEN (gated repos, and fastrtc's Cloudflare TURN credentials) or
+# other TURN credentials (see README): `modal secret create moshi-secrets HF_TOKEN=...`, then
+# deploy with `MOSHI_MODAL_SECRET=moshi-secrets`.
+
+SECRETS = [modal.Secret.from_name(CONFIG["MOSHI_MODAL_SECRET"])] if CONFIG["MOSHI_MODAL_SECRET"] else []
+
+# Each websocket or WebRTC conversation is one long request; let it outlive the session limit.
+REQUEST_TIMEOUT_S = SESSION_LIMIT_S + 5 * MINUTES
+
+
+def load_warm_engine():
+    """Download (first start only) and load Moshi, then step it a few frames so that CUDA
+    graphs and kernels are ready before the first person speaks."""
+    from moshi_engine.engine import load_engine
+
+    engine = load_engine(MODEL)
+    hf_cache.commit()  # persist a fresh download for the next container
+    return engine
+
+
+def session_limits():
+    from moshi_engine.server import SessionLimits
+
+    return SessionLimits(max_session_s=SESSION_LIMIT_S, idle_s=IDLE_LIMIT_S)
+
+
+# ## One GPU serves the page and its conversations
+
+# By default one container holds everything: Gradio keeps session state in the process and needs
+# sticky sessions, hence `max_containers=1`, as in Modal's Gradio and FastRTC examples. The
+# concurrency limit is sized for the page's own requests (assets, queue streams, status polls);
+# conversations are limited to the engine's instances by the page itself.
+
+if not SCALE_OUT:
+
+    @app.cls(
+        gpu=GPU,
+        volumes=VOLUMES,
+        secrets=SECRETS,
+        max_containers=1,
+        scaledown_window=5 * MINUTES,
+        timeout=REQUEST_TIMEOUT_S,
+    )
+    @modal.concurrent(max_inputs=100)
+    class Moshi:
+        @modal.enter()
+        def load(self):
+            self.engine = load_warm_engine()
+
+        @modal.asgi_app()
+        def web(self):
+            from moshi_engine.web import create_app
+
+            return create_app(self.engine, limits=session_limits(), host="modal.run")
+
+
+# ## Scale-out: a GPU container per conversation
+
+# With `MOSHI_SCALE_OUT=1` the page runs in one sticky CPU container, and every browser session
+# is bound to its own container of a GPU worker class: one conversation per container
+# (`max_inputs=1`), autoscaled by Modal up to `MOSHI_MAX_WORKERS`, kept warm for five minutes
+# after use (and `MOSHI_MIN_WORKERS` always). Audio travels between them as Opus over the
+# worker's `/api/chat` websocket. A cold worker takes a minute or two; the page says so.
+
+if SCALE_OUT:
+
+    @app.cls(
+        gpu=GPU,
+        volumes=VOLUMES,
+        secrets=SECRETS,
+        max_containers=MAX_WORKERS,
+        min_containers=MIN_WORKERS,
+        scaledown_window=5 * MINUTES,
+        timeout=REQUEST_TIMEOUT_S,
+    )
+    @modal.concurrent(max_inputs=1)
+    class MoshiWorker:
+        @modal.enter()
+        def load(self):
+            self.engine = load_warm_engine()
+
+        @modal.asgi_app()
+        def web(self):
+            from moshi_engine.server import create_api
+
+            return create_api(self.engine, session_limits())
+
+    @app.function(secrets=SECRETS, max_containers=1, scaledown_window=5 * MINUTES, timeout=REQUEST_TIMEOUT_S)
+    @modal.concurrent(max_inputs=100)
+    @modal.asgi_app()
+    def ui():
+        from moshi_engine.web import create_app
+
+        return create_app(
+            remote=MoshiWorker().web.get_web_url() + "/api/chat",
+            remote_capacity=MAX_WORKERS,
+            poll_remote_status=False,  # a status poll would wake a GPU worker
+            connect_timeout_s=10 * MINUTES,  # cold start: image, weights from the Volume, warm-up
+            limits=session_limits(),
+            host="modal.run",
+        )
+
+
+# ## Locally and on Hugging Face Spaces
+
+# `python app.py` serves the same app with uvicorn. On a Space (`SPACE_ID` is set) it listens on
+# 0.0.0.0:7860, as Spaces expect.
+
+
+def parse_args(argv=None):
+    on_space = bool(os.environ.get("SPACE_ID"))
+    parser = argparse.ArgumentParser(description="Talk with Moshi: a full-duplex voice chat page.")
+    parser.add_argument("--model", default=os.environ.get("MOSHI_MODEL", MODEL),
+                        help="Hugging Face repo, checkpoint directory, or 'tiny' (offline, random weights)")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cuda', 'cuda:1', 'cpu'")
+    parser.add_argument("--sessions", type=int, default=1, help="Moshi instances: conversations at once")
+    parser.add_argument("--host", default="0.0.0.0" if on_space else "127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    parser.add_argument("--remote", metavar="URL",
+                        help="serve the page only; every session talks to this Moshi server (/api/chat or /ws)")
+    parser.add_argument("--session-limit", type=float, default=SESSION_LIMIT_S, help="seconds per conversation")
+    parser.add_argument("--idle-limit", type=float, default=IDLE_LIMIT_S, help="seconds without audio")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    import uvicorn
+
+    from moshi_engine.checkpoint import ModelUnavailableError
+    from moshi_engine.engine import load_engine, pick_device
+    from moshi_engine.server import SessionLimits
+    from moshi_engine.web import create_app
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("app")
+    limits = SessionLimits(max_session_s=args.session_limit, idle_s=args.idle_limit)
+
+    public_host = args.host
+    if args.share:
+        public_host = open_share_link(args.host, args.port, log) or args.host
+
+    if args.remote:
+        web_app = create_app(remote=args.remote, remote_capacity=args.sessions, limits=limits, host=public_host)
+        engine = None
+    else:
+        if pick_device(args.device).type == "cpu" and args.model != "tiny":
+            log.warning("loading %s on a CPU: Moshi will not speak in real time; use a GPU, or --model tiny "
+                        "to try the page", args.model)
+        try:
+            engine = load_engine(args.model, device=args.device, instances=args.sessions)
+        except ModelUnavailableError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        web_app = create_app(engine, limits=limits, host=public_host)
+
+    log.info("Moshi voice chat at http://%s:%d", "127.0.0.1" if args.host == "0.0.0.0" else args.host, args.port)
+    try:
+        uvicorn.run(web_app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        if engine is not None:
+            engine.close()
+    return 0
+
+
+def open_share_link(host: str, port: int, log) -> str | None:
+    """A public https://*.gradio.live link to this server through Gradio's share tunnel."""
+    import secrets
+    from urllib.parse import urlparse
+
+    from gradio import networking
+
+    local = "127.0.0.1" if host == "0.0.0.0" else host
+    try:
+        url = networking.setup_tunnel(local, port, secrets.token_urlsafe(32), None, None)
+    except Exception as error:  # no internet, or Gradio's share server refused
+        log.error("could not open a share link (%s); serving locally only", error)
+        return None
+    log.info("public share link: %s", url)
+    return urlparse(url).hostname
+
+
+if __name__ == "__main__":
+    sys.exit(main())

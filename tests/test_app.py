@@ -1,0 +1,178 @@
+"""app.py: the Modal app inspected without credentials, and `python app.py` run for real."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import modal
+
+from moshi_engine.audio import SAMPLE_RATE
+from moshi_engine.client import exchange
+from moshi_engine.protocol import CloseCode
+
+from .live import serve_asgi
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_app_module(monkeypatch, **env: str):
+    """Import app.py afresh with the given deploy-time environment, recording the arguments
+    of every `app.cls` / `app.function` decorator it asks Modal for."""
+    for name in [n for n in os.environ if n.startswith("MOSHI_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    asked: dict[str, dict] = {}
+
+    def spy(real):
+        def record(self, *args, **kwargs):
+            decorate = real(self, *args, **kwargs)
+
+            def wrapper(target):
+                registered = decorate(target)
+                asked[repr(registered).partition("(")[2].rstrip(")")] = kwargs  # Cls(Moshi) -> Moshi
+                return registered
+
+            return wrapper
+
+        return record
+
+    monkeypatch.setattr(modal.App, "cls", spy(modal.App.cls))
+    monkeypatch.setattr(modal.App, "function", spy(modal.App.function))
+    spec = importlib.util.spec_from_file_location("moshi_modal_app", ROOT / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, asked
+
+
+def test_default_modal_app_is_one_sticky_gpu_class_serving_everything(monkeypatch):
+    module, asked = load_app_module(monkeypatch)
+    info = module.Moshi().web.info()
+    assert info.gpus == [("L40S", 1)]
+    assert info.volumes["/cache"].name == "moshi-hf-cache"
+    assert info.concurrency_info.max_inputs >= 32  # the page's own requests
+    assert list(info.method_details) == ["web"]  # the ASGI app
+    assert info.timeout > module.SESSION_LIMIT_S
+    assert asked["Moshi"]["max_containers"] == 1  # Gradio needs sticky sessions
+    assert asked["Moshi"]["scaledown_window"] == 300
+    assert set(asked) == {"Moshi"}
+    assert not hasattr(module, "MoshiWorker")
+
+
+def test_gpu_and_session_limit_are_read_at_deploy_time(monkeypatch):
+    module, _ = load_app_module(monkeypatch, MOSHI_GPU="H100", MOSHI_SESSION_LIMIT_S="120")
+    info = module.Moshi().web.info()
+    assert info.gpus == [("H100", 1)]
+    assert module.SESSION_LIMIT_S == 120 and info.timeout > 120
+    assert module.CONFIG["MOSHI_GPU"] == "H100"  # copied into the image's environment
+
+
+def test_scale_out_puts_the_page_on_cpu_and_one_conversation_per_gpu_worker(monkeypatch):
+    module, asked = load_app_module(monkeypatch, MOSHI_SCALE_OUT="1", MOSHI_MAX_WORKERS="7")
+    worker = module.MoshiWorker().web.info()
+    assert worker.gpus == [("L40S", 1)] and worker.concurrency_info.max_inputs == 1
+    assert worker.volumes["/cache"].name == "moshi-hf-cache"
+    assert asked["MoshiWorker"]["max_containers"] == 7
+    assert asked["MoshiWorker"]["scaledown_window"] == 300
+    page = module.ui.info()
+    assert page.gpus == [] and page.web_info is not None
+    assert page.concurrency_info.max_inputs >= 32
+    assert asked["ui"]["max_containers"] == 1
+    assert not hasattr(module, "Moshi")
+
+
+def test_the_modal_class_serves_the_same_app_factory_as_python_app_py(monkeypatch, tiny_engine, hello_pcm):
+    module, _ = load_app_module(monkeypatch)
+    user_class = module.Moshi._get_user_cls()  # the plain class Modal instantiates in the container
+    instance = user_class()
+    monkeypatch.setattr(module, "load_warm_engine", lambda: tiny_engine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        user_class.__dict__["load"]._get_raw_f()(instance)  # what @modal.enter runs
+        asgi = user_class.__dict__["web"]._get_raw_f()(instance)  # what @modal.asgi_app serves
+    with serve_asgi(asgi) as base:
+        assert_serves_page_status_and_a_session(base, hello_pcm)
+
+
+def assert_serves_page_status_and_a_session(base: str, hello_pcm) -> None:
+    import asyncio
+    import json
+
+    with urllib.request.urlopen(base + "/", timeout=30) as page:
+        assert page.status == 200 and "Moshi" in page.read().decode()
+    with urllib.request.urlopen(base + "/status", timeout=30) as status:
+        assert json.load(status)["status"] == "ready"
+    result = asyncio.run(exchange(base.replace("http", "ws") + "/ws", hello_pcm[:SAMPLE_RATE], realtime=False))
+    assert result.pcm.size > 0 and result.close_code == CloseCode.NORMAL
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_app(*args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "app.py", "--port", str(port), *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"app.py exited with {process.returncode}:\n{process.stdout.read()}")
+        try:
+            with urllib.request.urlopen(base + "/status", timeout=2):
+                return process, base
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError("app.py did not answer /status in time")
+
+
+def stop_app(process: subprocess.Popen) -> str:
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    return output
+
+
+def test_python_app_py_serves_the_page_and_sessions_and_stops_cleanly_on_sigint(hello_pcm):
+    process, base = start_app("--model", "tiny", "--device", "cpu")
+    try:
+        assert_serves_page_status_and_a_session(base, hello_pcm)
+    finally:
+        output = stop_app(process)
+    assert "Traceback" not in output
+
+
+def test_without_network_the_default_model_fails_fast_naming_tiny():
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "app.py", "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True,
+        timeout=120, env=os.environ | {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"},
+    )
+    assert run.returncode == 2
+    assert "--model tiny" in run.stderr
+    assert time.monotonic() - started < 60  # imports included; the hub check itself takes a few seconds
+
+
+def test_a_real_model_on_cpu_warns_that_speech_will_not_be_real_time(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "app.py", "--port", str(free_port()), "--device", "cpu", "--model", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert "will not speak in real time" in run.stderr
+    assert run.returncode == 2  # an empty directory is no checkpoint
