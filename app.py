@@ -93,7 +93,7 @@ def load_warm_engine():
 
 
 def session_limits():
-    from moshi_engine.server import SessionLimits
+    from moshi_engine.conversation import SessionLimits
 
     return SessionLimits(max_session_s=SESSION_LIMIT_S, idle_s=IDLE_LIMIT_S)
 
@@ -202,8 +202,8 @@ def main(argv=None) -> int:
     import uvicorn
 
     from moshi_engine.checkpoint import ModelUnavailableError
+    from moshi_engine.conversation import SessionLimits
     from moshi_engine.engine import load_engine, pick_device
-    from moshi_engine.server import SessionLimits
     from moshi_engine.web import create_app
 
     args = parse_args(argv)

@@ -72,8 +72,9 @@ def read_wav(path: str | Path) -> np.ndarray:
 
 
 def write_wav(path: str | Path, pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
-    """Write pcm as 16-bit WAV: a 1-d array is mono, a [n, channels] array interleaved."""
-    samples = pcm_to_int16(pcm)
+    """Write pcm (or int16 samples, as they are) as 16-bit WAV: a 1-d array is mono,
+    a [n, channels] array interleaved."""
+    samples = pcm if pcm.dtype == np.int16 else pcm_to_int16(pcm)
     channels = 1 if samples.ndim == 1 else samples.shape[1]
     with wave.open(str(path), "wb") as wav:
         wav.setnchannels(channels)

@@ -16,6 +16,15 @@ from typing import Protocol
 import numpy as np
 
 
+@dataclass(frozen=True)
+class SessionLimits:
+    """How long one conversation may last, and how long it may go without audio;
+    the websocket server and the WebRTC page both end conversations by these."""
+
+    max_session_s: float = 600.0
+    idle_s: float = 30.0
+
+
 class BusyError(RuntimeError):
     """Every Moshi instance is in a conversation; try again when one ends."""
 

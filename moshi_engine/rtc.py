@@ -12,10 +12,6 @@ It also keeps both sides of the conversation for the recording (`Recording`)
 and writes what happened to each connection into a `ConversationLog` that the
 page reads: how it ended, the message to show, the transcript and the WAV.
 Endings become the one message a person sees in `ending_message`.
-
-ICE servers for the browser come from `browser_rtc_configuration(host)`:
-none on loopback; TURN from the environment when set; a public STUN server
-otherwise.
 """
 
 from __future__ import annotations
@@ -23,183 +19,32 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import os
 import tempfile
 import time
 import uuid
-import wave
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastrtc import AdditionalOutputs, AsyncStreamHandler, CloseStream
-from fastrtc.credentials import get_cloudflare_turn_credentials_async, get_twilio_turn_credentials
 from fastrtc.utils import create_message, current_context
 
-from .audio import SAMPLE_RATE, int16_to_pcm, pcm_to_int16
+from .audio import SAMPLE_RATE, int16_to_pcm
 from .conversation import (
     AudioOut,
     BusyError,
     Conversation,
     Sampling,
     SessionClosed,
+    SessionLimits,
     TextOut,
 )
+from .recording import Recording
 
 log = logging.getLogger(__name__)
-
-# ## ICE servers
-
-LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
-PUBLIC_STUN_URLS = ["stun:stun.l.google.com:19302"]
-
-# Environment variables, by ICE source, in order of precedence: explicit TURN servers
-# first, then the TURN services; HF_TOKEN last, since it is often set for other reasons.
-ICE_SOURCES: dict[str, tuple[str, ...]] = {
-    "turn": ("TURN_URLS", "TURN_USERNAME", "TURN_CREDENTIAL"),
-    "cloudflare": ("CLOUDFLARE_TURN_KEY_ID", "CLOUDFLARE_TURN_KEY_API_TOKEN"),
-    "twilio": ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN"),
-    "hf": ("HF_TOKEN",),
-}
-
-
-def ice_source(host: str, env: Mapping[str, str] = os.environ) -> str:
-    """Where a page served on `host` gets its ICE servers: "none" on loopback (the browser
-    and the server share the machine), else the first source of `ICE_SOURCES` whose
-    variables are set, else "stun". A source set halfway raises ValueError naming what
-    is missing, so a misconfigured deployment fails at start, not at a user's first call."""
-    if host in LOOPBACK_HOSTS:
-        return "none"
-    for source, names in ICE_SOURCES.items():
-        present = [name for name in names if env.get(name, "").strip()]
-        if present and len(present) < len(names):
-            missing = ", ".join(name for name in names if name not in present)
-            raise ValueError(f"{', '.join(present)} set but {missing} missing: set all of {', '.join(names)}")
-        if present:
-            return source
-    return "stun"
-
-
-def _stun_servers() -> list[dict[str, Any]]:
-    return [{"urls": list(PUBLIC_STUN_URLS)}]
-
-
-async def browser_rtc_configuration(host: str, env: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """The RTCPeerConnection configuration for the browser (`{}` on loopback).
-
-    TURN credentials from Cloudflare (directly or through HF_TOKEN) and Twilio are
-    short-lived, so this runs for every new connection; if fetching them fails the
-    page still gets STUN, which works on most networks, and the failure is logged.
-    """
-    source = ice_source(host, env)
-    if source == "none":
-        return {}
-    if source == "stun":
-        return {"iceServers": _stun_servers()}
-    if source == "turn":
-        turn = {
-            "urls": [url.strip() for url in env["TURN_URLS"].split(",") if url.strip()],
-            "username": env["TURN_USERNAME"],
-            "credential": env["TURN_CREDENTIAL"],
-        }
-        return {"iceServers": _stun_servers() + [turn]}
-    try:
-        if source == "cloudflare":
-            # hf_token="" keeps fastrtc from preferring an HF_TOKEN that is also set.
-            return await get_cloudflare_turn_credentials_async(
-                turn_key_id=env["CLOUDFLARE_TURN_KEY_ID"],
-                turn_key_api_token=env["CLOUDFLARE_TURN_KEY_API_TOKEN"],
-                hf_token="",
-            )
-        if source == "twilio":
-            return await asyncio.to_thread(
-                get_twilio_turn_credentials,
-                twilio_sid=env["TWILIO_ACCOUNT_SID"],
-                twilio_token=env["TWILIO_AUTH_TOKEN"],
-            )
-        return await get_cloudflare_turn_credentials_async(hf_token=env["HF_TOKEN"])
-    except Exception:
-        log.warning("could not get TURN credentials from %s; the page falls back to STUN only", source, exc_info=True)
-        return {"iceServers": _stun_servers()}
-
-
-def server_rtc_configuration(host: str) -> dict[str, Any]:
-    """The server side's ICE servers: none on loopback (no STUN lookups to wait for),
-    else STUN so that the server learns its public address. The browser's TURN relay
-    is enough for the pair to connect, so the server needs no TURN of its own."""
-    return {"iceServers": [] if host in LOOPBACK_HOSTS else _stun_servers()}
-
-
-# ## The recording
-
-
-class Recording:
-    """Both sides of a conversation on one timeline, as the person heard it: their
-    microphone on the left channel, Moshi on the right, int16 at SAMPLE_RATE.
-
-    The microphone is the clock: its samples arrive in real time and are appended,
-    and the recording lasts exactly as long as the microphone was live. A Moshi frame
-    starts where the microphone is when the frame is handed to WebRTC, or right after
-    Moshi's previous frame if that one is still playing (WebRTC plays Moshi's frames
-    back to back, in real time), so a reply sits just after the speech it answers, up
-    to network latency. Moshi audio that would have played after the end was never
-    heard, and is left out.
-    """
-
-    def __init__(self) -> None:
-        self._person: list[np.ndarray] = []
-        self._moshi: list[tuple[int, np.ndarray]] = []
-        self.person_samples = 0
-        self.moshi_end = 0
-        self._person_energy = 0.0
-
-    def add_person(self, pcm: np.ndarray) -> None:
-        self._person.append(pcm_to_int16(pcm))
-        self.person_samples += pcm.size
-        self._person_energy += float(np.square(pcm, dtype=np.float64).sum())
-
-    def add_moshi(self, pcm: np.ndarray) -> int:
-        """Place a frame of Moshi's pcm; returns the sample where it starts."""
-        start = max(self.person_samples, self.moshi_end)
-        self._moshi.append((start, pcm_to_int16(pcm)))
-        self.moshi_end = start + pcm.size
-        return start
-
-    @property
-    def moshi_frames(self) -> int:
-        return len(self._moshi)
-
-    @property
-    def samples(self) -> int:
-        """Length of the recording in samples per channel: the microphone's."""
-        return self.person_samples
-
-    @property
-    def person_rms(self) -> float:
-        """RMS of the microphone audio heard so far (0.0 before any)."""
-        return float(np.sqrt(self._person_energy / self.person_samples)) if self.person_samples else 0.0
-
-    def stereo(self) -> np.ndarray:
-        """int16 samples [samples, 2]: the person left, Moshi right, silence where nobody spoke."""
-        out = np.zeros((self.samples, 2), dtype=np.int16)
-        if self._person:
-            out[:, 0] = np.concatenate(self._person)
-        for start, frame in self._moshi:
-            heard = frame[: max(0, self.samples - start)]
-            out[start : start + heard.size, 1] = heard
-        return out
-
-    def write_wav(self, path: str | Path) -> None:
-        """Write the stereo recording as a 16-bit WAV at SAMPLE_RATE."""
-        with wave.open(str(path), "wb") as wav:
-            wav.setnchannels(2)
-            wav.setsampwidth(2)
-            wav.setframerate(SAMPLE_RATE)
-            wav.writeframes(self.stereo().astype("<i2").tobytes())
-
 
 # ## How conversations end, and what the person is told
 
@@ -212,7 +57,7 @@ class Ending(enum.Enum):
     ERROR = "error"
 
 
-def ending_message(ending: Ending, *, max_session_s: float, idle_s: float, detail: str = "") -> str:
+def ending_message(ending: Ending, limits: SessionLimits = SessionLimits(), detail: str = "") -> str:
     """The one sentence the page shows for an ending; says what happened and what to do."""
     if ending is Ending.BUSY:
         return (
@@ -221,11 +66,12 @@ def ending_message(ending: Ending, *, max_session_s: float, idle_s: float, detai
         )
     if ending is Ending.TIME_LIMIT:
         return (
-            f"Time is up: a conversation lasts at most {_duration(max_session_s)}. Press the button to start a new one."
+            f"Time is up: a conversation lasts at most {_duration(limits.max_session_s)}. "
+            "Press the button to start a new one."
         )
     if ending is Ending.IDLE:
         return (
-            f"The conversation ended because no microphone audio arrived for {_duration(idle_s)}. "
+            f"The conversation ended because no microphone audio arrived for {_duration(limits.idle_s)}. "
             "Check your microphone and connection, then press the button again."
         )
     if ending is Ending.ERROR:
@@ -325,8 +171,8 @@ class MoshiHandler(AsyncStreamHandler):
     sampling is used and the page's inputs are never waited for.
 
     The conversation ends, and is closed (its instance reset and released) when the
-    connection stops (`shutdown`), after `max_session_s`, after `idle_s` without
-    microphone audio, or on an error; then the page gets `CloseStream(message)`.
+    connection stops (`shutdown`), after `limits.max_session_s`, after `limits.idle_s`
+    without microphone audio, or on an error; then the page gets `CloseStream(message)`.
     """
 
     def __init__(
@@ -335,8 +181,7 @@ class MoshiHandler(AsyncStreamHandler):
         conversations: ConversationLog,
         *,
         sampling_from_args: Callable[[list[Any]], Sampling | None] | None = None,
-        max_session_s: float = 600.0,
-        idle_s: float = 30.0,
+        limits: SessionLimits = SessionLimits(),
         args_timeout_s: float = 10.0,
         slow_start_s: float = 3.0,
     ) -> None:
@@ -346,8 +191,7 @@ class MoshiHandler(AsyncStreamHandler):
         self.open_conversation = open_conversation
         self.conversations = conversations
         self.sampling_from_args = sampling_from_args
-        self.max_session_s = max_session_s
-        self.idle_s = idle_s
+        self.limits = limits
         self.args_timeout_s = args_timeout_s
         self.slow_start_s = slow_start_s
         self.record: ConversationRecord | None = None
@@ -367,8 +211,7 @@ class MoshiHandler(AsyncStreamHandler):
             self.open_conversation,
             self.conversations,
             sampling_from_args=self.sampling_from_args,
-            max_session_s=self.max_session_s,
-            idle_s=self.idle_s,
+            limits=self.limits,
             args_timeout_s=self.args_timeout_s,
             slow_start_s=self.slow_start_s,
         )
@@ -510,16 +353,16 @@ class MoshiHandler(AsyncStreamHandler):
         """End the conversation at the session limit, or when the microphone goes quiet
         (a connection that died without FastRTC noticing stops sending frames)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_session_s
+        deadline = loop.time() + self.limits.max_session_s
         while True:
             now = loop.time()
             if now >= deadline:
                 self._end(Ending.TIME_LIMIT)
                 return
-            if now >= self._last_heard + self.idle_s:
+            if now >= self._last_heard + self.limits.idle_s:
                 self._end(Ending.IDLE)
                 return
-            await asyncio.sleep(min(deadline, self._last_heard + self.idle_s) - now)
+            await asyncio.sleep(min(deadline, self._last_heard + self.limits.idle_s) - now)
 
     def _end(self, ending: Ending, detail: str = "") -> asyncio.Task:
         """Decide how the conversation ends (the first caller wins) and start finishing."""
@@ -548,7 +391,7 @@ class MoshiHandler(AsyncStreamHandler):
         if ending is Ending.STOPPED and self.recording.samples:
             detail = _duration(round(self.recording.samples / SAMPLE_RATE))
         record.ending = ending
-        record.message = ending_message(ending, max_session_s=self.max_session_s, idle_s=self.idle_s, detail=detail)
+        record.message = ending_message(ending, self.limits, detail)
         record.transcript = self.transcript
         record.text_pieces = len(self._pieces)
         record.person_samples = self.recording.person_samples

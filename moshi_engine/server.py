@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from .codec import OpusDecoder, OpusEncoder, OpusError
-from .conversation import AudioOut, BusyError, SessionError
+from .conversation import AudioOut, BusyError, SessionError, SessionLimits
 from .engine import MoshiEngine
 from .protocol import (
     HANDSHAKE,
@@ -37,14 +36,6 @@ from .session import MoshiSession
 from .timings import OPUS_DECODE, OPUS_ENCODE, StageTimings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SessionLimits:
-    """How long one conversation may last, and how long it may go without audio."""
-
-    max_session_s: float = 600.0
-    idle_s: float = 30.0
 
 
 class _ClientGone(Exception):

@@ -24,17 +24,9 @@ import gradio as gr
 from fastapi import FastAPI
 from fastrtc import WebRTC
 
-from .conversation import Sampling
-from .rtc import (
-    ConversationLog,
-    Ending,
-    MoshiHandler,
-    OpenConversation,
-    browser_rtc_configuration,
-    ending_message,
-    ice_source,
-    server_rtc_configuration,
-)
+from .conversation import Sampling, SessionLimits
+from .ice import browser_rtc_configuration, ice_source, server_rtc_configuration
+from .rtc import ConversationLog, Ending, MoshiHandler, OpenConversation, ending_message
 from .timings import LM_STEP, MIMI_DECODE, MIMI_ENCODE
 
 if TYPE_CHECKING:
@@ -128,8 +120,7 @@ def build_page(
     default_sampling: Sampling = Sampling(),
     status: StatusSource | None = None,
     remote: str | None = None,
-    max_session_s: float = 600.0,
-    idle_s: float = 30.0,
+    limits: SessionLimits = SessionLimits(),
     host: str = "127.0.0.1",
     conversations: ConversationLog | None = None,
 ) -> MoshiPage:
@@ -146,8 +137,7 @@ def build_page(
         open_conversation,
         conversations,
         sampling_from_args=sampling_from_inputs,
-        max_session_s=max_session_s,
-        idle_s=idle_s,
+        limits=limits,
     )
 
     async def rtc_configuration() -> dict:  # a plain function: FastRTC calls it per connection
@@ -213,7 +203,7 @@ def build_page(
             inputs=[webrtc, temp, top_k, temp_text, top_k_text, seed],
             outputs=[webrtc],
             concurrency_limit=capacity,
-            time_limit=max_session_s + TIME_LIMIT_GRACE_S,
+            time_limit=limits.max_session_s + TIME_LIMIT_GRACE_S,
         )
         # Unlimited: each connection holds one of these streams open while it lasts, so
         # Gradio's default limit of 1 would stall every transcript but the first.
@@ -223,7 +213,7 @@ def build_page(
             """Clear the last conversation; if no instance is free, say so before FastRTC refuses."""
             message = ""
             if free_instances(await read_status()) == 0:
-                message = ending_message(Ending.BUSY, max_session_s=max_session_s, idle_s=idle_s)
+                message = ending_message(Ending.BUSY, limits)
             return message, "", gr.update(value=None, visible=False)
 
         webrtc.start_recording(
@@ -263,8 +253,7 @@ def mount_ui(
     remote: str | None = None,
     capacity: int | None = None,
     status: StatusSource | None = None,
-    max_session_s: float = 600.0,
-    idle_s: float = 30.0,
+    limits: SessionLimits = SessionLimits(),
     host: str = "127.0.0.1",
     path: str = "/",
     conversations: ConversationLog | None = None,
@@ -285,8 +274,7 @@ def mount_ui(
             capacity=capacity or engine.capacity,
             default_sampling=engine.default_sampling,
             status=status or engine.status,
-            max_session_s=max_session_s,
-            idle_s=idle_s,
+            limits=limits,
             host=host,
             conversations=conversations,
         )
@@ -298,8 +286,7 @@ def mount_ui(
             capacity=capacity or 1,
             status=status,
             remote=remote,
-            max_session_s=max_session_s,
-            idle_s=idle_s,
+            limits=limits,
             host=host,
             conversations=conversations,
         )

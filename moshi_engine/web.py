@@ -13,8 +13,9 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from .client import websocket_url
+from .conversation import SessionLimits
 from .engine import MoshiEngine
-from .server import SessionLimits, create_api
+from .server import create_api
 from .ui import mount_ui
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def create_app(
         raise ValueError("give either a local engine or the URL of a remote Moshi server")
     if engine is not None:
         app = create_api(engine, limits)
-        mount_ui(app, engine, max_session_s=limits.max_session_s, idle_s=limits.idle_s, host=host)
+        mount_ui(app, engine, limits=limits, host=host)
         return app
 
     remote = websocket_url(remote)
@@ -70,8 +71,7 @@ def create_app(
         remote=remote,
         capacity=remote_capacity,
         status=remote_status if poll_remote_status else None,
-        max_session_s=limits.max_session_s,
-        idle_s=limits.idle_s,
+        limits=limits,
         host=host,
         connect_timeout_s=connect_timeout_s,
     )

@@ -181,4 +181,4 @@ def test_the_recording_downloads_as_a_stereo_wav_of_the_conversation(evidence):
 
 
 def test_a_second_visitor_is_told_moshi_is_busy_and_what_to_do(evidence):
-    assert evidence.busy_message == ending_message(Ending.BUSY, max_session_s=600, idle_s=30)
+    assert evidence.busy_message == ending_message(Ending.BUSY)

@@ -15,9 +15,10 @@ import pytest
 
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE, read_wav
 from moshi_engine.client import exchange
+from moshi_engine.conversation import SessionLimits
 from moshi_engine.protocol import CloseCode
 from moshi_engine.reference import reference_app
-from moshi_engine.server import SessionLimits, create_api
+from moshi_engine.server import create_api
 
 from .conftest import HELLO_WAV
 from .live import serve_aiohttp, serve_asgi

@@ -13,21 +13,13 @@ import pytest
 from fastrtc import AdditionalOutputs, CloseStream
 from fastrtc.utils import Context, current_context
 
-from moshi_engine import rtc
+from moshi_engine import ice
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE, pcm_to_int16, rms
-from moshi_engine.conversation import Sampling
+from moshi_engine.conversation import Sampling, SessionLimits
 from moshi_engine.engine import load_engine
-from moshi_engine.rtc import (
-    STARTING_MESSAGE,
-    ConversationLog,
-    Ending,
-    MoshiHandler,
-    Recording,
-    browser_rtc_configuration,
-    ending_message,
-    ice_source,
-    server_rtc_configuration,
-)
+from moshi_engine.ice import browser_rtc_configuration, ice_source, server_rtc_configuration
+from moshi_engine.recording import Recording
+from moshi_engine.rtc import STARTING_MESSAGE, ConversationLog, Ending, MoshiHandler, ending_message
 from moshi_engine.ui import sampling_from_inputs
 
 from .conftest import converse
@@ -168,8 +160,8 @@ class CredentialCalls:
 @pytest.fixture
 def credentials(monkeypatch) -> CredentialCalls:
     fake = CredentialCalls()
-    monkeypatch.setattr(rtc, "get_cloudflare_turn_credentials_async", fake.cloudflare)
-    monkeypatch.setattr(rtc, "get_twilio_turn_credentials", fake.twilio)
+    monkeypatch.setattr(ice, "get_cloudflare_turn_credentials_async", fake.cloudflare)
+    monkeypatch.setattr(ice, "get_twilio_turn_credentials", fake.twilio)
     return fake
 
 
@@ -197,7 +189,7 @@ def test_a_failed_credential_fetch_falls_back_to_stun(monkeypatch):
     async def unreachable(**kwargs):
         raise ConnectionError("no route to turn.fastrtc.org")
 
-    monkeypatch.setattr(rtc, "get_cloudflare_turn_credentials_async", unreachable)
+    monkeypatch.setattr(ice, "get_cloudflare_turn_credentials_async", unreachable)
     config = asyncio.run(browser_rtc_configuration("0.0.0.0", HF_ENV))
     assert config == {"iceServers": [{"urls": ["stun:stun.l.google.com:19302"]}]}
 
@@ -320,7 +312,7 @@ async def test_busy_backend_closes_the_stream_with_the_busy_message(single_engin
         await handler.start_up()
         out = await asyncio.wait_for(handler.emit(), timeout=5)
         assert isinstance(out, CloseStream)
-        assert out.msg == ending_message(Ending.BUSY, max_session_s=600, idle_s=30)
+        assert out.msg == ending_message(Ending.BUSY)
         record = conversations.get("busy")
         assert record.ending is Ending.BUSY and record.recording is None
         assert single_engine.active == 1  # only the session held here
@@ -331,7 +323,8 @@ async def test_busy_backend_closes_the_stream_with_the_busy_message(single_engin
 
 
 async def test_time_limit_ends_the_conversation_and_says_so(single_engine, conversations, hello_pcm):
-    handler = connection(MoshiHandler(single_engine.open_session, conversations, max_session_s=1.0), "limit")
+    limits = SessionLimits(max_session_s=1.0)
+    handler = connection(MoshiHandler(single_engine.open_session, conversations, limits=limits), "limit")
     await handler.start_up()
     samples = pcm_to_int16(hello_pcm).reshape(1, -1)
     outputs = []
@@ -352,7 +345,8 @@ async def test_time_limit_ends_the_conversation_and_says_so(single_engine, conve
 
 
 async def test_a_silent_microphone_ends_the_conversation_after_the_idle_time(single_engine, conversations):
-    handler = connection(MoshiHandler(single_engine.open_session, conversations, idle_s=0.3), "idle")
+    limits = SessionLimits(idle_s=0.3)
+    handler = connection(MoshiHandler(single_engine.open_session, conversations, limits=limits), "idle")
     await handler.start_up()
     out = await asyncio.wait_for(handler.emit(), timeout=5)
     assert isinstance(out, CloseStream) and "no microphone audio arrived for 0.3 s" in out.msg

@@ -23,6 +23,7 @@ from aiortc.contrib.media import MediaPlayer  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
 from moshi_engine.audio import SAMPLE_RATE, rms  # noqa: E402
+from moshi_engine.conversation import SessionLimits  # noqa: E402
 from moshi_engine.engine import load_engine  # noqa: E402
 from moshi_engine.rtc import Ending, ending_message  # noqa: E402
 from moshi_engine.server import create_api  # noqa: E402
@@ -179,13 +180,13 @@ async def test_a_busy_engine_ends_the_stream_with_the_busy_message(single_engine
     finally:
         await held.close()
     end = next(message for message in peer.messages if message["type"] == "end_stream")
-    assert end["data"] == ending_message(Ending.BUSY, max_session_s=600, idle_s=30)
+    assert end["data"] == ending_message(Ending.BUSY)
     assert page.conversations.get("too-late").ending is Ending.BUSY
     assert single_engine.active == 0
 
 
 async def test_the_time_limit_ends_the_stream_with_its_message_and_releases_the_instance(single_engine):
-    async with page_server(single_engine, max_session_s=2.0) as (page, http):
+    async with page_server(single_engine, limits=SessionLimits(max_session_s=2.0)) as (page, http):
         peer = Peer(page, "long-talk")
         await peer.offer(http)
         await until(lambda: "end_stream" in peer.types(), timeout=30)
@@ -230,7 +231,7 @@ async def test_remote_mode_says_moshi_is_busy_when_the_server_is(single_engine):
     finally:
         await held.close()
     end = next(message for message in peer.messages if message["type"] == "end_stream")
-    assert end["data"] == ending_message(Ending.BUSY, max_session_s=600, idle_s=30)
+    assert end["data"] == ending_message(Ending.BUSY)
 
 
 async def test_the_page_asks_for_no_ice_servers_on_loopback(single_engine):

@@ -1,0 +1,97 @@
+"""Which ICE servers WebRTC gets, by where the page is served and what the environment holds.
+
+None on loopback (browser and server share the machine); else TURN from the
+environment (explicit servers, Cloudflare, Twilio, or FastRTC's Cloudflare
+credentials through HF_TOKEN); else a public STUN server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from fastrtc.credentials import get_cloudflare_turn_credentials_async, get_twilio_turn_credentials
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+PUBLIC_STUN_URLS = ["stun:stun.l.google.com:19302"]
+
+# Environment variables, by ICE source, in order of precedence: explicit TURN servers
+# first, then the TURN services; HF_TOKEN last, since it is often set for other reasons.
+ICE_SOURCES: dict[str, tuple[str, ...]] = {
+    "turn": ("TURN_URLS", "TURN_USERNAME", "TURN_CREDENTIAL"),
+    "cloudflare": ("CLOUDFLARE_TURN_KEY_ID", "CLOUDFLARE_TURN_KEY_API_TOKEN"),
+    "twilio": ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN"),
+    "hf": ("HF_TOKEN",),
+}
+
+
+def ice_source(host: str, env: Mapping[str, str] = os.environ) -> str:
+    """Where a page served on `host` gets its ICE servers: "none" on loopback (the browser
+    and the server share the machine), else the first source of `ICE_SOURCES` whose
+    variables are set, else "stun". A source set halfway raises ValueError naming what
+    is missing, so a misconfigured deployment fails at start, not at a user's first call."""
+    if host in LOOPBACK_HOSTS:
+        return "none"
+    for source, names in ICE_SOURCES.items():
+        present = [name for name in names if env.get(name, "").strip()]
+        if present and len(present) < len(names):
+            missing = ", ".join(name for name in names if name not in present)
+            raise ValueError(f"{', '.join(present)} set but {missing} missing: set all of {', '.join(names)}")
+        if present:
+            return source
+    return "stun"
+
+
+def _stun_servers() -> list[dict[str, Any]]:
+    return [{"urls": list(PUBLIC_STUN_URLS)}]
+
+
+async def browser_rtc_configuration(host: str, env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """The RTCPeerConnection configuration for the browser (`{}` on loopback).
+
+    TURN credentials from Cloudflare (directly or through HF_TOKEN) and Twilio are
+    short-lived, so this runs for every new connection; if fetching them fails the
+    page still gets STUN, which works on most networks, and the failure is logged.
+    """
+    source = ice_source(host, env)
+    if source == "none":
+        return {}
+    if source == "stun":
+        return {"iceServers": _stun_servers()}
+    if source == "turn":
+        turn = {
+            "urls": [url.strip() for url in env["TURN_URLS"].split(",") if url.strip()],
+            "username": env["TURN_USERNAME"],
+            "credential": env["TURN_CREDENTIAL"],
+        }
+        return {"iceServers": _stun_servers() + [turn]}
+    try:
+        if source == "cloudflare":
+            # hf_token="" keeps fastrtc from preferring an HF_TOKEN that is also set.
+            return await get_cloudflare_turn_credentials_async(
+                turn_key_id=env["CLOUDFLARE_TURN_KEY_ID"],
+                turn_key_api_token=env["CLOUDFLARE_TURN_KEY_API_TOKEN"],
+                hf_token="",
+            )
+        if source == "twilio":
+            return await asyncio.to_thread(
+                get_twilio_turn_credentials,
+                twilio_sid=env["TWILIO_ACCOUNT_SID"],
+                twilio_token=env["TWILIO_AUTH_TOKEN"],
+            )
+        return await get_cloudflare_turn_credentials_async(hf_token=env["HF_TOKEN"])
+    except Exception:
+        log.warning("could not get TURN credentials from %s; the page falls back to STUN only", source, exc_info=True)
+        return {"iceServers": _stun_servers()}
+
+
+def server_rtc_configuration(host: str) -> dict[str, Any]:
+    """The server side's ICE servers: none on loopback (no STUN lookups to wait for),
+    else STUN so that the server learns its public address. The browser's TURN relay
+    is enough for the pair to connect, so the server needs no TURN of its own."""
+    return {"iceServers": [] if host in LOOPBACK_HOSTS else _stun_servers()}
