@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -104,7 +105,6 @@ def test_the_modal_class_serves_the_same_app_factory_as_python_app_py(monkeypatc
 
 def assert_serves_page_status_and_a_session(base: str, hello_pcm) -> None:
     import asyncio
-    import json
 
     with urllib.request.urlopen(base + "/", timeout=30) as page:
         assert page.status == 200 and "Moshi" in page.read().decode()
@@ -176,3 +176,43 @@ def test_a_real_model_on_cpu_warns_that_speech_will_not_be_real_time(tmp_path):
     )
     assert "will not speak in real time" in run.stderr
     assert run.returncode == 2  # an empty directory is no checkpoint
+
+
+def test_remote_mode_page_carries_a_browser_conversation_to_a_second_server():
+    """`python app.py --remote`: the page alone, in its own process, binding a browser's
+    conversation to another `python app.py` over the Opus websocket."""
+    from playwright.sync_api import sync_playwright
+
+    from .test_browser import CHROMIUM, CHROMIUM_ARGS, INBOUND_AUDIO, TALK_BUTTON, open_page
+
+    moshi, moshi_url = start_app("--model", "tiny", "--device", "cpu")
+    page_only = None
+    try:
+        page_only, page_url = start_app("--remote", moshi_url.replace("http", "ws") + "/api/chat")
+        with urllib.request.urlopen(page_url + "/status", timeout=10) as response:
+            assert json.load(response)["mode"] == "remote"
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = open_page(browser, page_url)
+            page.click(TALK_BUTTON)
+            page.wait_for_function(
+                "() => document.querySelector('#moshi-transcript textarea').value.trim().length > 0", timeout=60_000
+            )
+            page.wait_for_function(f"async () => ({INBOUND_AUDIO})().then(s => s.packets > 25)", timeout=30_000)
+            assert moshi_status(moshi_url)["sessions"]["active"] == 1  # the second server holds the call
+            page.click(TALK_BUTTON)  # stop
+            deadline = time.monotonic() + 15
+            while moshi_status(moshi_url)["sessions"]["active"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            browser.close()
+        status = moshi_status(moshi_url)
+        assert status["sessions"]["active"] == 0 and status["connections_served"] >= 1
+    finally:
+        if page_only is not None:
+            stop_app(page_only)
+        stop_app(moshi)
+
+
+def moshi_status(base: str) -> dict:
+    with urllib.request.urlopen(base + "/status", timeout=10) as response:
+        return json.load(response)
