@@ -28,6 +28,7 @@ from .conversation import (
     AudioOut,
     BusyError,
     Output,
+    OutputIteration,
     OutputQueue,
     Sampling,
     SessionClosed,
@@ -69,7 +70,7 @@ def _close_error(code: int | None, reason: str) -> Exception:
     return SessionClosed(f"server closed the connection ({code}: {reason or 'no reason given'})")
 
 
-class RemoteSession:
+class RemoteSession(OutputIteration):
     """A conversation with a Moshi server over one websocket.
 
     `start()` connects; on `/api/chat` it also waits for the handshake, so a busy
@@ -133,15 +134,6 @@ class RemoteSession:
 
     async def receive(self) -> Output:
         return await self._outputs.get()
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> Output:
-        try:
-            return await self.receive()
-        except SessionClosed:
-            raise StopAsyncIteration from None
 
     async def _read(self) -> None:
         assert self._ws is not None

@@ -100,6 +100,22 @@ class SessionClosed(Exception):
     """The session ended; no more outputs will come."""
 
 
+class OutputIteration:
+    """`async for out in conversation:` takes outputs until the conversation closes."""
+
+    async def receive(self) -> Output:
+        raise NotImplementedError
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Output:
+        try:
+            return await self.receive()
+        except SessionClosed:
+            raise StopAsyncIteration from None
+
+
 class SessionError(RuntimeError):
     """The model failed during this session (the instance was reset and released)."""
 

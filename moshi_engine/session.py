@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .audio import FRAME_SIZE, check_pcm
-from .conversation import AudioOut, Output, OutputQueue, Sampling, SessionClosed, SessionError, TextOut
+from .conversation import AudioOut, Output, OutputIteration, OutputQueue, Sampling, SessionClosed, SessionError, TextOut
 from .model import MoshiInstance
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ MAX_PENDING_FRAMES = 25  # 2 s of input waiting for the model
 MAX_OUTPUT_FRAMES = 25  # 2 s of output waiting for its reader
 
 
-class MoshiSession:
+class MoshiSession(OutputIteration):
     """One conversation bound to one instance until `close()`."""
 
     def __init__(
@@ -79,15 +79,6 @@ class MoshiSession:
     async def receive(self) -> Output:
         """The next output; raises SessionClosed once closed, SessionError if the model failed."""
         return await self._outbox.get()
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> Output:
-        try:
-            return await self.receive()
-        except SessionClosed:
-            raise StopAsyncIteration from None
 
     async def _infer(self) -> None:
         loop = asyncio.get_running_loop()
