@@ -1,0 +1,183 @@
+"""What the sections share: the run's settings, the speech load, an engine in this process,
+servers in child processes, and the CPU accounting of a process.
+
+Loading a model is the slow part of a benchmark, so one engine and one server
+of each kind live for the whole run and are only reloaded when a section needs
+more instances than they have (capacity) or its memory back (a full-size model
+on one GPU cannot hold the in-process engine and a server's at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .serve import ECHO, OURS, REFERENCE, ServerProcess, server_process
+from .stats import RealTimeCriterion
+from .streams import StreamRun, speech_pages
+
+log = logging.getLogger(__name__)
+
+WEB_STACK = ("fastapi", "uvicorn", "websockets")
+REFERENCE_STACK = ("aiohttp", "websockets")
+
+
+def missing_packages(names: tuple[str, ...]) -> str | None:
+    """None if every package imports, else a reason naming the missing ones (for `skipped`)."""
+    missing = []
+    for name in names:
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):  # a broken or blocked install counts as missing
+            missing.append(name)
+    return f"not installed here: {', '.join(missing)}" if missing else None
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """The knobs of one benchmark run (the CLI's flags)."""
+
+    model: str = "tiny"
+    device: str = "auto"
+    frames: int = 125  # 10 s of speech per stream
+    transport: str = "auto"  # capacity: "session" (no web stack), "websocket", or auto
+    max_sessions: int = 32  # the capacity ramp stops here
+    idle_s: float = 3.0  # each idle CPU window
+    tail_s: float = 2.0  # how long a client waits for the next answer before giving up
+    compare_rounds: int = 2  # ours against moshi's server: rounds of one run each, alternating
+    criterion: RealTimeCriterion = field(default_factory=RealTimeCriterion)
+
+    def capacity_transport(self) -> str:
+        if self.transport != "auto":
+            return self.transport
+        return "session" if missing_packages(WEB_STACK) else "websocket"
+
+
+def cpu_counters(pid: int | None = None) -> tuple[float, float, int | None]:
+    """(wall s, CPU s of all the process's threads, context switches of all its threads).
+
+    On Linux both come from /proc/PID/task/*: schedstat's run time in nanoseconds
+    (psutil's CPU times tick in 10 ms, too coarse for an idle process over a few
+    seconds) and the voluntary and involuntary context switches of every thread
+    (psutil counts the main thread's only, and servers here run their loops in
+    other threads). A loop that polls wakes up hundreds of times a second; one
+    that waits, almost never. Elsewhere: psutil's CPU times and no switches.
+    """
+    import psutil
+
+    process = psutil.Process(pid)
+    tasks = Path(f"/proc/{process.pid}/task")
+    if not (tasks / str(process.pid) / "schedstat").is_file():
+        times = process.cpu_times()
+        return time.perf_counter(), times.user + times.system, None
+    run_ns = switches = 0
+    for task in tasks.iterdir():
+        with contextlib.suppress(OSError, ValueError):  # a thread may end while we read
+            run_ns += int((task / "schedstat").read_text().split()[0])
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    switches += int(line.split()[1])
+    return time.perf_counter(), run_ns / 1e9, switches
+
+
+def cpu_usage(before: tuple, after: tuple) -> dict:
+    """CPU % (of one core) and wakeups per second between two `cpu_counters` readings."""
+    wall = after[0] - before[0]
+    cpu = max(0.0, after[1] - before[1])  # a thread that ended takes its time with it
+    usage = {"seconds": round(wall, 2), "cpu_percent": round(100.0 * cpu / wall, 3)}
+    usage["wakeups_per_s"] = None if before[2] is None else round((after[2] - before[2]) / wall, 1)
+    return usage
+
+
+class Bench:
+    """The shared resources of one run; `close()` stops every server and engine."""
+
+    def __init__(self, config: BenchConfig) -> None:
+        self.config = config
+        self._pages: list[bytes] | None = None
+        self._engine = None
+        self._servers: dict[str, tuple[contextlib.ExitStack, ServerProcess]] = {}
+        self._runs: dict[tuple, StreamRun] = {}
+        self.engine_info: dict | None = None  # model, device, dtype, parameters, once one loaded
+
+    @property
+    def pages(self) -> list[bytes]:
+        """The load: `frames` frames of the speech assets as Ogg Opus, one page set per frame."""
+        if self._pages is None:
+            self._pages = speech_pages(self.config.frames)
+        return self._pages
+
+    def engine(self, instances: int = 1):
+        """An engine in this process with at least `instances` instances (reloaded if fewer)."""
+        if self._engine is not None and self._engine.capacity < instances:
+            self.release_engine()
+        if self._engine is None:
+            from ..engine import load_engine
+
+            self.stop_servers()  # their models would share the device's memory with this one
+            started = time.perf_counter()
+            self._engine = load_engine(self.config.model, device=self.config.device, instances=instances)
+            self.engine_info = dataclasses.asdict(self._engine.info)
+            log.info("engine with %d instance(s) ready in %.1f s", instances, time.perf_counter() - started)
+        return self._engine
+
+    def release_engine(self) -> None:
+        """Close the in-process engine and give its (GPU) memory back."""
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        engine.close()
+        del engine
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def server(self, kind: str, instances: int = 1) -> ServerProcess:
+        """A running server of `kind` (OURS or REFERENCE) with at least `instances` instances."""
+        if kind in (REFERENCE, ECHO):
+            instances = 1  # moshi's server has one model and serves one connection at a time; echo has none
+        held = self._servers.get(kind)
+        if held is not None and held[1].instances < instances:
+            self.stop_server(kind)
+            held = None
+        if held is None:
+            if kind != ECHO:
+                self.release_engine()
+            stack = contextlib.ExitStack()
+            process = stack.enter_context(server_process(kind, self.config.model, self.config.device, instances))
+            held = self._servers[kind] = (stack, process)
+            if kind == OURS:
+                self.engine_info = process.engine_info
+        return held[1]
+
+    def stop_server(self, kind: str) -> None:
+        held = self._servers.pop(kind, None)
+        if held is not None:
+            held[0].close()
+
+    def stop_servers(self) -> None:
+        for kind in list(self._servers):
+            self.stop_server(kind)
+
+    def remember(self, key: tuple, run: StreamRun) -> None:
+        """Keep a stream's result so that a later section can reuse it rather than rerun it."""
+        self._runs[key] = run
+
+    def remembered(self, key: tuple) -> StreamRun | None:
+        return self._runs.get(key)
+
+    def close(self) -> None:
+        self.stop_servers()
+        self.release_engine()
+
+
+__all__ = ["ECHO", "OURS", "REFERENCE", "Bench", "BenchConfig", "cpu_counters", "cpu_usage", "missing_packages"]

@@ -1,0 +1,117 @@
+"""One benchmark run: the chosen sections, in an order that loads each model as few times as
+possible, into one JSON-ready dict.
+
+Work through the in-process session code comes first (the engine is loaded
+once), then everything over websockets (the servers are started once). A part
+that cannot run here (no web stack) is `skipped` with the reason; a part that
+fails is recorded as `error` and the others still run, so one bad section does
+not cost a whole GPU session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from . import capacity, sections
+from .machine import describe_machine, load_average
+from .resources import REFERENCE_STACK, WEB_STACK, Bench, BenchConfig, missing_packages
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+SECTIONS = ("frame", "e2e", "idle", "capacity", "compare")
+
+
+def _attempt(name: str, measure: Callable[[], dict]) -> dict:
+    log.info("measuring %s", name)
+    started = time.perf_counter()
+    try:
+        result = measure()
+    except Exception as error:
+        log.error("%s failed:\n%s", name, traceback.format_exc())
+        result = {"error": f"{type(error).__name__}: {error}"}
+    result["duration_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def run_benchmark(config: BenchConfig, chosen: tuple[str, ...] = SECTIONS,
+                  on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Measure the `chosen` sections with `config`; returns the results document
+    (machine, config, engine, one entry per section).
+
+    `on_progress(document)` is called after each part with the results so far, so
+    that a caller can save them: a crash or a timeout late in a GPU session then
+    still leaves the earlier sections on disk.
+    """
+    unknown = set(chosen) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    no_web = missing_packages(WEB_STACK)
+    no_reference = no_web or missing_packages(REFERENCE_STACK)
+    transport = config.capacity_transport()
+    results: dict[str, dict] = {name: {} for name in SECTIONS if name in chosen}
+    document = {
+        "schema": SCHEMA,
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:],
+        "machine": describe_machine(),
+        "config": {**dataclasses.asdict(config), "sections": list(results), "capacity_transport": transport},
+        "sections": results,
+    }
+    started = time.perf_counter()
+    bench = Bench(config)
+
+    def finish() -> None:
+        document["engine"] = bench.engine_info
+        document["duration_s"] = round(time.perf_counter() - started, 1)
+        document["load_average_after"] = load_average()
+
+    def part(section: str, name: str, measure: Callable[[], dict], per_transport: bool = False) -> None:
+        result = _attempt(name, measure)
+        if per_transport:
+            results[section].setdefault("runs", []).append(result)
+        else:
+            results[section] = result
+        finish()
+        if on_progress is not None:
+            on_progress(document)
+
+    try:
+        # In-process session work, on one engine.
+        if "frame" in results:
+            part("frame", "frame budget (session)", lambda: sections.frame_session(bench), per_transport=True)
+        if "idle" in results:
+            part("idle", "idle CPU (session)", lambda: sections.idle_session(bench), per_transport=True)
+        if "capacity" in results and transport == "session":
+            part("capacity", "capacity (session)", lambda: capacity.capacity(bench))
+        # Websocket work, on servers in child processes.
+        if no_web:
+            for name in ("frame", "idle"):
+                if name in results:
+                    results[name].setdefault("runs", []).append({"transport": "websocket", "skipped": no_web})
+            if "e2e" in results:
+                results["e2e"] = {"skipped": no_web}
+        else:
+            if "frame" in results:
+                part("frame", "frame budget (websocket)", lambda: sections.frame_websocket(bench), per_transport=True)
+            if "e2e" in results:
+                part("e2e", "end to end", lambda: sections.e2e(bench))
+            if "idle" in results:
+                part("idle", "idle CPU (websocket)", lambda: sections.idle_websocket(bench), per_transport=True)
+        if "compare" in results:
+            if no_reference:
+                results["compare"] = {"skipped": no_reference}
+            else:
+                part("compare", "ours against moshi's server", lambda: sections.compare(bench))
+        if "capacity" in results and transport == "websocket":
+            part("capacity", "capacity (websocket)", lambda: capacity.capacity(bench))
+    finally:
+        bench.close()
+    finish()
+    return document

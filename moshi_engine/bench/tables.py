@@ -1,0 +1,239 @@
+"""The report's measurement sections in markdown: frame budget, end to end, idle, capacity,
+and ours against moshi's server. Each takes every document and says, per run,
+what was measured or why not; the method of each measurement is written next
+to its numbers.
+"""
+
+from __future__ import annotations
+
+from ..timings import STAGES
+from .documents import (
+    FRAME_MS,
+    STAGE_NAMES,
+    fmt_ms,
+    fmt_ratio,
+    fmt_signed,
+    markdown_table,
+    measured,
+    not_measured,
+    run_label,
+    transport_name,
+    transport_runs,
+)
+from .stats import OTHER
+
+
+def frame_budget_section(documents: list[dict]) -> list[str]:
+    lines = [
+        "## Frame budget",
+        "",
+        "Each stream sends the speech assets in real time, one 80 ms frame of Ogg Opus at a time, and times",
+        "every frame from leaving the client to the first byte of its answer (the answer to frame *i* is",
+        "what the step on frame *i* outputs; the first frame's step outputs nothing, so every frame but the",
+        "first is answered). The server records",
+        "how long each stage took for each frame: Opus decode and encode where the transport runs them,",
+        "Mimi encode, LM step and Mimi decode on the instance's worker thread (CUDA-synchronised on a GPU).",
+        "",
+        "**Everything else** is derived frame by frame: a frame's end-to-end time minus its five stages.",
+        "The five series are paired with the end-to-end times from the last frame backwards (the last",
+        "answer belongs to the last frame; one Opus decode, Mimi encode and LM step per input frame, one",
+        "Mimi decode and Opus encode per answer), on a run of one session whose timings were cleared",
+        "before it. Each stage runs strictly inside its frame's interval, so the remainder is never",
+        "negative when the pairing is right: the count of frames where it is (beyond 0.05 ms of timer",
+        "slack) is reported as a check, and is 0 in every run below unless a row says otherwise. What",
+        "remains is queues, thread hand-offs, asyncio scheduling, websocket framing and loopback TCP on both",
+        "sides, and the client's wakeup. Percentiles are taken per row, so p50 and p95 rows do not add up;",
+        "the mean column does.",
+        "",
+        "- **session**: the engine in the benchmark's process through `MoshiSession`, with Opus decode",
+        "  before and Opus encode after, as the server does them, but no web stack: a frame starts when its",
+        "  bytes are handed to the decoder and ends when its answer's Opus bytes are ready to send.",
+        "- **websocket /api/chat**: our server (uvicorn) in a child process, the client in the benchmark's",
+        "  process: nothing shared but the machine. The **bare websocket echo** row is the same stream",
+        "  through the same web stack (Starlette on uvicorn, same client) to an endpoint that echoes each",
+        "  frame back at once with no model: the part of \"everything else\" that is the websocket round",
+        "  trip itself; the rest is our queues, tasks and thread hand-offs.",
+        "",
+    ]
+    for index, doc in enumerate(documents):
+        entries = transport_runs(doc, "frame")
+        skipped = [entry for entry in (doc["sections"].get("frame") or {}).get("runs", []) if entry not in entries]
+        if not entries and not skipped:
+            lines += [f"### Run {index + 1}: {run_label(doc)}", "", f"Frame budget {not_measured(doc, 'frame')}.", ""]
+            continue
+        for entry in entries:
+            lines += [f"### Run {index + 1}: {run_label(doc)}, {transport_name(entry)}", ""]
+            rows = []
+            for stage in (*STAGES, OTHER):
+                numbers = entry[OTHER] if stage == OTHER else entry["stages"].get(stage)
+                if numbers is None:
+                    rows.append([STAGE_NAMES[stage], "not on this path", "", "", ""])
+                    continue
+                rows.append([STAGE_NAMES[stage], fmt_ms(numbers["p50_ms"]), fmt_ms(numbers["p95_ms"]),
+                             fmt_ms(numbers["mean_ms"]), f"{100 * numbers['mean_ms'] / FRAME_MS:.1f} %"])
+            for name, key in (("**end to end**", "e2e"), ("model (Mimi + LM)", "model"),
+                              ("outside the model", "outside_model"), ("bare websocket echo", "websocket_echo")):
+                numbers = entry.get(key)
+                if numbers is None:
+                    continue
+                rows.append([name, fmt_ms(numbers["p50_ms"]), fmt_ms(numbers["p95_ms"]), fmt_ms(numbers["mean_ms"]),
+                             f"{100 * numbers['mean_ms'] / FRAME_MS:.1f} %"])
+            lines += markdown_table(["stage", "p50 ms", "p95 ms", "mean ms", "of 80 ms (mean)"], rows)
+            note = f"{entry['frames']} frames"
+            if entry["misaligned_frames"]:
+                note += f"; {entry['misaligned_frames']} frame(s) failed the pairing check: treat the split with care"
+            lines += [note + ".", ""]
+        for entry in skipped:
+            reason = entry.get("skipped") or entry.get("error")
+            lines += [f"Run {index + 1}, {entry.get('transport', '')}: not measured ({reason}).", ""]
+    return lines
+
+
+def end_to_end_section(documents: list[dict]) -> list[str]:
+    rows, notes = [], []
+    for index, doc in enumerate(documents):
+        result = measured(doc, "e2e")
+        if result is None:
+            notes.append(f"Run {index + 1}: {not_measured(doc, 'e2e')}.")
+            continue
+        for path, numbers in result["paths"].items():
+            latency = numbers["latency"]
+            rtf = numbers["real_time_factor"]
+            rows.append([f"run {index + 1}", f"`{path}`", fmt_ms(latency["p50_ms"]), fmt_ms(latency["p95_ms"]),
+                         fmt_ms(latency["max_ms"]), fmt_ms(numbers["time_to_first_audio_ms"]),
+                         "–" if rtf is None else f"{rtf:.3f}", f"{numbers['throughput_fps']:.1f}",
+                         f"{numbers['answered']}/{numbers['frames'] - 1}"])
+    return [
+        "## End to end over loopback",
+        "",
+        "Our server in a child process, a websocket client in the benchmark's process, real speech in real",
+        "time. **Latency**: from an input frame leaving the client to the first byte of its answer.",
+        "**First audio**: from the first frame leaving to the first byte of the first answer; Moshi answers",
+        "from the second frame on, so this includes one frame (80 ms) of waiting for input. **Real-time",
+        "factor**: sending the same recording as fast as the server takes it, the wall time until its last",
+        "answer over the recording's duration (below 1 is faster than real time); **frames/s** is the same",
+        "run's answer rate.",
+        "",
+        *markdown_table(["run", "path", "p50 ms", "p95 ms", "max ms", "first audio ms", "real-time factor",
+                         "frames/s", "answered"], rows),
+        *(note for item in notes for note in (item, "")),
+    ]
+
+
+def idle_section(documents: list[dict]) -> list[str]:
+    rows, notes = [], []
+    for index, doc in enumerate(documents):
+        entries = transport_runs(doc, "idle")
+        if not entries:
+            notes.append(f"Run {index + 1}: {not_measured(doc, 'idle')}.")
+        for entry in entries:
+            base, session = entry["baseline"], entry["session"]
+            rows.append([f"run {index + 1}", transport_name(entry), f"{base['cpu_percent']:.3f}",
+                         f"{session['cpu_percent']:.3f}", fmt_signed(entry["session_cpu_percent"], 3),
+                         f"{_wakeups(base)} → {_wakeups(session)}", f"{session['seconds']:g}"])
+    return [
+        "## Idle session",
+        "",
+        "CPU time of the process that runs the model, while nothing happens: first with no session, then",
+        "with a session open (on the websocket: connected, handshake received) that is sent nothing.",
+        "CPU is summed over all the process's threads from the kernel's per-thread run time; wakeups are",
+        "the threads' context switches per second. The baseline of the websocket server includes",
+        "uvicorn's own 10 Hz housekeeping tick.",
+        "",
+        *markdown_table(["run", "transport", "CPU % no session", "CPU % silent session", "difference",
+                 "wakeups/s", "window s"], rows),
+        *(note for item in notes for note in (item, "")),
+    ]
+
+
+def _wakeups(usage: dict) -> str:
+    return "–" if usage.get("wakeups_per_s") is None else f"{usage['wakeups_per_s']:g}"
+
+
+def capacity_section(documents: list[dict]) -> list[str]:
+    measuring = [doc for doc in documents if measured(doc, "capacity")]
+    criterion = measured(measuring[0], "capacity")["criterion"] if measuring else None
+    tail_s = measuring[0]["config"]["tail_s"] if measuring else 2.0
+    lines = [
+        "## Capacity",
+        "",
+        "k real-time clients stream the speech at once, each in its own session on its own Moshi instance",
+        "(the server is loaded with at least k instances), starting 80/k ms apart as independent users",
+        "would. k doubles from 1 until a level fails, then the gap to the last level that passed is",
+        "bisected; the capacity is the largest k that passed. A level **keeps real time** when:",
+        "",
+        f"- every input frame but the first of every client is answered, at the latest {tail_s:g} s after its",
+        "  client sent its last frame (a client stops listening then);",
+    ]
+    if criterion:
+        lines += [
+            f"- the p95 latency over all clients' frames is at most {criterion['p95_bound_ms']:g} ms (by default one "
+            "frame: an answer arrives before the next frame is due);",
+            f"- latency does not grow over the run: the median of the last third of the frames exceeds the median "
+            f"of the first third by at most {criterion['drift_bound_ms']:g} ms. A server behind real time queues "
+            "frames and its latency grows every frame, which this catches even in runs too short for the p95 "
+            "to cross its bound.",
+        ]
+    else:
+        lines += ["- (no run here measured capacity, so no bounds were set)"]
+    lines += [""]
+    for index, doc in enumerate(documents):
+        result = measured(doc, "capacity")
+        lines += [f"### Run {index + 1}: {run_label(doc)}", ""]
+        if result is None:
+            lines += [f"Capacity {not_measured(doc, 'capacity')}.", ""]
+            continue
+        where = "websocket clients of our server" if result["transport"] == "websocket" else (
+            "sessions in one process, no web stack")
+        ceiling = ""
+        if result["limited_by_ceiling"]:
+            ceiling = f" (the ramp stopped at its ceiling of {result['max_sessions']}: there may be room for more)"
+        lines += [f"**{result['capacity']} concurrent session(s)** kept in real time, {where}{ceiling}.", ""]
+        rows = []
+        for level in result["levels"]:
+            latency = level.get("latency")
+            rows.append([level["sessions"],
+                         *((fmt_ms(latency["p50_ms"]), fmt_ms(latency["p95_ms"]), fmt_ms(latency["max_ms"]),
+                            fmt_signed(level["drift_ms"]), f"{level['answered']}/{level['expected']}",
+                            f"{level['throughput_fps']:.1f}", f"{level['server_cpu_percent']:.0f}")
+                           if latency else ("–",) * 7),
+                         "yes" if level["keeps_real_time"] else "no: " + "; ".join(level["failures"])])
+        lines += markdown_table(["sessions", "p50 ms", "p95 ms", "max ms", "growth ms", "answered", "frames/s",
+                         "server CPU % of a core", "keeps real time"], rows)
+    return lines
+
+
+def compare_section(documents: list[dict]) -> list[str]:
+    lines = [
+        "## Side by side with moshi's reference server",
+        "",
+        "The same tiny checkpoint behind our `/api/chat` and behind moshi's own server (`moshi/server.py`'s",
+        "`ServerState.handle_chat` on aiohttp), each in its own child process, driven by the same client",
+        "with the same speech: in real time (per-frame latency, pooled over the rounds) and as fast as each",
+        "server takes it (throughput, the mean of the rounds). Each round runs both servers back to back,",
+        "alternating which goes first. moshi's server runs the model inside its event loop and serves one",
+        "connection at a time; ours steps each instance on its own thread so that its loop stays free for",
+        "other connections, which costs a thread hand-off each way. moshi's server prints a line per text",
+        "token: the benchmark sends its servers' output to /dev/null.",
+        "",
+    ]
+    rows, notes = [], []
+    for index, doc in enumerate(documents):
+        result = measured(doc, "compare")
+        if result is None:
+            notes.append(f"Run {index + 1}: {not_measured(doc, 'compare')}.")
+            continue
+        ours, reference, ratios = result["ours"], result["reference"], result["ratios"]
+        for name, key, ratio in (("latency p50 (ms)", "p50_ms", "latency_p50"),
+                                 ("latency p95 (ms)", "p95_ms", "latency_p95")):
+            rows.append([f"run {index + 1}", name, fmt_ms(ours["latency"][key]), fmt_ms(reference["latency"][key]),
+                         fmt_ratio(ratios[ratio])])
+        rows.append([f"run {index + 1}", "throughput (frames/s)", f"{ours['throughput_fps']:.1f}",
+                     f"{reference['throughput_fps']:.1f}", fmt_ratio(ratios["throughput"])])
+        rows.append([f"run {index + 1}", "rounds, frames answered in real time",
+                     f"{ours.get('rounds', 1)}, {ours['answered']}", f"{reference.get('rounds', 1)}, "
+                     f"{reference['answered']}", ""])
+    lines += markdown_table(["run", "", "ours", "moshi's server", "ours / moshi's"], rows)
+    lines += [note for item in notes for note in (item, "")]
+    lines += ["For latency a ratio below 1 means ours answers sooner; for throughput above 1 means ours does more.", ""]
+    return lines

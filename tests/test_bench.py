@@ -1,0 +1,161 @@
+"""The benchmark keeps working: every section runs for a few frames and the JSON and the report
+have their structure. No timing is asserted; the method's own invariants are."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moshi_engine.bench.report import render_report
+from moshi_engine.bench.stats import RealTimeCriterion, frame_budget
+from moshi_engine.bench.streams import StreamRun
+from moshi_engine.timings import STAGES
+
+ROOT = Path(__file__).resolve().parent.parent
+FRAMES = 8
+SECTIONS = ("frame", "e2e", "idle", "capacity", "compare")
+REPORT_HEADINGS = ("# Benchmarks", "## Runs", "## Targets", "## Frame budget", "## End to end over loopback",
+                   "## Idle session", "## Capacity", "## Side by side with moshi's reference server",
+                   "## GPU: the full-size architecture")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory) -> tuple[dict, Path]:
+    """One run of the command line over every section, as a user would start it."""
+    out = tmp_path_factory.mktemp("bench")
+    command = [sys.executable, "-m", "moshi_engine.bench", "--frames", str(FRAMES), "--max-sessions", "2",
+               "--idle-seconds", "0.3", "--compare-rounds", "1", "--model", "tiny", "--device", "cpu",
+               "--json", str(out / "cpu.json"), "--report", str(out / "BENCHMARKS.md")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "FAILED" not in done.stdout, done.stdout
+    return json.loads((out / "cpu.json").read_text()), out
+
+
+def test_the_document_describes_the_machine_and_the_model(bench_run):
+    doc, _ = bench_run
+    assert doc["schema"] == 1
+    assert {"cpu", "cpu_cores", "memory_gib", "gpu", "torch", "moshi", "load_average"} <= doc["machine"].keys()
+    assert doc["machine"]["gpu"] is None
+    assert doc["engine"]["model"] == "tiny" and doc["engine"]["device"] == "cpu"
+    assert doc["config"]["frames"] == FRAMES
+    assert tuple(doc["sections"]) == SECTIONS
+
+
+def test_every_section_ran_without_error(bench_run):
+    doc, _ = bench_run
+    for name, result in doc["sections"].items():
+        for part in [result, *result.get("runs", [])]:
+            assert "error" not in part and "skipped" not in part, (name, part)
+
+
+def test_the_frame_budget_splits_every_answered_frame_on_both_transports(bench_run):
+    doc, _ = bench_run
+    runs = doc["sections"]["frame"]["runs"]
+    assert [(run["transport"], run["path"]) for run in runs] == [("session", None), ("websocket", "/api/chat")]
+    for run in runs:
+        assert run["frames"] == FRAMES - 1  # every input frame but the first is answered
+        assert set(run["stages"]) == set(STAGES)
+        for key in ("other", "e2e", "model", "outside_model"):
+            assert run[key]["n"] == FRAMES - 1
+        assert run["misaligned_frames"] == 0  # the stages nest inside each frame's interval
+    assert runs[1]["websocket_echo"]["n"] == FRAMES - 1  # the same stream to a model-less echo
+
+
+def test_end_to_end_covers_both_paths(bench_run):
+    doc, _ = bench_run
+    paths = doc["sections"]["e2e"]["paths"]
+    assert set(paths) == {"/ws", "/api/chat"}
+    for numbers in paths.values():
+        assert numbers["answered"] == numbers["latency"]["n"] == FRAMES - 1
+        assert numbers["fast_answered"] == FRAMES - 1
+        assert numbers["time_to_first_audio_ms"] > 0 and numbers["real_time_factor"] > 0
+
+
+def test_idle_measures_the_engine_process_and_the_server_process(bench_run):
+    doc, _ = bench_run
+    runs = doc["sections"]["idle"]["runs"]
+    assert [run["transport"] for run in runs] == ["session", "websocket"]
+    for run in runs:
+        assert {"cpu_percent", "wakeups_per_s", "seconds"} <= run["baseline"].keys() == run["session"].keys()
+        assert "session_cpu_percent" in run
+
+
+def test_capacity_ramps_up_to_the_ceiling_and_states_its_criterion(bench_run):
+    doc, _ = bench_run
+    capacity = doc["sections"]["capacity"]
+    assert capacity["transport"] == "websocket"
+    assert capacity["criterion"] == {"p95_bound_ms": 80.0, "drift_bound_ms": 20.0}
+    assert [level["sessions"] for level in capacity["levels"]][:1] == [1]
+    assert all(level["answered"] <= level["expected"] == level["sessions"] * (FRAMES - 1)
+               for level in capacity["levels"])
+    assert capacity["capacity"] in (0, 1, 2)
+
+
+def test_compare_runs_ours_and_moshis_server_on_the_same_load(bench_run):
+    doc, _ = bench_run
+    compare = doc["sections"]["compare"]
+    for name in ("ours", "reference"):
+        assert compare[name]["answered"] == compare[name]["fast_answered"] == FRAMES - 1
+        assert compare[name]["throughput_fps"] > 0
+    assert set(compare["ratios"]) == {"latency_p50", "latency_p95", "throughput"}
+
+
+def test_the_report_renders_every_section_and_says_the_gpu_was_not_measured(bench_run):
+    _, out = bench_run
+    report = (out / "BENCHMARKS.md").read_text()
+    positions = [report.index(heading) for heading in REPORT_HEADINGS]
+    assert positions == sorted(positions)
+    assert "The GPU numbers were not measured in this run" in report
+    assert "](benchmarks.png)" in report
+    assert (out / "benchmarks.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_report_renders_a_gpu_run_given_beside_the_cpu_run(bench_run, tmp_path):
+    cpu, _ = bench_run
+    gpu = copy.deepcopy(cpu)  # a CPU document dressed as a GPU run: the report reads, never checks, numbers
+    gpu["engine"].update(model="random", device="cuda", dtype="bfloat16")
+    gpu["machine"]["gpu"] = {"name": "NVIDIA H100 80GB HBM3", "memory_gib": 79.2, "count": 1, "cuda": "12.8"}
+    for name in ("e2e", "compare"):
+        gpu["sections"][name] = {"skipped": "not installed here: fastapi, uvicorn, websockets"}
+    plot = render_report([cpu, gpu], tmp_path / "BENCHMARKS.md")
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    gpu_section = report[report.index("## GPU: the full-size architecture"):]
+    assert "not measured in this run" not in gpu_section
+    assert "random on NVIDIA H100 80GB HBM3" in gpu_section
+    assert "Run 2: skipped (not installed here: fastapi, uvicorn, websockets)." in report
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def _run(latencies_ms: list[float], frames: int | None = None) -> StreamRun:
+    """A stream whose answer to frame i + 1 arrives latencies_ms[i] after it left."""
+    frames = frames or len(latencies_ms) + 1
+    sent = [index * 0.08 for index in range(frames)]
+    answered = [sent[index + 1] + ms / 1000 for index, ms in enumerate(latencies_ms)]
+    return StreamRun(frames, sent, answered)
+
+
+def test_the_frame_budget_pairs_stages_with_frames_from_the_last_one_back():
+    run = _run([10.0, 20.0, 30.0])
+    stages = {"opus_decode": [9.0, 1.0, 1.0, 1.0],  # one per input frame: the first frame's has no answer
+              "lm_step": [9.0, 5.0, 15.0, 25.0], "mimi_decode": [2.0, 2.0, 2.0]}
+    budget = frame_budget(run, {name: np.array(ms) for name, ms in stages.items()})
+    assert budget["frames"] == 3 and budget["misaligned_frames"] == 0
+    assert budget["other"]["max_ms"] == pytest.approx(2.0)
+    assert budget["other"]["p50_ms"] == pytest.approx(2.0)
+
+
+def test_a_level_whose_latency_keeps_growing_does_not_keep_real_time():
+    criterion = RealTimeCriterion(p95_bound_ms=80.0, drift_bound_ms=20.0)
+    steady = criterion.judge([_run([20.0] * 30), _run([25.0] * 30)])
+    growing = criterion.judge([_run([20.0 + 2.0 * index for index in range(30)])])
+    cut_off = criterion.judge([_run([20.0] * 10, frames=31)])
+    assert steady["keeps_real_time"] and steady["expected"] == 60
+    assert not growing["keeps_real_time"] and "grew" in growing["failures"][0]
+    assert not cut_off["keeps_real_time"] and "unanswered" in cut_off["failures"][0]
