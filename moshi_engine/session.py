@@ -101,8 +101,10 @@ class MoshiSession(OutputIteration):
     async def close(self) -> None:
         """End the conversation; reset the instance and return it to the pool. Idempotent.
 
-        The reset is queued behind any step still running on the worker thread and
-        the instance is released when it completes, even if this call is cancelled.
+        The instance goes back to the pool at once, before any await, so it is never
+        lost to a cancelled close and a client reconnecting right away is served. That
+        is safe because its worker thread runs work in order: the reset queued here
+        follows any step still running, and a next session's work follows the reset.
         """
         if self._closed is None:
             self._outbox.end(SessionClosed("session closed"))
@@ -110,10 +112,8 @@ class MoshiSession(OutputIteration):
                 self._task.cancel()
             while not self._inbox.empty():  # wakes a sender waiting for room
                 self._inbox.get_nowait()
-            instance = self.instance
-            done = instance.executor.submit(instance.reset)
-            done.add_done_callback(lambda _: self._release(instance))
-            self._closed = asyncio.wrap_future(done)
+            self._closed = asyncio.wrap_future(self.instance.executor.submit(self.instance.reset))
+            self._release(self.instance)
         task, self._task = self._task, None
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)

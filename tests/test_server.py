@@ -141,8 +141,8 @@ async def test_one_connection_beyond_capacity_gets_1013_at_once_and_is_served_af
     with pytest.raises(BusyError):
         await exchange(ws_url(server, Protocol.MOSHI), hello_pcm[:SAMPLE_RATE])
     await first.close()
-    # The close handshake completes at the protocol level before the server's handler
-    # has reset and released the instance; that takes milliseconds more.
+    # The close handshake completes at the protocol level, before the server's handler
+    # has seen the disconnect and released the instance: a few event-loop turns later.
     await until(lambda: tiny_engine.active < tiny_engine.capacity, timeout=1.0)
     result = await exchange(ws_url(server, Protocol.MOSHI), hello_pcm[:SAMPLE_RATE], realtime=False)
     assert result.pcm.size > 0
