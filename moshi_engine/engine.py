@@ -28,6 +28,10 @@ from .timings import StageTimings
 log = logging.getLogger(__name__)
 
 WARMUP_FRAMES = 4
+# Below this size, one CPU thread per step beats torch's intra-op pool: splitting a
+# 64-wide matmul across threads costs more than it saves (the tiny checkpoint steps
+# in 13.5 ms on one thread, 21 ms on two, on this project's 2-core machines).
+SMALL_MODEL_PARAMETERS = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,21 @@ def pick_device(device: str = "auto") -> torch.device:
     return chosen
 
 
+def configure_torch(device: torch.device, *modules: torch.nn.Module) -> int:
+    """Set torch's process-wide knobs for serving these modules on `device`; returns
+    their parameter count.
+
+    On CPU torch.compile gains nothing for these step sizes and costs seconds per
+    process on the first step (on CUDA moshi compiles and graphs its steps), and a
+    small model steps fastest on one intra-op thread.
+    """
+    torch.compiler.set_stance("force_eager" if device.type == "cpu" else "default")
+    parameters = sum(p.numel() for module in modules for p in module.parameters())
+    if device.type == "cpu" and parameters < SMALL_MODEL_PARAMETERS:
+        torch.set_num_threads(1)
+    return parameters
+
+
 def load_engine(
     model: str = DEFAULT_MODEL,
     device: str = "auto",
@@ -124,16 +143,14 @@ def load_engine(
     """Load a checkpoint (HF repo id, checkpoint directory or `tiny`) as a warm engine.
 
     bf16 on CUDA, float32 on CPU. Each instance gets its own copy of the modules
-    (streaming state lives in them) and is warmed up before this returns.
+    (streaming state lives in them) and is warmed up before this returns. Process-wide
+    torch settings follow the device: torch.compile's stance, and on CPU a single
+    intra-op thread for small models.
     """
     if instances < 1:
         raise ValueError(f"instances must be >= 1, got {instances}")
     torch_device = pick_device(device)
     dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
-    # On CPU torch.compile gains nothing for these step sizes and costs seconds per
-    # process on the first step; on CUDA moshi compiles and graphs its steps.
-    torch.compiler.set_stance("force_eager" if torch_device.type == "cpu" else "default")
-
     checkpoint = resolve_checkpoint(model)
     if checkpoint.model_type != "moshi":
         raise ModelUnavailableError(f"{model} is a {checkpoint.model_type!r} checkpoint; this app serves Moshi")
@@ -142,6 +159,7 @@ def load_engine(
     lm = checkpoint.get_moshi(device=torch_device, dtype=dtype)
     tokenizer = checkpoint.get_text_tokenizer()
     log.info("loaded %s on %s (%s) in %.1f s", model, torch_device, dtype, time.perf_counter() - started)
+    parameters = configure_torch(torch_device, lm, mimi)
 
     lm_gen_config = dict(checkpoint.lm_gen_config)
     default_sampling = Sampling.from_config(lm_gen_config)
@@ -159,6 +177,6 @@ def load_engine(
         model=model,
         device=str(torch_device),
         dtype=str(dtype).removeprefix("torch."),
-        parameters=sum(p.numel() for p in lm.parameters()) + sum(p.numel() for p in mimi.parameters()),
+        parameters=parameters,
     )
     return MoshiEngine(info, pool, default_sampling, timings)

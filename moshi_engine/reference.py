@@ -18,7 +18,7 @@ import torch
 
 from .audio import FRAME_SIZE
 from .checkpoint import resolve_checkpoint
-from .engine import pick_device
+from .engine import configure_torch, pick_device
 
 
 def reference_server_module() -> types.ModuleType:
@@ -54,14 +54,16 @@ def reference_app(model: str = "tiny", device: str = "auto", warmup_frames: int 
 
     torch_device = pick_device(device)
     dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
-    torch.compiler.set_stance("force_eager" if torch_device.type == "cpu" else "default")
     checkpoint = resolve_checkpoint(model)
+    mimi = checkpoint.get_mimi(device=torch_device)
+    lm = checkpoint.get_moshi(device=torch_device, dtype=dtype)
+    configure_torch(torch_device, mimi, lm)  # the same process settings as our engine's
     module = reference_server_module()
     state = module.ServerState(
         checkpoint.model_type,
-        checkpoint.get_mimi(device=torch_device),
+        mimi,
         checkpoint.get_text_tokenizer(),
-        checkpoint.get_moshi(device=torch_device, dtype=dtype),
+        lm,
         1.0,
         torch_device,
         **checkpoint.lm_gen_config,
