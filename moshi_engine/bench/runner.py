@@ -68,7 +68,11 @@ def run_benchmark(config: BenchConfig, chosen: tuple[str, ...] = SECTIONS,
     bench = Bench(config)
 
     def finish() -> None:
+        import torch
+
         document["engine"] = bench.engine_info
+        # Loading an engine may change it (one thread for a small model on CPU).
+        document["machine"]["torch_threads"] = torch.get_num_threads()
         document["duration_s"] = round(time.perf_counter() - started, 1)
         document["load_average_after"] = load_average()
 
