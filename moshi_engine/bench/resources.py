@@ -51,7 +51,7 @@ class BenchConfig:
     max_sessions: int = 32  # the capacity ramp stops here
     idle_s: float = 3.0  # each idle CPU window
     tail_s: float = 2.0  # how long a client waits for the next answer before giving up
-    compare_rounds: int = 4  # ours against moshi's server: rounds of one run each, alternating (noise on small machines)
+    compare_rounds: int = 4  # ours against moshi's server: alternating rounds (small machines are noisy)
     criterion: RealTimeCriterion = field(default_factory=RealTimeCriterion)
 
     def capacity_transport(self) -> str:
