@@ -80,7 +80,7 @@ class MoshiServer:
         self.connections_served += 1
         self._live.add(session)
         connection = _Connection(ws, protocol, session, self.limits, self.engine.timings)
-        code, reason = CloseCode.INTERNAL_ERROR, "internal error"
+        code, reason = CloseCode.GOING_AWAY, "the server is shutting down"  # if cancelled
         try:
             code, reason = await connection.run()
         finally:
