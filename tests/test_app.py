@@ -216,3 +216,13 @@ def test_remote_mode_page_carries_a_browser_conversation_to_a_second_server():
 def moshi_status(base: str) -> dict:
     with urllib.request.urlopen(base + "/status", timeout=10) as response:
         return json.load(response)
+
+
+def test_share_without_internet_says_so_and_still_serves_locally(hello_pcm):
+    process, base = start_app("--model", "tiny", "--device", "cpu", "--share")
+    try:
+        assert_serves_page_status_and_a_session(base, hello_pcm)
+    finally:
+        output = stop_app(process)
+    # Gradio's share server is unreachable from here (no internet); with it, a link is logged.
+    assert "could not open a share link" in output or "public share link: https://" in output
