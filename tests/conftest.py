@@ -39,6 +39,15 @@ def tiny_engine():
     engine.close()
 
 
+@pytest.fixture(scope="module")
+def single_engine():
+    """One warm instance of the tiny checkpoint, for the tests of one module that need
+    to know which instance they get (or that every lease is taken)."""
+    engine = load_engine("tiny", device=DEVICE, instances=1)
+    yield engine
+    engine.close()
+
+
 async def converse(session: MoshiSession, pcm: np.ndarray, chunk: int = 1920) -> tuple[np.ndarray, list[str]]:
     """Stream pcm into a started session in `chunk`-sample pieces; collect every output
     the input produces (one step per full frame; the first step answers nothing)."""

@@ -16,7 +16,6 @@ from fastrtc.utils import Context, current_context
 from moshi_engine import ice
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE, pcm_to_int16, rms
 from moshi_engine.conversation import Sampling, SessionLimits
-from moshi_engine.engine import load_engine
 from moshi_engine.ice import browser_rtc_configuration, ice_source, server_rtc_configuration
 from moshi_engine.recording import Recording
 from moshi_engine.rtc import STARTING_MESSAGE, ConversationLog, Ending, MoshiHandler, ending_message
@@ -195,13 +194,6 @@ def test_a_failed_credential_fetch_falls_back_to_stun(monkeypatch):
 
 
 # ## The handler, driven as FastRTC drives it
-
-
-@pytest.fixture(scope="module")
-def single_engine():
-    engine = load_engine("tiny", device="cpu", instances=1)
-    yield engine
-    engine.close()
 
 
 @pytest.fixture

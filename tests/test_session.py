@@ -14,13 +14,6 @@ from moshi_engine.engine import load_engine
 from .conftest import DEVICE, converse
 
 
-@pytest.fixture(scope="module")
-def single_engine():
-    engine = load_engine("tiny", device=DEVICE, instances=1)
-    yield engine
-    engine.close()
-
-
 async def test_three_seconds_of_speech_give_three_seconds_of_frames_and_text(tiny_engine, hello_pcm):
     pcm = hello_pcm[: 3 * SAMPLE_RATE]
     async with tiny_engine.session(Sampling(seed=0)) as session:

@@ -16,7 +16,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 import uvicorn  # noqa: E402
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription  # noqa: E402
 from aiortc.contrib.media import MediaPlayer  # noqa: E402
@@ -24,7 +23,6 @@ from fastapi import FastAPI  # noqa: E402
 
 from moshi_engine.audio import SAMPLE_RATE, rms  # noqa: E402
 from moshi_engine.conversation import SessionLimits  # noqa: E402
-from moshi_engine.engine import load_engine  # noqa: E402
 from moshi_engine.rtc import Ending, ending_message  # noqa: E402
 from moshi_engine.server import create_api  # noqa: E402
 from moshi_engine.ui import MoshiPage, mount_ui  # noqa: E402
@@ -32,13 +30,6 @@ from moshi_engine.ui import MoshiPage, mount_ui  # noqa: E402
 from .conftest import HELLO_WAV  # noqa: E402
 
 PAGE_INPUTS = [0.8, 250, 0.7, 25, 42]  # audio temp, audio top-k, text temp, text top-k, seed
-
-
-@pytest.fixture(scope="module")
-def single_engine():
-    engine = load_engine("tiny", device="cpu", instances=1)
-    yield engine
-    engine.close()
 
 
 @contextlib.asynccontextmanager
