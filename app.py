@@ -223,7 +223,7 @@ def main(argv=None) -> int:
             log.warning("loading %s on a CPU: Moshi will not speak in real time; use a GPU, or --model tiny "
                         "to try the page", args.model)
         try:
-            engine = load_engine(args.model, device=args.device, instances=args.sessions)
+            engine = load_engine(args.model, device=args.device, sessions=args.sessions)
         except ModelUnavailableError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

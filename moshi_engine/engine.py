@@ -1,29 +1,31 @@
-"""The engine: a loaded checkpoint as a pool of N Moshi instances that sessions lease.
+"""The engine: a loaded checkpoint with N conversation slots that sessions lease.
 
-    engine = load_engine("tiny", instances=2)        # or a HF repo id, or a directory
+    engine = load_engine("tiny", sessions=16)       # or a HF repo id, or a directory
     async with engine.session(Sampling(seed=1)) as session:
         ...
 
-A session leases one instance exclusively; when none is free, leasing fails
-at once with BusyError, so a transport can tell the user right away.
+One copy of the weights serves every conversation: a slot is a row of one
+batched Mimi + LMGen (`model.BatchedMoshi`). A session leases one slot
+exclusively; when none is free, leasing fails at once with BusyError, so a
+transport can tell the user right away.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
-import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from moshi.models import LMGen, LMModel, MimiModel
 
 from .checkpoint import DEFAULT_MODEL, ModelUnavailableError, resolve_checkpoint
-from .conversation import BusyError, Sampling
-from .model import MoshiInstance
+from .conversation import Sampling
+from .model import BatchedMoshi
 from .session import MAX_OUTPUT_FRAMES, MAX_PENDING_FRAMES, MoshiSession
-from .timings import StageTimings
+from .timings import STEP, STEP_WAIT, StageTimings
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,19 @@ WARMUP_FRAMES = 4
 # 64-wide matmul across threads costs more than it saves (the tiny checkpoint steps
 # in 13.5 ms on one thread, 21 ms on two, on this project's 2-core machines).
 SMALL_MODEL_PARAMETERS = 50_000_000
+AUTO = "auto"
+# `sessions="auto"` on CPU: a small model keeps this many conversations in real time on
+# two cores (docs/BENCHMARKS.md); a full-size one is not real time on a CPU even alone.
+AUTO_CPU_SESSIONS = 8
+# On CUDA, auto leaves this much GPU memory free for activations, CUDA graphs and the
+# allocator's slack, and caps the batch where a step would outgrow the 80 ms frame.
+GPU_HEADROOM_BYTES = 2 * 1024**3
+GPU_HEADROOM_FRACTION = 0.05
+MAX_AUTO_SESSIONS = 64
+
+
+class CapacityError(RuntimeError):
+    """The conversation slots asked for do not fit in the device's memory."""
 
 
 @dataclass(frozen=True)
@@ -43,26 +58,22 @@ class EngineInfo:
 
 
 class MoshiEngine:
-    """N independent Moshi instances of one checkpoint, leased one per session."""
+    """One loaded Moshi with N conversation slots (batch rows), leased one per session."""
 
-    def __init__(self, info: EngineInfo, instances: list[MoshiInstance], default_sampling: Sampling,
-                 timings: StageTimings) -> None:
+    def __init__(self, info: EngineInfo, model: BatchedMoshi, default_sampling: Sampling) -> None:
         self.info = info
+        self.model = model
         self.default_sampling = default_sampling
-        self.timings = timings
+        self.timings = model.timings
         self.started_at = time.time()
-        self._instances = instances
-        self._free = list(reversed(instances))
-        self._lock = threading.Lock()
 
     @property
     def capacity(self) -> int:
-        return len(self._instances)
+        return self.model.capacity
 
     @property
     def active(self) -> int:
-        with self._lock:
-            return len(self._instances) - len(self._free)
+        return self.model.active
 
     def open_session(
         self,
@@ -70,13 +81,8 @@ class MoshiEngine:
         max_pending_frames: int = MAX_PENDING_FRAMES,
         max_output_frames: int = MAX_OUTPUT_FRAMES,
     ) -> MoshiSession:
-        """Lease a free instance (BusyError if none) for a session; call `start()` next."""
-        with self._lock:
-            if not self._free:
-                raise BusyError(f"all {self.capacity} Moshi instance(s) are in a conversation")
-            instance = self._free.pop()
-        return MoshiSession(instance, sampling or self.default_sampling, self._release,
-                            max_pending_frames, max_output_frames)
+        """Lease a free slot (BusyError if none) for a session; call it from the event loop."""
+        return MoshiSession(self.model, sampling or self.default_sampling, max_pending_frames, max_output_frames)
 
     @contextlib.asynccontextmanager
     async def session(self, sampling: Sampling | None = None, **limits):
@@ -88,25 +94,27 @@ class MoshiEngine:
         finally:
             await session.close()
 
-    def _release(self, instance: MoshiInstance) -> None:
-        with self._lock:
-            if instance not in self._free:
-                self._free.append(instance)
-
     def status(self) -> dict:
+        timings = self.timings
+        rows = np.array(self.model.rows_per_step, dtype=np.float64)
         return {
             "model": self.info.model,
             "device": self.info.device,
             "dtype": self.info.dtype,
             "parameters": self.info.parameters,
             "sessions": {"active": self.active, "capacity": self.capacity},
-            "timings": self.timings.summary(),
+            "batch": {
+                "step": timings.percentiles(STEP),
+                "wait": timings.percentiles(STEP_WAIT),
+                "rows_per_step_mean": round(float(rows.mean()), 2) if rows.size else 0.0,
+                "fill": round(float(rows.mean()) / self.capacity, 3) if rows.size else 0.0,
+            },
+            "timings": timings.summary(),
             "uptime_s": round(time.time() - self.started_at, 1),
         }
 
     def close(self) -> None:
-        for instance in self._instances:
-            instance.shutdown()
+        self.model.close()
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -134,21 +142,69 @@ def configure_torch(device: torch.device, *modules: torch.nn.Module) -> int:
     return parameters
 
 
+def slot_bytes(mimi: MimiModel, lm: LMModel) -> int:
+    """Device memory that one conversation slot's streaming state takes (Mimi's buffers and
+    caches, the LM's KV cache, LMGen's delay buffer), measured by building one on CUDA."""
+    device = lm.device
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    lm_gen = LMGen(lm)
+    with mimi.streaming(1), lm_gen.streaming(1):
+        torch.cuda.synchronize(device)
+        used = torch.cuda.memory_allocated(device) - before
+    return used
+
+
+def choose_sessions(requested: int | str, device: torch.device, mimi: MimiModel, lm: LMModel,
+                    parameters: int) -> int:
+    """How many slots to allocate: `requested`, or for "auto" the most that fit the free
+    GPU memory with headroom (on CPU: AUTO_CPU_SESSIONS for small models, else 1).
+
+    On CUDA an explicit number that does not fit raises CapacityError naming the number that would.
+    """
+    if requested != AUTO:
+        sessions = int(requested)
+        if sessions < 1:
+            raise ValueError(f"sessions must be >= 1 or {AUTO!r}, got {requested!r}")
+    if device.type != "cuda":
+        if requested == AUTO:
+            return AUTO_CPU_SESSIONS if parameters < SMALL_MODEL_PARAMETERS else 1
+        return sessions
+    free, total = torch.cuda.mem_get_info(device)
+    per_slot = slot_bytes(mimi, lm)
+    headroom = GPU_HEADROOM_BYTES + GPU_HEADROOM_FRACTION * total
+    fits = max(0, int((free - headroom) // max(per_slot, 1)))
+    gib = 1024**3
+    log.info("GPU memory: %.1f GiB free of %.1f GiB; a conversation slot takes %.2f GiB; %d slot(s) fit",
+             free / gib, total / gib, per_slot / gib, fits)
+    if requested == AUTO:
+        if fits < 1:
+            raise CapacityError(f"not even one conversation slot ({per_slot / gib:.2f} GiB) fits in the "
+                                f"{free / gib:.1f} GiB of free GPU memory")
+        sessions = min(fits, MAX_AUTO_SESSIONS)
+        log.info("sessions auto: %d slot(s)", sessions)
+    elif sessions > fits:
+        raise CapacityError(
+            f"{sessions} conversation slots do not fit in GPU memory: {free / gib:.1f} GiB free, "
+            f"{per_slot / gib:.2f} GiB per slot, headroom kept; use --sessions {fits} (or auto)"
+            if fits else f"not even one conversation slot fits in the {free / gib:.1f} GiB of free GPU memory")
+    return sessions
+
+
 def load_engine(
     model: str = DEFAULT_MODEL,
     device: str = "auto",
-    instances: int = 1,
+    sessions: int | str = AUTO,
     warmup_frames: int = WARMUP_FRAMES,
 ) -> MoshiEngine:
-    """Load a checkpoint (HF repo id, checkpoint directory or `tiny`) as a warm engine.
+    """Load a checkpoint (HF repo id, checkpoint directory or `tiny`) as a warm engine with
+    `sessions` conversation slots (or "auto", see `choose_sessions`).
 
-    bf16 on CUDA, float32 on CPU. Each instance gets its own copy of the modules
-    (streaming state lives in them) and is warmed up before this returns. Process-wide
-    torch settings follow the device: torch.compile's stance, and on CPU a single
-    intra-op thread for small models.
+    bf16 on CUDA, float32 on CPU. One copy of the weights: the slots are the batch
+    rows of one Mimi and one LMGen, all warmed up (and on CUDA graphed) before this
+    returns. Process-wide torch settings follow the device: torch.compile's stance,
+    and on CPU a single intra-op thread for small models.
     """
-    if instances < 1:
-        raise ValueError(f"instances must be >= 1, got {instances}")
     torch_device = pick_device(device)
     dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
     checkpoint = resolve_checkpoint(model)
@@ -160,23 +216,18 @@ def load_engine(
     tokenizer = checkpoint.get_text_tokenizer()
     log.info("loaded %s on %s (%s) in %.1f s", model, torch_device, dtype, time.perf_counter() - started)
     parameters = configure_torch(torch_device, lm, mimi)
+    slots = choose_sessions(sessions, torch_device, mimi, lm, parameters)
 
     lm_gen_config = dict(checkpoint.lm_gen_config)
     default_sampling = Sampling.from_config(lm_gen_config)
     lm_gen_kwargs = {k: v for k, v in lm_gen_config.items() if not hasattr(default_sampling, k)}
-    timings = StageTimings()
-    # Copies are taken before any instance starts streaming, from untouched modules.
-    modules = [(mimi, lm)] + [(copy.deepcopy(mimi), copy.deepcopy(lm)) for _ in range(instances - 1)]
-    pool = []
-    for index, (instance_mimi, instance_lm) in enumerate(modules):
-        instance = MoshiInstance(index, instance_mimi, instance_lm, tokenizer, timings, lm_gen_kwargs)
-        instance.run(instance.warmup, warmup_frames)
-        pool.append(instance)
-    log.info("%d instance(s) warm after %.1f s", instances, time.perf_counter() - started)
+    batched = BatchedMoshi(mimi, lm, tokenizer, slots, StageTimings(), lm_gen_kwargs)
+    batched.warmup(warmup_frames)
+    log.info("%d conversation slot(s) warm after %.1f s", slots, time.perf_counter() - started)
     info = EngineInfo(
         model=model,
         device=str(torch_device),
         dtype=str(dtype).removeprefix("torch."),
         parameters=parameters,
     )
-    return MoshiEngine(info, pool, default_sampling, timings)
+    return MoshiEngine(info, batched, default_sampling)

@@ -1,133 +1,293 @@
-"""One Moshi instance: its own Mimi and LMGen streaming state, stepped on its own thread.
+"""N conversations on one Moshi: one Mimi and one LMGen streaming with batch size N,
+stepped by one thread.
 
-moshi keeps streaming state inside the modules, so an instance owns its module
-objects outright and every call into them runs on the instance's single worker
-thread: the asyncio loop never runs model compute, and steps, resets and
-warm-ups of one instance are serialised in submission order.
+Each batch row is a slot. A conversation leases a slot and owns that row of every
+streaming state (Mimi's convolution buffers and transformer caches, the LM's KV
+cache, LMGen's delay buffer, its own sampling settings and random generator)
+until it releases it. Rows join and leave at any step: a leased row is reset
+alone (a masked reset) before its first frame, and a step runs every row whose
+next frame is ready while the others are masked, left exactly as they were.
+
+The stepping thread is the only one that touches the modules. Its loop, as in
+Kyutai's batched servers: take the rows to reset and one ready frame per row,
+reset those rows, step, hand each row's output to its conversation. It waits on
+a condition variable when there is nothing to do, and steps as soon as any row
+has a frame: with the batch shape fixed (CUDA graphs need it), a step costs the
+same whoever is in it, so waiting to gather more rows would only add latency.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import numpy as np
 import sentencepiece
 import torch
-from moshi.models import LMGen, LMModel, MimiModel
+from moshi.models import LMModel, MimiModel
 
 from .audio import FRAME_SIZE
-from .conversation import Sampling
-from .timings import LM_STEP, MIMI_DECODE, MIMI_ENCODE, StageTimings
+from .conversation import BusyError, Sampling, SessionClosed
+from .rowsampling import RowSamplingLMGen
+from .timings import LM_STEP, MIMI_DECODE, MIMI_ENCODE, STEP, STEP_WAIT, StageTimings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class StepOutput:
-    """What one 80 ms step produced: a FRAME_SIZE pcm frame (None during the model's
-    initial delay) and a text piece (None for padding)."""
+    """What one step produced for one row: a FRAME_SIZE pcm frame (None during the
+    model's initial delay) and a text piece (None for padding)."""
 
     pcm: np.ndarray | None
     text: str | None
 
 
-class MoshiInstance:
-    """Mimi + LMGen of one conversation at a time, with the thread that runs them."""
+Delivery = Callable[[StepOutput | BaseException], None]
+
+
+@dataclass(eq=False)
+class Lease:
+    """A conversation's hold on one slot, from `BatchedMoshi.lease` to `release`.
+
+    `deliver` is called on `loop` (the loop that submits its frames), once per frame
+    the conversation submitted, with that frame's StepOutput, or with the exception if
+    its step failed.
+    """
+
+    slot: int
+    sampling: Sampling
+    deliver: Delivery
+    loop: asyncio.AbstractEventLoop | None = None
+    released: bool = False
+
+
+@dataclass(eq=False)
+class _Slot:
+    lease: Lease | None = None
+    frames: deque[tuple[np.ndarray, float]] = field(default_factory=deque)  # (pcm, time it arrived)
+    needs_reset: bool = True
+    first_frame: bool = True
+
+
+class BatchedMoshi:
+    """Mimi + LMGen with `slots` batch rows, one conversation per row, and the thread that steps them."""
 
     def __init__(
         self,
-        index: int,
         mimi: MimiModel,
         lm: LMModel,
         tokenizer: sentencepiece.SentencePieceProcessor,
+        slots: int,
         timings: StageTimings,
         lm_gen_kwargs: dict | None = None,
     ) -> None:
-        self.index = index
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
         self.device = lm.device
         self.mimi = mimi
-        self.lm_gen = LMGen(lm, **(lm_gen_kwargs or {}))
+        self.lm_gen = RowSamplingLMGen(lm, slots, **(lm_gen_kwargs or {}))
         self.tokenizer = tokenizer
         self.timings = timings
+        self.rows_per_step: deque[int] = deque(maxlen=500)
         self._skip_ids = {lm.text_padding_token_id, lm.end_of_text_padding_id}
-        self._first_frame = True
         self._warned_vocabulary = False
-        self.executor = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix=f"moshi-{index}",
-            initializer=torch.set_grad_enabled,  # grad mode is per thread
-            initargs=(False,),
-        )
-        self.run(self._start_streaming)
+        self._slots = [_Slot() for _ in range(slots)]
+        self._jobs: deque[tuple[Callable, tuple, Future]] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        # All N rows exist from the start: CUDA graphs are captured for this batch shape.
+        self.mimi.streaming_forever(slots)
+        self.lm_gen.streaming_forever(slots)
+        self._thread = threading.Thread(target=self._run, name="moshi-step", daemon=True)
+        self._thread.start()
 
-    def run(self, fn, *args):
-        """Run fn(*args) on this instance's thread and wait for it (for setup code)."""
-        return self.executor.submit(fn, *args).result()
+    @property
+    def capacity(self) -> int:
+        return len(self._slots)
 
-    def _start_streaming(self) -> None:
-        self.mimi.streaming_forever(1)
-        self.lm_gen.streaming_forever(1)
+    @property
+    def active(self) -> int:
+        with self._cond:
+            return sum(slot.lease is not None for slot in self._slots)
 
-    def warmup(self, frames: int = 4) -> None:
-        """Step frames of silence so that lazy init, kernels and CUDA graphs happen now,
-        not in a user's first seconds; then reset. Runs on the worker thread."""
-        silence = np.zeros(FRAME_SIZE, dtype=np.float32)
-        self.reset()
-        for _ in range(frames):
-            self.step(silence, record=False)
-        self._synchronize()
-        self.reset()
+    # ## Leases: called from the event loop
 
-    def begin(self, sampling: Sampling) -> None:
-        """Start a conversation: fresh streaming state, this session's sampling and seed."""
-        self.reset()
-        gen = self.lm_gen
-        audio_sampling_changed = (gen.temp, gen.top_k) != (sampling.temp, sampling.top_k)
-        gen.temp, gen.top_k = float(sampling.temp), int(sampling.top_k)
-        gen.temp_text, gen.top_k_text = float(sampling.temp_text), int(sampling.top_k_text)
-        if audio_sampling_changed and self.device.type == "cuda":
-            # The depformer's CUDA graph baked the previous temperature and top-k in:
-            # capture it again on the next step.
-            graphed_depth = gen._streaming_state.graphed_depth
-            if graphed_depth is not None:
-                graphed_depth.reset()
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
+    def lease(self, sampling: Sampling, deliver: Delivery) -> Lease:
+        """The lowest free slot for a conversation sampling with `sampling` (BusyError if none).
+        Its row is reset, and configured for `sampling`, before its first frame is stepped.
+        Thread-safe."""
+        with self._cond:
+            if self._closing:
+                raise BusyError("Moshi is shutting down")
+            for index, slot in enumerate(self._slots):
+                if slot.lease is None:
+                    slot.lease = Lease(index, sampling, deliver)
+                    slot.needs_reset = True
+                    return slot.lease
+        raise BusyError(f"all {self.capacity} conversation slots are taken")
 
-    def reset(self) -> None:
-        """Forget the conversation: the instance behaves as if freshly loaded."""
-        self.mimi.reset_streaming()
-        self.lm_gen.reset_streaming()
-        self._first_frame = True
+    def submit(self, lease: Lease, frame: np.ndarray) -> None:
+        """Queue one FRAME_SIZE pcm frame of `lease`'s conversation for stepping; call it
+        from the event loop that is to receive the outputs."""
+        if lease.loop is None:
+            lease.loop = asyncio.get_running_loop()
+        with self._cond:
+            slot = self._slots[lease.slot]
+            if slot.lease is not lease:
+                raise SessionClosed("session is closed")
+            slot.frames.append((frame, time.perf_counter()))
+            self._cond.notify()
 
-    def step(self, frame: np.ndarray, record: bool = True) -> StepOutput:
-        """One 80 ms step: encode a FRAME_SIZE pcm frame, step the LM, decode its answer."""
+    def release(self, lease: Lease) -> None:
+        """Free `lease`'s slot at once; its queued frames are dropped and its row is reset
+        before anyone else's frame is stepped on it. Idempotent."""
+        with self._cond:
+            lease.released = True
+            slot = self._slots[lease.slot]
+            if slot.lease is lease:
+                slot.lease = None
+                slot.frames.clear()
+                slot.needs_reset = True
+                self._cond.notify()
+
+    def run(self, fn: Callable, *args):
+        """Run fn(*args) on the stepping thread between steps and wait for its result
+        (set-up code, warm-up, tests)."""
+        future: Future = Future()
+        with self._cond:
+            self._jobs.append((fn, args, future))
+            self._cond.notify()
+        return future.result()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+
+    # ## The stepping thread
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)  # grad mode is per thread
+        while True:
+            with self._cond:
+                while not (self._closing or self._jobs or self._has_work()):
+                    self._cond.wait()
+                if self._closing:
+                    for _, _, future in self._jobs:
+                        future.cancel()
+                    return
+                jobs, self._jobs = list(self._jobs), deque()
+                resets = self._take_resets()
+                batch = self._take_frames()
+            for fn, args, future in jobs:
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as error:  # noqa: B036 - handed to the waiting caller
+                    future.set_exception(error)
+            try:
+                if resets:
+                    self._reset_rows(resets)
+                if batch:
+                    self._deliver(batch, self._step([(lease.slot, frame, arrived) for lease, frame, arrived in batch]))
+            except Exception as error:
+                log.exception("a batched step failed; the rows in it are reset")
+                with self._cond:
+                    for lease, _, _ in batch:
+                        self._slots[lease.slot].needs_reset = True
+                self._deliver(batch, [error] * len(batch))
+
+    def _has_work(self) -> bool:
+        return any(slot.needs_reset or (slot.lease is not None and slot.frames) for slot in self._slots)
+
+    def _take_resets(self) -> list[tuple[int, Sampling | None]]:
+        resets = []
+        for index, slot in enumerate(self._slots):
+            if slot.needs_reset:
+                slot.needs_reset = False
+                resets.append((index, slot.lease.sampling if slot.lease is not None else None))
+        return resets
+
+    def _take_frames(self) -> list[tuple[Lease, np.ndarray, float]]:
+        return [(slot.lease, *slot.frames.popleft()) for slot in self._slots if slot.lease is not None and slot.frames]
+
+    def _row_mask(self, rows: list[int]) -> torch.Tensor:
+        mask = torch.zeros(self.capacity, dtype=torch.bool)
+        mask[rows] = True
+        return mask.to(self.device)
+
+    def _reset_rows(self, resets: list[tuple[int, Sampling | None]]) -> None:
+        """Fresh streaming state for these rows alone, and their conversations' sampling."""
+        mask = self._row_mask([row for row, _ in resets])
+        self.mimi.reset_streaming(mask)
+        self.lm_gen.reset_streaming(mask)
+        for row, sampling in resets:
+            self._slots[row].first_frame = True
+            if sampling is not None:
+                self.lm_gen.configure_row(row, sampling)
+
+    def _step(self, batch: list[tuple[int, np.ndarray, float]]) -> list[StepOutput]:
+        """One 80 ms step of the rows in `batch`, (row, pcm frame, time it arrived) each;
+        the other rows are masked. Returns each row's output, in order."""
         started = time.perf_counter()
-        codes = self.mimi.encode(torch.from_numpy(frame).to(self.device)[None, None])
-        if self._first_frame:
-            # As moshi's server does: the first frame's codes carry the encoder's left
-            # padding, so restart Mimi's streaming to apply it again on the next frame.
-            self.mimi.reset_streaming()
-            self._first_frame = False
+        pcm = np.zeros((self.capacity, 1, FRAME_SIZE), dtype=np.float32)
+        rows = []
+        for row, frame, arrived in batch:
+            self.timings.record(STEP_WAIT, started - arrived)
+            pcm[row, 0] = frame
+            rows.append(row)
+        mask = self._row_mask(rows)
+        self.mimi.set_exec_mask(mask)
+        codes = self.mimi.encode(torch.from_numpy(pcm).to(self.device))
+        first = [row for row in rows if self._slots[row].first_frame]
+        if first:
+            # As moshi's server does: a conversation's first frame carries the encoder's
+            # left padding, so Mimi restarts that row to apply it again on the next frame.
+            self.mimi.reset_streaming(self._row_mask(first))
+            for row in first:
+                self._slots[row].first_frame = False
         self._synchronize()
         encoded = time.perf_counter()
-        tokens = self.lm_gen.step(codes)
-        self._synchronize()
+        self.lm_gen.draw_noise(rows)
+        self.lm_gen.set_exec_mask(mask)
+        tokens = self.lm_gen.step(codes)  # [N, 1 + dep_q, 1]; -2 for masked rows and the initial delay
+        text_tokens = tokens[:, 0, 0].cpu().tolist()
         stepped = time.perf_counter()
-        pcm = text = None
-        if tokens is not None:
-            pcm = self.mimi.decode(tokens[:, 1:])[0, 0].float().cpu().numpy()
-            text = self._detokenize(int(tokens[0, 0, 0].item()))
+        speaking = [row for row in rows if text_tokens[row] >= 0]
+        decoded_pcm = None
+        if speaking:
+            self.mimi.set_exec_mask(self._row_mask(speaking))
+            decoded_pcm = self.mimi.decode(tokens[:, 1:].clamp(min=0)).float().cpu().numpy()
         decoded = time.perf_counter()
-        if record:
-            self.timings.record(MIMI_ENCODE, encoded - started)
-            self.timings.record(LM_STEP, stepped - encoded)
-            if tokens is not None:
-                self.timings.record(MIMI_DECODE, decoded - stepped)
-        return StepOutput(pcm, text)
+        self.timings.record(MIMI_ENCODE, encoded - started)
+        self.timings.record(LM_STEP, stepped - encoded)
+        if speaking:
+            self.timings.record(MIMI_DECODE, decoded - stepped)
+        self.timings.record(STEP, decoded - started)
+        self.rows_per_step.append(len(rows))
+        return [
+            StepOutput(decoded_pcm[row, 0], self._detokenize(text_tokens[row]))
+            if text_tokens[row] >= 0 else StepOutput(None, None)
+            for row in rows
+        ]
+
+    def _deliver(self, batch: list[tuple[Lease, np.ndarray, float]], outputs: list) -> None:
+        """Hand each output to its conversation's event loop: one wake-up per loop and step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for (lease, _, _), out in zip(batch, outputs, strict=True):
+            by_loop.setdefault(lease.loop, []).append((lease, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver_all, items)
+            except RuntimeError:  # that loop is closed: its conversations are gone
+                pass
 
     def _detokenize(self, token: int) -> str | None:
         if token in self._skip_ids:
@@ -147,5 +307,25 @@ class MoshiInstance:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def shutdown(self) -> None:
-        self.executor.shutdown(wait=True)
+    def warmup(self, frames: int = 4) -> None:
+        """Step every row through frames of silence so that lazy init, kernels and CUDA
+        graphs happen now, not in a user's first seconds; then reset every row."""
+
+        def warm() -> None:
+            rows = list(range(self.capacity))
+            self._reset_rows([(row, Sampling()) for row in rows])
+            silence = np.zeros(FRAME_SIZE, dtype=np.float32)
+            for _ in range(frames):
+                self._step([(row, silence, time.perf_counter()) for row in rows])
+            self._synchronize()
+            self._reset_rows([(row, None) for row in rows])
+            self.timings.clear()
+            self.rows_per_step.clear()
+
+        self.run(warm)
+
+
+def _deliver_all(items: list[tuple[Lease, StepOutput | BaseException]]) -> None:
+    for lease, out in items:
+        if not lease.released:
+            lease.deliver(out)

@@ -87,8 +87,8 @@ class MoshiServer:
             await session.close()
             self._live.discard(session)
             self._dropped_in_closed_sessions += session.dropped_frames
-            log.info("%s session on instance %d ended (%s, %s) after %d frames",
-                     protocol.path, session.instance.index, code, reason, session.frames_in)
+            log.info("%s session on slot %d ended (%s, %s) after %d frames",
+                     protocol.path, session.slot, code, reason, session.frames_in)
             if code is not None:
                 await _close(ws, code, reason)
 

@@ -1,27 +1,36 @@
-"""A conversation on a leased Moshi instance, driven from asyncio.
+"""A conversation on a leased slot of the batched Moshi, driven from asyncio.
 
     async with engine.session(sampling) as session:
         await session.send_pcm(pcm)          # float32 mono 24 kHz, any length
         async for out in session:            # AudioOut (1920 samples) / TextOut, in order
             ...
 
-Input is cut into 80 ms frames and queued (bounded: a sender that outpaces the
-model waits); the instance's worker thread steps them; outputs are queued
-(bounded: a reader that cannot keep up loses its oldest audio, never memory).
-Closing, also on error or cancellation, resets the instance and returns it.
+Input is cut into 80 ms frames and queued on the slot (bounded: a sender that
+outpaces the model waits); the stepping thread steps them with the other rows'
+frames; outputs are queued (bounded: a reader that cannot keep up loses its
+oldest audio, never memory). Closing, also on error or cancellation, frees the
+slot at once; its row is reset before anyone's next frame is stepped on it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 import numpy as np
 
 from .audio import FRAME_SIZE, check_pcm
-from .conversation import AudioOut, Output, OutputIteration, OutputQueue, Sampling, SessionClosed, SessionError, TextOut
-from .model import MoshiInstance
+from .conversation import (
+    AudioOut,
+    Output,
+    OutputIteration,
+    OutputQueue,
+    Sampling,
+    SessionClosed,
+    SessionError,
+    TextOut,
+)
+from .model import BatchedMoshi, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -30,26 +39,32 @@ MAX_OUTPUT_FRAMES = 25  # 2 s of output waiting for its reader
 
 
 class MoshiSession(OutputIteration):
-    """One conversation bound to one instance until `close()`."""
+    """One conversation bound to one slot until `close()`. Leases at construction
+    (BusyError when every slot is taken); call it from the event loop."""
 
     def __init__(
         self,
-        instance: MoshiInstance,
+        model: BatchedMoshi,
         sampling: Sampling,
-        release: Callable[[MoshiInstance], None],
         max_pending_frames: int = MAX_PENDING_FRAMES,
         max_output_frames: int = MAX_OUTPUT_FRAMES,
     ) -> None:
-        self.instance = instance
         self.sampling = sampling
-        self._release = release
-        self._inbox: asyncio.Queue[np.ndarray] = asyncio.Queue(max_pending_frames)
+        self._model = model
+        self._max_pending = max_pending_frames
+        self._pending = 0  # frames submitted and not stepped yet
+        self._room = asyncio.Event()
         self._outbox = OutputQueue(max_output_frames)
         self._buffer = np.zeros(0, dtype=np.float32)
-        self._task: asyncio.Task | None = None
-        self._closed: asyncio.Future | None = None
+        self._closed = False
         self.frames_in = 0
         self.frames_out = 0
+        self._lease = model.lease(sampling, self._deliver)
+
+    @property
+    def slot(self) -> int:
+        """The batch row this conversation owns."""
+        return self._lease.slot
 
     @property
     def dropped_frames(self) -> int:
@@ -58,69 +73,63 @@ class MoshiSession(OutputIteration):
 
     @property
     def closed(self) -> bool:
-        return self._closed is not None
+        return self._closed
 
     async def start(self) -> None:
-        """Reset the instance for this conversation and start stepping queued frames."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.instance.executor, self.instance.begin, self.sampling)
-        self._task = asyncio.create_task(self._infer(), name=f"moshi-infer-{self.instance.index}")
+        """Nothing to wait for: the slot's row is reset before its first frame is stepped."""
+        if self._closed:
+            raise SessionClosed("session is closed")
 
     async def send_pcm(self, pcm: np.ndarray) -> None:
         """Queue pcm (float32 mono 24 kHz, any length); waits while the model is behind."""
         check_pcm(pcm)
         self._buffer = np.concatenate([self._buffer, pcm])
         while self._buffer.size >= FRAME_SIZE:
-            if self.closed:
+            while self._pending >= self._max_pending and not self._closed:
+                self._room.clear()
+                await self._room.wait()
+            if self._closed:
                 raise SessionClosed("session is closed")
             frame, self._buffer = self._buffer[:FRAME_SIZE].copy(), self._buffer[FRAME_SIZE:]
-            await self._inbox.put(frame)
+            self._model.submit(self._lease, frame)
+            self._pending += 1
 
     async def receive(self) -> Output:
         """The next output; raises SessionClosed once closed, SessionError if the model failed."""
         return await self._outbox.get()
 
-    async def _infer(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                frame = await self._inbox.get()
-                out = await loop.run_in_executor(self.instance.executor, self.instance.step, frame)
-                self.frames_in += 1
-                if out.pcm is not None:
-                    self.frames_out += 1
-                    self._outbox.put(AudioOut(out.pcm))
-                if out.text:
-                    self._outbox.put(TextOut(out.text))
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            log.exception("instance %d failed", self.instance.index)
-            self._outbox.end(SessionError(f"model error: {error}"))
+    def _deliver(self, out: StepOutput | BaseException) -> None:
+        """One stepped frame's output (on the event loop, from the stepping thread)."""
+        if self._closed:
+            return
+        self._pending -= 1
+        self._room.set()
+        if isinstance(out, BaseException):
+            log.error("the step of slot %d failed: %r", self.slot, out)
+            self._outbox.end(SessionError(f"model error: {out}"))
+            self._close()
+            return
+        self.frames_in += 1
+        if out.pcm is not None:
+            self.frames_out += 1
+            self._outbox.put(AudioOut(out.pcm))
+        if out.text:
+            self._outbox.put(TextOut(out.text))
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._model.release(self._lease)
+            self._outbox.end(SessionClosed("session closed"))
+            self._room.set()  # wakes a sender waiting for room
 
     async def close(self) -> None:
-        """End the conversation; reset the instance and return it to the pool. Idempotent.
+        """End the conversation and free the slot at once. Idempotent.
 
-        The instance goes back to the pool at once, before any await, so it is never
-        lost to a cancelled close and a client reconnecting right away is served. That
-        is safe because its worker thread runs work in order: the reset queued here
-        follows any step still running, and a next session's work follows the reset.
+        The slot is free before this returns, so a client reconnecting right away is
+        served; its row is reset before any next conversation's frame is stepped.
         """
-        if self._closed is None:
-            self._outbox.end(SessionClosed("session closed"))
-            if self._task is not None:
-                self._task.cancel()
-            while not self._inbox.empty():  # wakes a sender waiting for room
-                self._inbox.get_nowait()
-            self._closed = asyncio.wrap_future(self.instance.executor.submit(self.instance.reset))
-            self._release(self.instance)
-        task, self._task = self._task, None
-        if task is not None:
-            await asyncio.gather(task, return_exceptions=True)
-        try:
-            await asyncio.shield(self._closed)
-        except Exception:
-            log.exception("resetting instance %d failed", self.instance.index)
+        self._close()
 
     async def __aenter__(self) -> MoshiSession:
         return self

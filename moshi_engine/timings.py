@@ -13,14 +13,19 @@ LM_STEP = "lm_step"
 MIMI_DECODE = "mimi_decode"
 OPUS_ENCODE = "opus_encode"
 STAGES = (OPUS_DECODE, MIMI_ENCODE, LM_STEP, MIMI_DECODE, OPUS_ENCODE)
+# The batched model's own series: a whole step (Mimi encode + LM step + Mimi decode of
+# every row in it), and how long a frame waited, from arriving whole to its step starting.
+STEP = "step"
+STEP_WAIT = "step_wait"
+SERIES = (*STAGES, STEP, STEP_WAIT)
 
 
 class StageTimings:
-    """The most recent `window` durations of each stage; written from worker threads."""
+    """The most recent `window` durations of each series; written from worker threads."""
 
     def __init__(self, window: int = 500) -> None:
         self._lock = threading.Lock()
-        self._samples: dict[str, deque[float]] = {stage: deque(maxlen=window) for stage in STAGES}
+        self._samples: dict[str, deque[float]] = {name: deque(maxlen=window) for name in SERIES}
 
     def record(self, stage: str, seconds: float) -> None:
         with self._lock:
@@ -30,14 +35,15 @@ class StageTimings:
         with self._lock:
             return np.array(self._samples[stage], dtype=np.float64) * 1000.0
 
+    def percentiles(self, stage: str) -> dict[str, float | int]:
+        """{"p50_ms", "p95_ms", "count"} over the recent window (zeros when empty)."""
+        ms = self.samples_ms(stage)
+        p50, p95 = np.percentile(ms, [50, 95]) if ms.size else (0.0, 0.0)
+        return {"p50_ms": round(float(p50), 3), "p95_ms": round(float(p95), 3), "count": int(ms.size)}
+
     def summary(self) -> dict[str, dict[str, float | int]]:
-        """{stage: {"p50_ms", "p95_ms", "count"}} over the recent window (zeros when empty)."""
-        result = {}
-        for stage in STAGES:
-            ms = self.samples_ms(stage)
-            p50, p95 = np.percentile(ms, [50, 95]) if ms.size else (0.0, 0.0)
-            result[stage] = {"p50_ms": round(float(p50), 3), "p95_ms": round(float(p95), 3), "count": int(ms.size)}
-        return result
+        """{stage: percentiles} for each stage of a frame's way through."""
+        return {stage: self.percentiles(stage) for stage in STAGES}
 
     def clear(self) -> None:
         with self._lock:

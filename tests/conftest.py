@@ -34,7 +34,7 @@ def music_pcm() -> np.ndarray:
 @pytest.fixture(scope="session")
 def tiny_engine():
     """Two warm instances of the tiny checkpoint, shared by the tests that only lease."""
-    engine = load_engine("tiny", device=DEVICE, instances=2)
+    engine = load_engine("tiny", device=DEVICE, sessions=2)
     yield engine
     engine.close()
 
@@ -43,7 +43,7 @@ def tiny_engine():
 def single_engine():
     """One warm instance of the tiny checkpoint, for the tests of one module that need
     to know which instance they get (or that every lease is taken)."""
-    engine = load_engine("tiny", device=DEVICE, instances=1)
+    engine = load_engine("tiny", device=DEVICE, sessions=1)
     yield engine
     engine.close()
 

@@ -102,7 +102,7 @@ def open_page(browser, url: str) -> Page:
 
 @pytest.fixture(scope="module")
 def evidence(tmp_path_factory) -> Evidence:
-    engine = load_engine("tiny", device="cpu", instances=1)
+    engine = load_engine("tiny", device="cpu", sessions=1)
     app = create_api(engine)
     ui = mount_ui(app, engine)
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import wave
 
 import numpy as np
@@ -367,12 +366,21 @@ class ChannelMessages:
 
 
 async def test_a_slow_start_tells_the_page_that_moshi_is_starting(single_engine, conversations):
-    session = single_engine.open_session()  # the instance the handler will get
-    instance = session.instance
-    await session.close()
-    unblock = threading.Event()
-    instance.executor.submit(unblock.wait, 10)  # its thread is busy: start() waits in line
-    handler = connection(MoshiHandler(single_engine.open_session, conversations, slow_start_s=0.2), "slow")
+    unblock = asyncio.Event()
+
+    def open_slowly(sampling):
+        """A session whose start takes its time, as a remote worker starting from cold does."""
+        session = single_engine.open_session(sampling)
+        ready = session.start
+
+        async def start() -> None:
+            await unblock.wait()
+            await ready()
+
+        session.start = start
+        return session
+
+    handler = connection(MoshiHandler(open_slowly, conversations, slow_start_s=0.2), "slow")
     channel = ChannelMessages()
     handler.set_channel(channel)
     starting = asyncio.create_task(handler.start_up())

@@ -230,20 +230,19 @@ async def test_session_and_idle_limits_close_with_their_codes_and_reasons(tiny_e
         await until(lambda: tiny_engine.active == 0)
 
 
-async def test_a_model_failure_closes_with_1011_and_the_instance_serves_the_next_session(hello_pcm, monkeypatch):
-    engine = load_engine("tiny", device=DEVICE, instances=1, warmup_frames=1)
-    instance = engine._instances[0]
-    real_step = instance.step
+async def test_a_model_failure_closes_with_1011_and_the_slot_serves_the_next_session(hello_pcm, monkeypatch):
+    engine = load_engine("tiny", device=DEVICE, sessions=1, warmup_frames=1)
+    real_step = engine.model._step
     calls = 0
 
-    def failing_step(frame, record=True):
+    def failing_step(batch):
         nonlocal calls
         calls += 1
         if calls == 5:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real_step(frame, record)
+        return real_step(batch)
 
-    monkeypatch.setattr(instance, "step", failing_step)
+    monkeypatch.setattr(engine.model, "_step", failing_step)
     try:
         with serve_asgi(create_api(engine)) as base:
             ws = await open_chat(base, Protocol.MOSHI)

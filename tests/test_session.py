@@ -41,7 +41,7 @@ async def test_a_session_on_a_returned_instance_is_identical_to_one_on_a_fresh_i
     single_engine, hello_pcm, music_pcm
 ):
     pcm = hello_pcm[: 2 * SAMPLE_RATE]
-    fresh = load_engine("tiny", device=DEVICE, instances=1)
+    fresh = load_engine("tiny", device=DEVICE, sessions=1)
     try:
         async with fresh.session(Sampling(seed=11)) as session:
             on_fresh = await converse(session, pcm)
@@ -131,7 +131,7 @@ async def test_bad_input_raises_value_error_saying_what_is_wrong(tiny_engine, pc
 
 
 async def test_a_reader_that_falls_behind_loses_oldest_audio_not_memory(hello_pcm):
-    engine = load_engine("tiny", device=DEVICE, instances=1, warmup_frames=1)
+    engine = load_engine("tiny", device=DEVICE, sessions=1, warmup_frames=1)
     try:
         session = engine.open_session(Sampling(seed=5), max_output_frames=4)
         await session.start()

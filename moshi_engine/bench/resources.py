@@ -123,7 +123,7 @@ class Bench:
 
             self.stop_servers()  # their models would share the device's memory with this one
             started = time.perf_counter()
-            self._engine = load_engine(self.config.model, device=self.config.device, instances=instances)
+            self._engine = load_engine(self.config.model, device=self.config.device, sessions=instances)
             self.engine_info = dataclasses.asdict(self._engine.info)
             log.info("engine with %d instance(s) ready in %.1f s", instances, time.perf_counter() - started)
         return self._engine

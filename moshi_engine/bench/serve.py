@@ -227,7 +227,7 @@ def _serve_in_child(kind: str, model: str, device: str, instances: int, conn: Co
             from ..engine import load_engine
             from ..server import create_api
 
-            engine = load_engine(model, device=device, instances=instances)
+            engine = load_engine(model, device=device, sessions=instances)
             serving = serve_asgi(create_api(engine))
         elif kind == REFERENCE:
             from ..reference import reference_app
