@@ -7,8 +7,10 @@
 # [Moshi](https://huggingface.co/kyutai/moshiko-pytorch-bf16) is Kyutai's speech-to-speech model:
 # it listens and speaks at the same time, with about 200 ms between your words and its answer
 # on a good GPU. This file deploys it as a voice chat page: a Gradio app whose FastRTC (WebRTC)
-# audio component streams your microphone to a dedicated Moshi instance and streams its voice back,
-# next to the Opus websockets `/ws` (QuiLLMan's protocol) and `/api/chat` (moshi's own).
+# audio component streams your microphone to Moshi and streams its voice back, next to the Opus
+# websockets `/ws` (QuiLLMan's protocol) and `/api/chat` (moshi's own). One copy of the weights
+# serves many conversations at once: each is a slot, a row of one batched Moshi with its own
+# streaming state, that nobody else's conversation touches.
 
 # Everything it wires lives in `moshi_engine/`; this file only tells the deployment story.
 #
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import modal
 
+from moshi_engine.capacity import AUTO, MAX_AUTO_SESSIONS, explicit_sessions, fit_sessions
+
 # ## Configuration
 
 # These are read when Modal builds and deploys the app (`MOSHI_GPU=H100 modal deploy app.py`),
@@ -31,6 +35,7 @@ import modal
 CONFIG = {
     "MOSHI_MODEL": os.environ.get("MOSHI_MODEL", "kyutai/moshiko-pytorch-bf16"),
     "MOSHI_GPU": os.environ.get("MOSHI_GPU", "L40S"),
+    "MOSHI_SESSIONS": os.environ.get("MOSHI_SESSIONS", AUTO),
     "MOSHI_SESSION_LIMIT_S": os.environ.get("MOSHI_SESSION_LIMIT_S", "600"),
     "MOSHI_IDLE_LIMIT_S": os.environ.get("MOSHI_IDLE_LIMIT_S", "30"),
     "MOSHI_SCALE_OUT": os.environ.get("MOSHI_SCALE_OUT", "0"),
@@ -40,6 +45,7 @@ CONFIG = {
 }
 MODEL = CONFIG["MOSHI_MODEL"]
 GPU = CONFIG["MOSHI_GPU"]
+SESSIONS = CONFIG["MOSHI_SESSIONS"]  # conversation slots per GPU: a number, or auto
 SESSION_LIMIT_S = int(CONFIG["MOSHI_SESSION_LIMIT_S"])
 IDLE_LIMIT_S = int(CONFIG["MOSHI_IDLE_LIMIT_S"])
 SCALE_OUT = CONFIG["MOSHI_SCALE_OUT"].lower() in ("1", "true", "yes")
@@ -48,6 +54,36 @@ MIN_WORKERS = int(CONFIG["MOSHI_MIN_WORKERS"])
 
 MINUTES = 60  # seconds
 HERE = Path(__file__).parent
+
+# ## How many conversations one GPU holds
+
+# Each conversation slot keeps its own KV cache (about 1.6 GB for Moshiko's 3000-step context)
+# next to the one copy of the weights (about 15.5 GB in bf16). With `MOSHI_SESSIONS=auto` the
+# engine measures free memory at start and takes as many slots as fit, up to 32. Modal must
+# know the number before any GPU starts (to size each container's concurrency), so here it is
+# estimated the same way from the GPU's memory; set MOSHI_SESSIONS to a number to override.
+
+GPU_MEMORY_GB = {"T4": 16, "L4": 24, "A10G": 24, "A100": 40, "A100-40GB": 40, "L40S": 48,
+                 "A100-80GB": 80, "H100": 80, "H200": 141, "B200": 180}
+MOSHIKO_WEIGHTS_GB, SLOT_GB, CUDA_CONTEXT_GB = 15.5, 1.6, 0.6
+
+
+def slots_per_gpu() -> int:
+    """Conversation slots per GPU container: MOSHI_SESSIONS, or auto's estimate for MOSHI_GPU."""
+    if SESSIONS != AUTO:
+        return explicit_sessions(SESSIONS)
+    memory_gb = GPU_MEMORY_GB.get(GPU.split(":")[0].upper())
+    if memory_gb is None:
+        return MAX_AUTO_SESSIONS  # an unknown GPU: the engine's own auto still decides
+    free_gb = memory_gb - MOSHIKO_WEIGHTS_GB - CUDA_CONTEXT_GB
+    return fit_sessions(AUTO, int(free_gb * 1e9), int(memory_gb * 1e9), int(SLOT_GB * 1e9))
+
+
+SLOTS = slots_per_gpu()
+# Besides its audio, a browser conversation holds a few long requests open (Gradio's event
+# stream, the transcript stream); the page's assets and status polls need room too.
+REQUESTS_PER_CONVERSATION = 3
+PAGE_REQUESTS = 100
 
 # ## The container image
 
@@ -87,7 +123,7 @@ def load_warm_engine():
     graphs and kernels are ready before the first person speaks."""
     from moshi_engine.engine import load_engine
 
-    engine = load_engine(MODEL)
+    engine = load_engine(MODEL, sessions=SESSIONS if not SCALE_OUT else SLOTS)
     hf_cache.commit()  # persist a fresh download for the next container
     return engine
 
@@ -101,9 +137,9 @@ def session_limits():
 # ## One GPU serves the page and its conversations
 
 # By default one container holds everything: Gradio keeps session state in the process and needs
-# sticky sessions, hence `max_containers=1`, as in Modal's Gradio and FastRTC examples. The
-# concurrency limit is sized for the page's own requests (assets, queue streams, status polls);
-# conversations are limited to the engine's instances by the page itself.
+# sticky sessions, hence `max_containers=1`, as in Modal's Gradio and FastRTC examples. Its
+# concurrency admits every conversation its slots can hold plus the page's own requests (assets,
+# event streams, status polls); conversations are limited to the engine's slots by the app itself.
 
 if not SCALE_OUT:
 
@@ -115,7 +151,7 @@ if not SCALE_OUT:
         scaledown_window=5 * MINUTES,
         timeout=REQUEST_TIMEOUT_S,
     )
-    @modal.concurrent(max_inputs=100)
+    @modal.concurrent(max_inputs=PAGE_REQUESTS + REQUESTS_PER_CONVERSATION * SLOTS)
     class Moshi:
         @modal.enter()
         def load(self):
@@ -128,13 +164,14 @@ if not SCALE_OUT:
             return create_app(self.engine, limits=session_limits(), host="modal.run")
 
 
-# ## Scale-out: a GPU container per conversation
+# ## Scale-out: GPU workers of N conversations each
 
 # With `MOSHI_SCALE_OUT=1` the page runs in one sticky CPU container, and every browser session
-# is bound to its own container of a GPU worker class: one conversation per container
-# (`max_inputs=1`), autoscaled by Modal up to `MOSHI_MAX_WORKERS`, kept warm for five minutes
-# after use (and `MOSHI_MIN_WORKERS` always). Audio travels between them as Opus over the
-# worker's `/api/chat` websocket. A cold worker takes a minute or two; the page says so.
+# is carried to a container of a GPU worker class, which serves as many conversations as it has
+# slots (`max_inputs=SLOTS`): Modal routes a new conversation to a worker with a free slot and
+# starts another GPU only when every worker is full, up to `MOSHI_MAX_WORKERS`; workers stay warm
+# five minutes after use (and `MOSHI_MIN_WORKERS` always). Audio travels between them as Opus
+# over the worker's `/api/chat` websocket. A cold worker takes a minute or two; the page says so.
 
 if SCALE_OUT:
 
@@ -147,7 +184,7 @@ if SCALE_OUT:
         scaledown_window=5 * MINUTES,
         timeout=REQUEST_TIMEOUT_S,
     )
-    @modal.concurrent(max_inputs=1)
+    @modal.concurrent(max_inputs=SLOTS)
     class MoshiWorker:
         @modal.enter()
         def load(self):
@@ -160,14 +197,14 @@ if SCALE_OUT:
             return create_api(self.engine, session_limits())
 
     @app.function(secrets=SECRETS, max_containers=1, scaledown_window=5 * MINUTES, timeout=REQUEST_TIMEOUT_S)
-    @modal.concurrent(max_inputs=100)
+    @modal.concurrent(max_inputs=PAGE_REQUESTS + REQUESTS_PER_CONVERSATION * SLOTS * MAX_WORKERS)
     @modal.asgi_app()
     def ui():
         from moshi_engine.web import create_app
 
         return create_app(
             remote=MoshiWorker().web.get_web_url() + "/api/chat",
-            remote_capacity=MAX_WORKERS,
+            remote_capacity=MAX_WORKERS * SLOTS,
             poll_remote_status=False,  # a status poll would wake a GPU worker
             connect_timeout_s=10 * MINUTES,  # cold start: image, weights from the Volume, warm-up
             limits=session_limits(),
@@ -181,13 +218,25 @@ if SCALE_OUT:
 # 0.0.0.0:7860, as Spaces expect.
 
 
+def sessions_arg(value: str) -> int | str:
+    if value == AUTO:
+        return AUTO
+    try:
+        return explicit_sessions(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def parse_args(argv=None):
     on_space = bool(os.environ.get("SPACE_ID"))
     parser = argparse.ArgumentParser(description="Talk with Moshi: a full-duplex voice chat page.")
     parser.add_argument("--model", default=os.environ.get("MOSHI_MODEL", MODEL),
                         help="Hugging Face repo, checkpoint directory, or 'tiny' (offline, random weights)")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cuda', 'cuda:1', 'cpu'")
-    parser.add_argument("--sessions", type=int, default=1, help="Moshi instances: conversations at once")
+    parser.add_argument("--sessions", type=sessions_arg, default=os.environ.get("MOSHI_SESSIONS", AUTO),
+                        help="conversations at once (slots of one batched Moshi), or 'auto': as many as fit "
+                             "the GPU's free memory (up to 32); on a CPU 8 for the tiny model, else 1. "
+                             "With --remote: sessions the page holds on the server")
     parser.add_argument("--host", default="0.0.0.0" if on_space else "127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
@@ -201,6 +250,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     import uvicorn
 
+    from moshi_engine.capacity import CapacityError
     from moshi_engine.checkpoint import ModelUnavailableError
     from moshi_engine.conversation import SessionLimits
     from moshi_engine.engine import load_engine, pick_device
@@ -216,7 +266,8 @@ def main(argv=None) -> int:
         public_host = open_share_link(args.host, args.port, log) or args.host
 
     if args.remote:
-        web_app = create_app(remote=args.remote, remote_capacity=args.sessions, limits=limits, host=public_host)
+        capacity = 1 if args.sessions == AUTO else args.sessions
+        web_app = create_app(remote=args.remote, remote_capacity=capacity, limits=limits, host=public_host)
         engine = None
     else:
         if pick_device(args.device).type == "cpu" and args.model != "tiny":
@@ -224,7 +275,7 @@ def main(argv=None) -> int:
                         "to try the page", args.model)
         try:
             engine = load_engine(args.model, device=args.device, sessions=args.sessions)
-        except ModelUnavailableError as error:
+        except (ModelUnavailableError, CapacityError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
         web_app = create_app(engine, limits=limits, host=public_host)

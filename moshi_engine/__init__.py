@@ -5,8 +5,9 @@ Leaves first, transports last:
 - `audio` (pcm facts), `codec` (Ogg Opus), `protocol` (bytes on the wire),
   `conversation` (outputs, errors, sampling, limits: what every transport drives)
 - `checkpoint` (HF repo, directory or `tiny` -> moshi's CheckpointInfo), `tiny` (the
-  offline checkpoint's builder), `model` (one instance and its worker thread),
-  `session` (a conversation on a leased instance), `engine` (the pool: `load_engine`)
+  offline checkpoint's builder), `rowsampling` (LMGen sampling each batch row on its own),
+  `model` (N conversation slots as rows of one batched Moshi, and the thread that steps
+  them), `session` (a conversation on a leased slot), `engine` (`load_engine`)
 - transports: `server` (/status, /ws, /api/chat), `client` (RemoteSession, CLI),
   `rtc` + `ice` + `recording` (the FastRTC handler), `ui` (the Gradio page),
   `web` (the one app factory), `reference` (moshi's own server), `bench`

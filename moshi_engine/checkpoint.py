@@ -44,7 +44,7 @@ def resolve_checkpoint(spec: str) -> loaders.CheckpointInfo:
         return checkpoint_from_directory(TINY_DIR)
     if spec == RANDOM:
         # No weight files: moshi's loaders build Moshiko's 7B and Mimi's default configs
-        # uninitialised. Text ids beyond the tiny tokenizer are skipped by the instance.
+        # uninitialised. Text ids beyond the tiny tokenizer are skipped by the engine.
         return loaders.CheckpointInfo(moshi_weights=None, mimi_weights=None, tokenizer=TINY_DIR / "tokenizer.model")
     path = Path(spec).expanduser()
     if path.is_dir():

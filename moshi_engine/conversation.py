@@ -1,6 +1,6 @@
 """What every conversation looks like to a transport, whatever runs the model.
 
-A `MoshiSession` (a local instance) and a `RemoteSession` (a Moshi server over
+A `MoshiSession` (a slot of the local engine) and a `RemoteSession` (a Moshi server over
 a websocket) both satisfy `Conversation`, so the FastRTC handler and the
 websocket loops are thin adapters that never know which one they drive. This
 module is light on purpose: no torch, no model.
@@ -26,16 +26,16 @@ class SessionLimits:
 
 
 class BusyError(RuntimeError):
-    """Every Moshi instance is in a conversation; try again when one ends."""
+    """Every conversation slot is taken; try again when one ends."""
 
 
 @dataclass(frozen=True)
 class Sampling:
     """How a session samples; LMGen's defaults unless the checkpoint or the user says otherwise.
 
-    `seed` makes a session reproducible: the same seed and the same input give
-    the same output on any instance, whatever ran on it before (sessions share
-    torch's global generator, so this holds for sessions that do not overlap).
+    `seed` makes a session reproducible: the same seed and the same input give the
+    same output, whatever ran before on its slot and whoever shares its steps (each
+    slot samples with its own generator; see `rowsampling`).
     """
 
     temp: float = 0.8
@@ -117,7 +117,7 @@ class OutputIteration:
 
 
 class SessionError(RuntimeError):
-    """The model failed during this session (the instance was reset and released)."""
+    """The model failed during this session (its slot was released and is reset)."""
 
 
 class OutputQueue:

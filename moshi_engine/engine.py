@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from moshi.models import LMGen, LMModel, MimiModel
 
+from .capacity import AUTO, AUTO_CPU_SESSIONS, explicit_sessions, fit_sessions
 from .checkpoint import DEFAULT_MODEL, ModelUnavailableError, resolve_checkpoint
 from .conversation import Sampling
 from .model import BatchedMoshi
@@ -34,19 +35,6 @@ WARMUP_FRAMES = 4
 # 64-wide matmul across threads costs more than it saves (the tiny checkpoint steps
 # in 13.5 ms on one thread, 21 ms on two, on this project's 2-core machines).
 SMALL_MODEL_PARAMETERS = 50_000_000
-AUTO = "auto"
-# `sessions="auto"` on CPU: a small model keeps this many conversations in real time on
-# two cores (docs/BENCHMARKS.md); a full-size one is not real time on a CPU even alone.
-AUTO_CPU_SESSIONS = 8
-# On CUDA, auto leaves this much GPU memory free for activations, CUDA graphs and the
-# allocator's slack, and caps the batch where a step would outgrow the 80 ms frame.
-GPU_HEADROOM_BYTES = 2 * 1024**3
-GPU_HEADROOM_FRACTION = 0.05
-MAX_AUTO_SESSIONS = 64
-
-
-class CapacityError(RuntimeError):
-    """The conversation slots asked for do not fit in the device's memory."""
 
 
 @dataclass(frozen=True)
@@ -157,38 +145,15 @@ def slot_bytes(mimi: MimiModel, lm: LMModel) -> int:
 
 def choose_sessions(requested: int | str, device: torch.device, mimi: MimiModel, lm: LMModel,
                     parameters: int) -> int:
-    """How many slots to allocate: `requested`, or for "auto" the most that fit the free
-    GPU memory with headroom (on CPU: AUTO_CPU_SESSIONS for small models, else 1).
-
-    On CUDA an explicit number that does not fit raises CapacityError naming the number that would.
-    """
-    if requested != AUTO:
-        sessions = int(requested)
-        if sessions < 1:
-            raise ValueError(f"sessions must be >= 1 or {AUTO!r}, got {requested!r}")
-    if device.type != "cuda":
-        if requested == AUTO:
-            return AUTO_CPU_SESSIONS if parameters < SMALL_MODEL_PARAMETERS else 1
-        return sessions
-    free, total = torch.cuda.mem_get_info(device)
-    per_slot = slot_bytes(mimi, lm)
-    headroom = GPU_HEADROOM_BYTES + GPU_HEADROOM_FRACTION * total
-    fits = max(0, int((free - headroom) // max(per_slot, 1)))
-    gib = 1024**3
-    log.info("GPU memory: %.1f GiB free of %.1f GiB; a conversation slot takes %.2f GiB; %d slot(s) fit",
-             free / gib, total / gib, per_slot / gib, fits)
+    """How many slots to allocate: `requested`, or for "auto" the most that fit the free GPU
+    memory with headroom (see `fit_sessions`); on CPU, "auto" is AUTO_CPU_SESSIONS for a
+    small model and 1 for a full-size one."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return fit_sessions(requested, free, total, slot_bytes(mimi, lm))
     if requested == AUTO:
-        if fits < 1:
-            raise CapacityError(f"not even one conversation slot ({per_slot / gib:.2f} GiB) fits in the "
-                                f"{free / gib:.1f} GiB of free GPU memory")
-        sessions = min(fits, MAX_AUTO_SESSIONS)
-        log.info("sessions auto: %d slot(s)", sessions)
-    elif sessions > fits:
-        raise CapacityError(
-            f"{sessions} conversation slots do not fit in GPU memory: {free / gib:.1f} GiB free, "
-            f"{per_slot / gib:.2f} GiB per slot, headroom kept; use --sessions {fits} (or auto)"
-            if fits else f"not even one conversation slot fits in the {free / gib:.1f} GiB of free GPU memory")
-    return sessions
+        return AUTO_CPU_SESSIONS if parameters < SMALL_MODEL_PARAMETERS else 1
+    return explicit_sessions(requested)
 
 
 def load_engine(

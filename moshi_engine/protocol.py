@@ -50,7 +50,7 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 1008  # bad query parameters, or no audio for too long
     MESSAGE_TOO_BIG = 1009  # a message over MAX_MESSAGE_BYTES
     INTERNAL_ERROR = 1011  # the model or the server failed
-    TRY_AGAIN_LATER = 1013  # every Moshi instance is in a conversation, or still loading
+    TRY_AGAIN_LATER = 1013  # every conversation slot is taken, or the model is still loading
 
 
 class ConnectionClose(Exception):

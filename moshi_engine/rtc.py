@@ -2,7 +2,7 @@
 
 FastRTC calls `MoshiHandler.copy()` once per connection, so every browser
 session gets its own handler bound to its own `Conversation`, opened from a
-factory: `engine.open_session` for a local instance, or a remote session over
+factory: `engine.open_session` for a slot of the local engine, or a remote session over
 the Opus websocket. The handler never knows which one it drives.
 
     microphone --WebRTC--> receive() --> conversation.send_pcm()   (int16 -> pcm, 24 kHz)
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 class Ending(enum.Enum):
     STOPPED = "stopped"  # the person pressed stop or closed the tab
-    BUSY = "busy"  # no Moshi instance was free
+    BUSY = "busy"  # no conversation slot was free
     TIME_LIMIT = "time_limit"
     IDLE = "idle"  # no microphone audio for a while: the connection is gone or the mic is off
     ERROR = "error"
@@ -61,8 +61,8 @@ def ending_message(ending: Ending, limits: SessionLimits = SessionLimits(), deta
     """The one sentence the page shows for an ending; says what happened and what to do."""
     if ending is Ending.BUSY:
         return (
-            "Moshi is busy: every Moshi instance is in a conversation right now. "
-            "Please try again in a minute; the status line above shows when an instance is free."
+            "Moshi is busy: every conversation slot is taken right now. "
+            "Please try again in a minute; the status line above shows when a slot is free."
         )
     if ending is Ending.TIME_LIMIT:
         return (
@@ -170,7 +170,7 @@ class MoshiHandler(AsyncStreamHandler):
     after the WebRTC component's) into a Sampling; without it the backend's default
     sampling is used and the page's inputs are never waited for.
 
-    The conversation ends, and is closed (its instance reset and released) when the
+    The conversation ends, and is closed (its slot released and reset) when the
     connection stops (`shutdown`), after `limits.max_session_s`, after `limits.idle_s`
     without microphone audio, or on an error; then the page gets `CloseStream(message)`.
     """
@@ -376,7 +376,7 @@ class MoshiHandler(AsyncStreamHandler):
             await asyncio.shield(self._finishing)
 
     async def _finish(self, ending: Ending, detail: str) -> None:
-        """Close the conversation (reset and release its instance), then file the record
+        """Close the conversation (release and reset its slot), then file the record
         and the recording. Runs once; also runs to the end if its caller is cancelled."""
         if self._watchdog is not None and self._watchdog is not asyncio.current_task():
             self._watchdog.cancel()

@@ -1,11 +1,11 @@
 """The FastAPI app: `/status`, and the Opus websockets `/ws` (QuiLLMan's) and `/api/chat` (moshi's).
 
-Each connection leases one Moshi instance and runs three tasks over it, as
+Each connection leases one conversation slot and runs three tasks over it, as
 QuiLLMan does: receive (bytes -> Opus decode -> session), inference (the
 session's worker thread) and send (frames -> Opus encode -> websocket; text ->
 websocket), plus a watchdog for the session and idle limits. They wait on
-queues and events, never poll. Whatever ends a connection, its instance is
-reset and released before the close frame goes out, and nothing else notices.
+queues and events, never poll. Whatever ends a connection, its slot is
+released (and reset) before the close frame goes out, and nothing else notices.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """The voice chat page: a Gradio Blocks around FastRTC's WebRTC component.
 
     app = create_api(engine)
-    mount_ui(app, engine)                       # a local engine: one instance per browser session
+    mount_ui(app, engine)                       # a local engine: one slot per browser session
     mount_ui(app, remote="ws://host/api/chat")  # or every session on a Moshi server elsewhere
 
 The page: what Moshi is, the WebRTC audio component (press, talk, hear Moshi),
 the live transcript, sampling controls applied when a conversation starts, a
-status line (model, device, free instances, frame time), and after each
+status line (model, device, free slots, frame time), and after each
 conversation its stereo recording to download. Busy, time limit and errors are
 shown as the sentence `rtc.ending_message` gives. This is the only module that
 imports gradio.
@@ -68,7 +68,7 @@ class MoshiPage:
 
 
 def status_line(status: dict | None, remote: str | None = None) -> str:
-    """One line of Markdown from a /status-like dict: model, device, free instances, frame time."""
+    """One line of Markdown from a /status-like dict: model, device, free slots, frame time."""
     if not status:
         return f"Moshi runs at `{remote}`." if remote else "Moshi's status is not available right now."
     parts = [f"Model `{status.get('model', '?')}`"]
@@ -76,8 +76,9 @@ def status_line(status: dict | None, remote: str | None = None) -> str:
         parts.append(f"on {status['device']}" + (f" ({status['dtype']})" if status.get("dtype") else ""))
     sessions = status.get("sessions") or {}
     if "capacity" in sessions:
-        free = max(0, sessions["capacity"] - sessions.get("active", 0))
-        parts.append(f"**{free} of {sessions['capacity']}** instance{'s' if sessions['capacity'] != 1 else ''} free")
+        capacity = sessions["capacity"]
+        free = max(0, capacity - sessions.get("active", 0))
+        parts.append(f"**{free} of {capacity}** conversation slot{'s' if capacity != 1 else ''} free")
     frame_ms = _frame_ms(status.get("timings") or {})
     if frame_ms is not None:
         verdict = "real time" if frame_ms < 80 else "slower than real time"
@@ -93,7 +94,7 @@ def _frame_ms(timings: dict) -> float | None:
     return sum(stage["p50_ms"] for stage in stages)
 
 
-def free_instances(status: dict | None) -> int | None:
+def free_slots(status: dict | None) -> int | None:
     sessions = (status or {}).get("sessions") or {}
     if "capacity" not in sessions:
         return None
@@ -126,7 +127,7 @@ def build_page(
 ) -> MoshiPage:
     """The page as a Blocks, one conversation per browser session from `open_conversation`.
 
-    `capacity` bounds concurrent WebRTC connections (the number of Moshi instances
+    `capacity` bounds concurrent WebRTC connections (the number of conversation slots
     behind the page); `host` is where the server listens, which decides the ICE
     servers (`rtc.ice_source`); `status` feeds the status line.
     """
@@ -210,9 +211,9 @@ def build_page(
         webrtc.on_additional_outputs(lambda text: text, outputs=[transcript], concurrency_limit=None)
 
         async def on_start():
-            """Clear the last conversation; if no instance is free, say so before FastRTC refuses."""
+            """Clear the last conversation; if no slot is free, say so before FastRTC refuses."""
             message = ""
-            if free_instances(await read_status()) == 0:
+            if free_slots(await read_status()) == 0:
                 message = ending_message(Ending.BUSY, limits)
             return message, "", gr.update(value=None, visible=False)
 
@@ -261,7 +262,7 @@ def mount_ui(
 ) -> MoshiPage:
     """Mount the page on `app` at `path`; mount it after the app's own routes.
 
-    Give either a local `engine` (capacity: its instances, status: its status) or
+    Give either a local `engine` (capacity: its slots, status: its status) or
     the `remote` URL of a Moshi server (`/api/chat` or `/ws`; capacity defaults to 1,
     the number of sessions the page may hold on it at once; `connect_timeout_s`: how
     long a session may take to connect, e.g. while a worker starts from cold).

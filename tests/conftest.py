@@ -33,7 +33,7 @@ def music_pcm() -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def tiny_engine():
-    """Two warm instances of the tiny checkpoint, shared by the tests that only lease."""
+    """The tiny checkpoint with two conversation slots, shared by the tests that only lease."""
     engine = load_engine("tiny", device=DEVICE, sessions=2)
     yield engine
     engine.close()
@@ -41,8 +41,8 @@ def tiny_engine():
 
 @pytest.fixture(scope="module")
 def single_engine():
-    """One warm instance of the tiny checkpoint, for the tests of one module that need
-    to know which instance they get (or that every lease is taken)."""
+    """The tiny checkpoint with one slot, for the tests of one module that need every
+    lease taken by one conversation."""
     engine = load_engine("tiny", device=DEVICE, sessions=1)
     yield engine
     engine.close()

@@ -76,10 +76,22 @@ def test_gpu_and_session_limit_are_read_at_deploy_time(monkeypatch):
     assert module.CONFIG["MOSHI_GPU"] == "H100"  # copied into the image's environment
 
 
-def test_scale_out_puts_the_page_on_cpu_and_one_conversation_per_gpu_worker(monkeypatch):
-    module, asked = load_app_module(monkeypatch, MOSHI_SCALE_OUT="1", MOSHI_MAX_WORKERS="7")
+def test_each_gpu_admits_as_many_conversations_as_it_has_slots(monkeypatch):
+    module, _ = load_app_module(monkeypatch)
+    # auto on an L40S (48 GB): Moshiko's weights, then 1.6 GB per slot with headroom
+    assert module.SLOTS == 17
+    assert module.Moshi().web.info().concurrency_info.max_inputs >= 100 + 17
+    module, _ = load_app_module(monkeypatch, MOSHI_GPU="H100")
+    assert module.SLOTS == 32  # auto's ceiling
+    module, _ = load_app_module(monkeypatch, MOSHI_SESSIONS="6")
+    assert module.SLOTS == 6 and module.CONFIG["MOSHI_SESSIONS"] == "6"  # copied into the image
+
+
+def test_scale_out_puts_the_page_on_cpu_and_a_slotful_of_conversations_on_each_gpu_worker(monkeypatch):
+    module, asked = load_app_module(monkeypatch, MOSHI_SCALE_OUT="1", MOSHI_MAX_WORKERS="7", MOSHI_SESSIONS="12")
     worker = module.MoshiWorker().web.info()
-    assert worker.gpus == [("L40S", 1)] and worker.concurrency_info.max_inputs == 1
+    # Modal routes a worker at most its 12 slots' worth of conversations, then starts another GPU
+    assert worker.gpus == [("L40S", 1)] and worker.concurrency_info.max_inputs == 12
     assert worker.volumes["/cache"].name == "moshi-hf-cache"
     assert asked["MoshiWorker"]["max_containers"] == 7
     assert asked["MoshiWorker"]["scaledown_window"] == 300

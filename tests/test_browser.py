@@ -119,7 +119,7 @@ def evidence(tmp_path_factory) -> Evidence:
             transcript = page.input_value("#moshi-transcript textarea")
             screenshot(page, "screenshot-conversation.png")
 
-            # a second visitor while the only instance is in this conversation
+            # a second visitor while the only slot is in this conversation
             other = open_page(browser, url)
             other.click(TALK_BUTTON)
             other.wait_for_selector("#moshi-message p", timeout=15_000)
@@ -161,7 +161,7 @@ def test_the_browser_receives_moshis_voice(evidence):
     assert evidence.inbound["energy"] > 0
 
 
-def test_stopping_releases_the_instance(evidence):
+def test_stopping_releases_the_slot(evidence):
     assert evidence.active_after_stop == 0
     assert evidence.record.ending is Ending.STOPPED
 

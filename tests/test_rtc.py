@@ -269,7 +269,7 @@ async def test_the_pages_sampling_settings_reach_the_model(tiny_engine, conversa
     np.testing.assert_array_equal(np.concatenate([frame[0] for _, frame in audio])[: direct.size], direct)
 
 
-async def test_stopping_releases_the_instance_and_files_a_recording_of_both_sides(
+async def test_stopping_releases_the_slot_and_files_a_recording_of_both_sides(
     single_engine, conversations, hello_pcm
 ):
     handler = connection(MoshiHandler(single_engine.open_session, conversations), "stop")

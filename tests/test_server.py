@@ -32,14 +32,14 @@ PROTOCOLS = [Protocol.QUILLMAN, Protocol.MOSHI]
 
 @pytest.fixture(scope="module")
 def server(tiny_engine):
-    """Our API over the shared two-instance tiny engine."""
+    """Our API over the shared two-slot tiny engine."""
     with serve_asgi(create_api(tiny_engine)) as url:
         yield url
 
 
 @pytest.fixture(autouse=True)
 def no_session_left_over(tiny_engine):
-    """Each test starts with every instance free (a closed connection releases asynchronously)."""
+    """Each test starts with every slot free (a closed connection releases asynchronously)."""
     deadline = time.monotonic() + 5
     while tiny_engine.active and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -142,7 +142,7 @@ async def test_one_connection_beyond_capacity_gets_1013_at_once_and_is_served_af
         await exchange(ws_url(server, Protocol.MOSHI), hello_pcm[:SAMPLE_RATE])
     await first.close()
     # The close handshake completes at the protocol level, before the server's handler
-    # has seen the disconnect and released the instance: a few event-loop turns later.
+    # has seen the disconnect and released the slot: a few event-loop turns later.
     await until(lambda: tiny_engine.active < tiny_engine.capacity, timeout=1.0)
     result = await exchange(ws_url(server, Protocol.MOSHI), hello_pcm[:SAMPLE_RATE], realtime=False)
     assert result.pcm.size > 0
@@ -207,7 +207,7 @@ async def test_sampling_parameters_on_the_url_make_a_session_reproducible(server
     assert a.text != c.text or not np.array_equal(a.pcm, c.pcm)
 
 
-async def test_an_abrupt_disconnect_mid_stream_frees_the_instance_within_a_second(server, tiny_engine, hello_pcm):
+async def test_an_abrupt_disconnect_mid_stream_frees_the_slot_within_a_second(server, tiny_engine, hello_pcm):
     ws = await open_chat(server, Protocol.MOSHI)
     for page in ogg_frames(hello_pcm[: 10 * FRAME_SIZE]):
         await ws.send(b"\x01" + page)

@@ -1,4 +1,4 @@
-"""Sessions on leased instances: streaming, isolation, leasing, input validation."""
+"""Sessions on leased slots: streaming, reproducibility, leasing, input validation."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ async def test_output_does_not_depend_on_how_input_is_chunked(tiny_engine, hello
         assert np.array_equal(audio, results[0][0]) and texts == results[0][1]
 
 
-async def test_a_session_on_a_returned_instance_is_identical_to_one_on_a_fresh_instance(
+async def test_a_session_on_a_returned_slot_is_identical_to_one_on_a_fresh_engine(
     single_engine, hello_pcm, music_pcm
 ):
     pcm = hello_pcm[: 2 * SAMPLE_RATE]
@@ -47,7 +47,7 @@ async def test_a_session_on_a_returned_instance_is_identical_to_one_on_a_fresh_i
             on_fresh = await converse(session, pcm)
     finally:
         fresh.close()
-    # something else runs first on the single instance, with other sampling and input
+    # something else runs first on the single slot, with other sampling and input
     async with single_engine.session(Sampling(seed=99, temp=1.2, top_k=5)) as session:
         await converse(session, music_pcm[: 2 * SAMPLE_RATE])
     async with single_engine.session(Sampling(seed=11)) as session:

@@ -124,7 +124,7 @@ async def until(condition, timeout: float) -> None:
             await asyncio.sleep(0.05)
 
 
-async def test_a_webrtc_peer_speaks_and_hears_moshi_and_closing_releases_the_instance(single_engine):
+async def test_a_webrtc_peer_speaks_and_hears_moshi_and_closing_releases_the_slot(single_engine):
     async with page_server(single_engine) as (page, http):
         peer = Peer(page, "peer-talks")
         offered = time.monotonic()
@@ -146,7 +146,7 @@ async def test_a_webrtc_peer_speaks_and_hears_moshi_and_closing_releases_the_ins
     assert live.sampling.seed == 42 and live.recording.exists()
 
 
-async def test_a_second_connection_is_refused_while_the_only_instance_talks(single_engine):
+async def test_a_second_connection_is_refused_while_the_only_slot_talks(single_engine):
     async with page_server(single_engine) as (page, http):
         first = Peer(page, "first")
         await first.offer(http)
@@ -156,12 +156,12 @@ async def test_a_second_connection_is_refused_while_the_only_instance_talks(sing
         await second.close()
         await first.close()
         await until(lambda: single_engine.active == 0, timeout=15)
-    # the page's concurrency limit is the number of instances
+    # the page's concurrency limit is the number of slots
     assert answer == {"status": "failed", "meta": {"error": "concurrency_limit_reached", "limit": 1}}
 
 
 async def test_a_busy_engine_ends_the_stream_with_the_busy_message(single_engine):
-    held = single_engine.open_session()  # e.g. a websocket client holds the only instance
+    held = single_engine.open_session()  # e.g. a websocket client holds the only slot
     try:
         async with page_server(single_engine) as (page, http):
             peer = Peer(page, "too-late")
@@ -176,7 +176,7 @@ async def test_a_busy_engine_ends_the_stream_with_the_busy_message(single_engine
     assert single_engine.active == 0
 
 
-async def test_the_time_limit_ends_the_stream_with_its_message_and_releases_the_instance(single_engine):
+async def test_the_time_limit_ends_the_stream_with_its_message_and_releases_the_slot(single_engine):
     async with page_server(single_engine, limits=SessionLimits(max_session_s=2.0)) as (page, http):
         peer = Peer(page, "long-talk")
         await peer.offer(http)
@@ -203,7 +203,7 @@ async def test_remote_mode_carries_the_call_to_a_moshi_server_over_the_opus_webs
         peer = Peer(page, "via-websocket")
         await peer.offer(http)
         await until(lambda: peer.received_seconds() > 3.0, timeout=30)
-        assert single_engine.active == 1  # the Moshi server leased its instance for this call
+        assert single_engine.active == 1  # the Moshi server leased a slot for this call
         await peer.close()
         await until(lambda: single_engine.active == 0, timeout=15)
     record = page.conversations.get("via-websocket")
