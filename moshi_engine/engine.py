@@ -161,14 +161,16 @@ def load_engine(
     device: str = "auto",
     sessions: int | str = AUTO,
     warmup_frames: int = WARMUP_FRAMES,
+    gather_ms: float = 0.0,
 ) -> MoshiEngine:
     """Load a checkpoint (HF repo id, checkpoint directory or `tiny`) as a warm engine with
     `sessions` conversation slots (or "auto", see `choose_sessions`).
 
     bf16 on CUDA, float32 on CPU. One copy of the weights: the slots are the batch
     rows of one Mimi and one LMGen, all warmed up (and on CUDA graphed) before this
-    returns. Process-wide torch settings follow the device: torch.compile's stance,
-    and on CPU a single intra-op thread for small models.
+    returns. `gather_ms` is the stepping policy (`model.BatchedMoshi`). Process-wide
+    torch settings follow the device: torch.compile's stance, and on CPU a single
+    intra-op thread for small models.
     """
     torch_device = pick_device(device)
     dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
@@ -186,7 +188,7 @@ def load_engine(
     lm_gen_config = dict(checkpoint.lm_gen_config)
     default_sampling = Sampling.from_config(lm_gen_config)
     lm_gen_kwargs = {k: v for k, v in lm_gen_config.items() if not hasattr(default_sampling, k)}
-    batched = BatchedMoshi(mimi, lm, tokenizer, slots, StageTimings(), lm_gen_kwargs)
+    batched = BatchedMoshi(mimi, lm, tokenizer, slots, StageTimings(), lm_gen_kwargs, gather_ms)
     batched.warmup(warmup_frames)
     log.info("%d conversation slot(s) warm after %.1f s", slots, time.perf_counter() - started)
     info = EngineInfo(

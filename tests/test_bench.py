@@ -19,10 +19,10 @@ from moshi_engine.timings import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAMES = 8
-SECTIONS = ("frame", "e2e", "idle", "capacity", "compare")
+SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "compare")
 REPORT_HEADINGS = ("# Benchmarks", "## Runs", "## Targets", "## Frame budget", "## End to end over loopback",
-                   "## Idle session", "## Capacity", "## Side by side with moshi's reference server",
-                   "## GPU: the full-size architecture")
+                   "## Idle session", "## Batched steps", "## Capacity",
+                   "## Side by side with moshi's reference server", "## GPU: the full-size architecture")
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,7 @@ def bench_run(tmp_path_factory) -> tuple[dict, Path]:
     """One run of the command line over every section, as a user would start it."""
     out = tmp_path_factory.mktemp("bench")
     command = [sys.executable, "-m", "moshi_engine.bench", "--frames", str(FRAMES), "--max-sessions", "2",
+               "--batch-slots", "2",
                "--idle-seconds", "0.3", "--compare-rounds", "1", "--model", "tiny", "--device", "cpu",
                "--json", str(out / "cpu.json"), "--report", str(out / "BENCHMARKS.md")]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -87,15 +88,38 @@ def test_idle_measures_the_engine_process_and_the_server_process(bench_run):
         assert "session_cpu_percent" in run
 
 
-def test_capacity_ramps_up_to_the_ceiling_and_states_its_criterion(bench_run):
+def test_capacity_ramps_up_over_websockets_and_webrtc_and_states_its_criteria(bench_run):
     doc, _ = bench_run
-    capacity = doc["sections"]["capacity"]
-    assert capacity["transport"] == "websocket"
-    assert capacity["criterion"] == {"p95_bound_ms": 80.0, "drift_bound_ms": 20.0}
-    assert [level["sessions"] for level in capacity["levels"]][:1] == [1]
+    websocket, webrtc = doc["sections"]["capacity"]["runs"]
+    assert (websocket["transport"], webrtc["transport"]) == ("websocket", "webrtc")
+    assert websocket["criterion"] == {"p95_bound_ms": 80.0, "drift_bound_ms": 20.0}
+    assert webrtc["criterion"] == {"min_received": 0.95, "drift_bound_ms": 20.0}
+    for result in (websocket, webrtc):
+        assert [level["sessions"] for level in result["levels"]][:1] == [1]
+        assert result["capacity"] in (0, 1, 2)
+        for level in result["levels"]:
+            assert level["server_cpu_percent"] > 0
+            assert level["server_cpu_percent_per_session"] == pytest.approx(
+                level["server_cpu_percent"] / level["sessions"], abs=0.01)
+            assert level["batch"]["step"]["count"] > 0  # the server's batched model stepped
     assert all(level["answered"] <= level["expected"] == level["sessions"] * (FRAMES - 1)
-               for level in capacity["levels"])
-    assert capacity["capacity"] in (0, 1, 2)
+               for level in websocket["levels"])
+    assert all(level["time_to_first_audio"]["n"] == level["sessions"] for level in webrtc["levels"])
+
+
+def test_batch_times_steps_against_batch_size_and_compares_stepping_policies(bench_run):
+    doc, _ = bench_run
+    batch = doc["sections"]["batch"]
+    assert [entry["batch"] for entry in batch["step_time"]["batches"]] == [1, 2]
+    for entry in batch["step_time"]["batches"]:
+        assert entry["all_rows"]["n"] == entry["one_row"]["n"] == batch["step_time"]["steps_timed"]
+    policy = batch["policy"]
+    assert policy["slots"] == 2
+    assert [(level["gather_ms"], level["conversations"]) for level in policy["levels"]] == [
+        (0.0, 1), (0.0, 2), (40.0, 1), (40.0, 2)]
+    for level in policy["levels"]:
+        assert level["answered"] == level["expected"] == level["conversations"] * (FRAMES - 1)
+        assert level["wait"]["n"] > 0 and 1 <= level["rows_per_step"] <= 2
 
 
 def test_compare_runs_ours_and_moshis_server_on_the_same_load(bench_run):

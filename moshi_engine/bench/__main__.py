@@ -33,10 +33,14 @@ def _parser() -> argparse.ArgumentParser:
                         "a HF repo id or a checkpoint directory")
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--frames", type=int, default=defaults.frames, help="80 ms frames per stream")
-    parser.add_argument("--transport", choices=("auto", "session", "websocket"), default=defaults.transport,
-                        help="capacity clients: in-process sessions, or websockets (auto: websockets when "
-                        "fastapi, uvicorn and websockets are installed)")
-    parser.add_argument("--max-sessions", type=int, default=defaults.max_sessions, help="capacity ramp ceiling")
+    parser.add_argument("--transport", default=defaults.transport,
+                        help="capacity clients, comma-separated: session (in process), websocket, webrtc "
+                        "(aiortc peers on the page); auto: websocket and webrtc when the web stack is installed, "
+                        "else session")
+    parser.add_argument("--max-sessions", type=int, default=defaults.max_sessions,
+                        help="capacity ramp ceiling, and the largest batch the step-time series tries")
+    parser.add_argument("--batch-slots", type=int, default=defaults.batch_slots,
+                        help="slots of the engine on which the stepping policies are compared")
     parser.add_argument("--idle-seconds", type=float, default=defaults.idle_s, help="each idle CPU window")
     parser.add_argument("--p95-bound-ms", type=float, default=criterion.p95_bound_ms,
                         help="capacity: a level keeps real time while its p95 latency is at most this")
@@ -66,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         chosen = tuple(name.strip() for name in args.sections.split(",") if name.strip())
         config = BenchConfig(
             model=args.model, device=args.device, frames=args.frames, transport=args.transport,
-            max_sessions=args.max_sessions, idle_s=args.idle_seconds, compare_rounds=args.compare_rounds,
+            max_sessions=args.max_sessions, batch_slots=args.batch_slots, idle_s=args.idle_seconds,
+            compare_rounds=args.compare_rounds,
             criterion=RealTimeCriterion(args.p95_bound_ms, args.drift_bound_ms),
         )
 

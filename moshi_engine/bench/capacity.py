@@ -1,17 +1,23 @@
-"""How many concurrent conversations one machine keeps in real time.
+"""How many concurrent conversations one machine keeps in real time, per transport.
 
-k real-time clients each stream the same speech, one session (one Moshi
-instance) each, starting 80/k ms apart as independent users would rather than
-all on the same beat. k doubles from 1 until a level fails `RealTimeCriterion`
-(or `max_sessions` is reached), then the gap between the last level that passed
-and the first that failed is bisected. The capacity is the largest k that passed.
+k real-time clients each stream the same speech, one conversation slot each,
+starting 80/k ms apart as independent users would rather than all on the same
+beat. k doubles from 1 until a level fails its criterion (or `max_sessions` is
+reached), then the gap between the last level that passed and the first that
+failed is bisected. The capacity is the largest k that passed. Each level runs on
+an engine with exactly k slots, as an operator would size it (`--sessions k`).
 
-Over websockets the clients are real clients of our server in a child process
-(loaded with k instances); with the "session" transport they are sessions of an
-engine in this process, through the same session code and Opus work, which is
-what a GPU machine without the web stack runs. Loading k full-size instances
-may not fit on the GPU: such a level fails with the reason, it does not crash
-the benchmark.
+- **websocket**: real clients of our `/api/chat` in a child process, judged frame
+  by frame (`RealTimeCriterion`).
+- **webrtc**: aiortc peers on the page's WebRTC route of the same server with its
+  page mounted (`webrtc.py`): aiortc's Opus, SRTP and resampling are per-connection
+  Python work on both sides, judged by `WebRTCCriterion`.
+- **session**: sessions of an engine in this process, through the same session code
+  and Opus work, which is what a GPU machine without the web stack runs.
+
+Each level also records the server's CPU (per conversation too) and its batched
+step's numbers from `/status`. A level whose slots do not fit in memory fails with
+the reason; it does not crash the benchmark.
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ from ..protocol import Protocol
 from .resources import OURS, Bench, cpu_counters, cpu_usage
 from .sections import websocket_url
 from .streams import stream_session, stream_websocket
+from .webrtc import WebRTCCriterion, stream_webrtc
 
 log = logging.getLogger(__name__)
+
+TRANSPORTS = ("session", "websocket", "webrtc")
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -36,30 +45,36 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 
 def run_level(bench: Bench, sessions: int, transport: str) -> dict:
-    """k = `sessions` concurrent real-time clients, judged by the run's criterion."""
+    """k = `sessions` concurrent real-time clients on k slots, judged by the transport's criterion."""
     config = bench.config
     offsets = [index * FRAME_SECONDS / sessions for index in range(sessions)]
-    make_stream = None
+    make_stream = status = None
+    criterion = WebRTCCriterion() if transport == "webrtc" else config.criterion
     try:
         if transport == "session":
             pid = None  # the engine runs in this process
-            make_stream = functools.partial(stream_session, bench.engine(sessions), bench.pages, True,
-                                            tail_s=config.tail_s)
+            engine = bench.engine(sessions)
+            status = engine.status
+            make_stream = functools.partial(stream_session, engine, bench.pages, True, tail_s=config.tail_s)
         else:
-            server = bench.server(OURS, sessions)
+            server = bench.server(OURS, sessions, page=transport == "webrtc")
             server.wait_idle()
-            pid = server.pid
-            make_stream = functools.partial(stream_websocket, websocket_url(server, Protocol.MOSHI.path),
-                                            bench.pages, True, tail_s=config.tail_s)
+            pid, status = server.pid, server.status
+            if transport == "webrtc":
+                make_stream = functools.partial(stream_webrtc, server.url, config.frames * FRAME_SECONDS,
+                                                tail_s=config.tail_s)
+            else:
+                make_stream = functools.partial(stream_websocket, websocket_url(server, Protocol.MOSHI.path),
+                                                bench.pages, True, tail_s=config.tail_s)
     except Exception as error:
-        if not _is_out_of_memory(error):
+        if not _is_out_of_memory(error) and "do not fit" not in str(error):
             raise
-        log.warning("%d instance(s) do not fit in memory: %s", sessions, str(error).strip().splitlines()[-1])
+        log.warning("%d slot(s) do not fit in memory: %s", sessions, str(error).strip().splitlines()[-1])
     if make_stream is None:
         # Out here, the error's traceback no longer holds the half-loaded models.
         bench.release_engine()
         return {"sessions": sessions, "keeps_real_time": False,
-                "failures": [f"{sessions} instances do not fit in memory"]}
+                "failures": [f"{sessions} conversation slots do not fit in memory"]}
 
     async def together() -> tuple[list, dict]:
         before = cpu_counters(pid)
@@ -67,18 +82,18 @@ def run_level(bench: Bench, sessions: int, transport: str) -> dict:
         return runs, cpu_usage(before, cpu_counters(pid))
 
     runs, usage = asyncio.run(together())
-    level = config.criterion.judge(list(runs))
+    level = criterion.judge(list(runs))
     level["server_cpu_percent"] = usage["cpu_percent"]
-    log.info("capacity: %d session(s): %s (p95 %.1f ms, drift %.1f ms)", sessions,
-             "real time" if level["keeps_real_time"] else "; ".join(level["failures"]),
-             level["latency"]["p95_ms"], level["drift_ms"])
+    level["server_cpu_percent_per_session"] = round(usage["cpu_percent"] / sessions, 2)
+    level["batch"] = status()["batch"]
+    log.info("capacity %s: %d session(s): %s (%.0f %% CPU)", transport, sessions,
+             "real time" if level["keeps_real_time"] else "; ".join(level["failures"]), usage["cpu_percent"])
     return level
 
 
-def capacity(bench: Bench) -> dict:
+def capacity(bench: Bench, transport: str) -> dict:
     """Ramp k = 1, 2, 4, ... then bisect; returns every level tried and the capacity."""
     config = bench.config
-    transport = config.capacity_transport()
     levels: dict[int, dict] = {}
 
     def passes(k: int) -> bool:
@@ -103,10 +118,12 @@ def capacity(bench: Bench) -> dict:
             passed = middle
         else:
             failed = middle
+    bench.stop_servers()
+    criterion = WebRTCCriterion() if transport == "webrtc" else config.criterion
     return {
         "transport": transport,
-        "path": None if transport == "session" else Protocol.MOSHI.path,
-        "criterion": config.criterion.describe(),
+        "path": {"websocket": Protocol.MOSHI.path, "webrtc": "the page's WebRTC offer route"}.get(transport),
+        "criterion": criterion.describe(),
         "max_sessions": config.max_sessions,
         "levels": [levels[k] for k in sorted(levels)],
         "capacity": passed,

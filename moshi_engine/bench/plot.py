@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..timings import STAGES
-from .documents import FRAME_MS, STAGE_NAMES, is_gpu, measured
+from .documents import FRAME_MS, STAGE_NAMES, is_gpu, measured, transport_runs
 from .stats import OTHER
 
 GPU_FRAME_TARGET_MS = 40.0  # the full-size frame on an H100
@@ -83,26 +83,23 @@ def _frame_panel(ax, documents: list[dict]) -> None:
 def _capacity_panel(ax, documents: list[dict], labels: list[str]) -> None:
     from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullLocator
 
-    title = "Concurrent real-time sessions"
+    title = "Concurrent real-time conversations"
     drawn = False
     bound = None
     tried: set[int] = set()
     for index, doc in enumerate(documents):
-        result = measured(doc, "capacity")
-        if not result:
-            continue
-        levels = [level for level in result["levels"] if level.get("latency")]
-        if not levels:
-            continue
-        bound = result["criterion"]["p95_bound_ms"]
-        xs = [level["sessions"] for level in levels]
-        tried.update(xs)
-        ys = [max(level["latency"]["p95_ms"], 0.1) for level in levels]
-        line, = ax.plot(xs, ys, linestyle=":", linewidth=1, label=f"run {index + 1} (capacity {result['capacity']})")
-        for x, y, level in zip(xs, ys, levels, strict=True):
-            ax.plot(x, y, "o", color=line.get_color(), markerfacecolor=line.get_color() if level["keeps_real_time"]
-                    else "white")
-        drawn = True
+        for result in transport_runs(doc, "capacity"):
+            # frame latency exists where frames can be paired with answers (not over WebRTC)
+            levels = [level for level in result["levels"] if level.get("latency")]
+            if not levels:
+                continue
+            bound = result["criterion"]["p95_bound_ms"]
+            xs = [level["sessions"] for level in levels]
+            tried.update(xs)
+            ys = [max(level["latency"]["p95_ms"], 0.1) for level in levels]
+            label = f"run {index + 1}, {result['transport']} (capacity {result['capacity']})"
+            _capacity_line(ax, xs, ys, levels, label)
+            drawn = True
     if not drawn:
         _empty(ax, title, "capacity not measured")
         return
@@ -115,10 +112,17 @@ def _capacity_panel(ax, documents: list[dict], labels: list[str]) -> None:
     ax.xaxis.set_major_formatter(FormatStrFormatter("%d"))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.set_xlabel("concurrent sessions (filled: kept real time)")
+    ax.set_xlabel("concurrent conversations (filled: kept real time)")
     ax.set_ylabel("p95 latency, ms")
     ax.set_title(title)
     ax.legend(fontsize=8)
+
+
+def _capacity_line(ax, xs: list[int], ys: list[float], levels: list[dict], label: str) -> None:
+    line, = ax.plot(xs, ys, linestyle=":", linewidth=1, label=label)
+    for x, y, level in zip(xs, ys, levels, strict=True):
+        ax.plot(x, y, "o", color=line.get_color(), markerfacecolor=line.get_color() if level["keeps_real_time"]
+                else "white")
 
 
 def _compare_panel(ax, documents: list[dict]) -> None:

@@ -33,7 +33,9 @@ IDLE_CPU_TARGET_PERCENT = 1.0  # "near 0 %": below 1 % of one core
 POLLING_WAKEUPS_PER_S = 10.0  # a loop polling every 1 ms wakes ~1000 times a second
 CPU_COMMAND = "python -m moshi_engine.bench --json cpu.json --report docs/BENCHMARKS.md"
 GPU_COMMAND = ("python -m moshi_engine.bench --model random --device cuda --transport session "
-               "--sections frame,idle,capacity --json gpu.json")
+               "--sections frame,idle,batch,capacity --batch-slots 32 --json gpu.json")
+CPU_CAPACITY_TARGET = 16  # tiny, over websockets, on the project's 2-core machines
+GPU_CAPACITY_TARGET = 24  # the full-size model on one H100, frame p95 under 80 ms
 RENDER_COMMAND = "python -m moshi_engine.bench --report docs/BENCHMARKS.md cpu.json gpu.json"
 
 
@@ -47,7 +49,7 @@ def render_report(documents: list[dict], path: Path, plot_path: Path | None = No
     plot_link = Path(os.path.relpath(plot_path, path.parent)).as_posix()
     lines = _intro(documents, plot_link)
     for part in (_runs_table, _targets, tables.frame_budget_section, tables.end_to_end_section, tables.idle_section,
-                 tables.capacity_section, tables.compare_section, _gpu):
+                 tables.batch_section, tables.capacity_section, tables.compare_section, _gpu):
         lines += part(documents)
     path.write_text("\n".join(lines).rstrip() + "\n")
     return plot_path
@@ -168,8 +170,22 @@ def _targets(documents: list[dict]) -> list[str]:
                     verdict += f" on an {gpu.removeprefix('NVIDIA ')}, which is not an H100"
                 rows.append([f"full-size frame ≤ {GPU_FRAME_TARGET_MS:g} ms on an H100", run,
                              f"{gpu}: whole frame {fmt_p(e2e)}", verdict])
+        for result in transport_runs(doc, "capacity"):
+            if is_gpu(doc):
+                target = f"≥ {GPU_CAPACITY_TARGET} real-time conversations on one H100, one copy of the weights"
+                wanted = GPU_CAPACITY_TARGET
+            elif result["transport"] == "websocket":
+                target = f"≥ {CPU_CAPACITY_TARGET} real-time conversations over websockets (tiny, CPU)"
+                wanted = CPU_CAPACITY_TARGET
+            else:
+                continue
+            limit = " (the ramp's ceiling)" if result["limited_by_ceiling"] else ""
+            rows.append([target, run, f"{result['transport']}: {result['capacity']}{limit}",
+                         "met" if result["capacity"] >= wanted else "not met"])
     if not any(is_gpu(doc) for doc in documents):
         rows.append([f"full-size frame ≤ {GPU_FRAME_TARGET_MS:g} ms on an H100", "–",
+                     "not measured: no GPU run among these results", "–"])
+        rows.append([f"≥ {GPU_CAPACITY_TARGET} real-time conversations on one H100, one copy of the weights", "–",
                      "not measured: no GPU run among these results", "–"])
     return [
         "## Targets",
@@ -213,11 +229,10 @@ def _gpu(documents: list[dict]) -> list[str]:
                       f"the LM step alone p50 {fmt_ms(lm.get('p50_ms'))} ms;"]
         else:
             lines += [f"- frame budget {not_measured(doc, 'frame')};"]
-        result = measured(doc, "capacity")
-        if result:
-            lines += [f"- {result['capacity']} concurrent real-time session(s) on one GPU "
+        for result in transport_runs(doc, "capacity"):
+            lines += [f"- {result['capacity']} concurrent real-time conversation(s) on one copy of the weights "
                       f"({result['transport']} transport; levels in the capacity table above)."]
-        else:
+        if not transport_runs(doc, "capacity"):
             lines += [f"- capacity {not_measured(doc, 'capacity')}."]
         lines += [""]
     return lines
@@ -241,9 +256,8 @@ def summary_lines(doc: dict) -> list[str]:
     for entry in transport_runs(doc, "idle"):
         lines.append(f"idle, {transport_name(entry)}: {fmt_signed(entry['session_cpu_percent'], 3)} % CPU, "
                      f"{fmt_signed(entry.get('session_wakeups_per_s'))} wakeups/s with a silent session")
-    capacity = measured(doc, "capacity")
-    if capacity:
-        lines.append(f"capacity: {capacity['capacity']} real-time session(s) ({capacity['transport']})")
+    for capacity in transport_runs(doc, "capacity"):
+        lines.append(f"capacity: {capacity['capacity']} real-time conversation(s) ({capacity['transport']})")
     compare = measured(doc, "compare")
     if compare:
         r = compare["ratios"]

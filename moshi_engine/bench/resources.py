@@ -3,8 +3,8 @@ servers in child processes, and the CPU accounting of a process.
 
 Loading a model is the slow part of a benchmark, so one engine and one server
 of each kind live for the whole run and are only reloaded when a section needs
-more instances than they have (capacity) or its memory back (a full-size model
-on one GPU cannot hold the in-process engine and a server's at once).
+another number of conversation slots (capacity, batch) or its memory back (a
+full-size model on one GPU cannot hold the in-process engine and a server's at once).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .streams import StreamRun, speech_pages
 log = logging.getLogger(__name__)
 
 WEB_STACK = ("fastapi", "uvicorn", "websockets")
+PAGE_STACK = ("gradio", "fastrtc", "aiortc", "httpx")
 REFERENCE_STACK = ("aiohttp", "websockets")
 
 
@@ -47,17 +48,22 @@ class BenchConfig:
     model: str = "tiny"
     device: str = "auto"
     frames: int = 125  # 10 s of speech per stream
-    transport: str = "auto"  # capacity: "session" (no web stack), "websocket", or auto
+    transport: str = "auto"  # capacity: "session" (no web stack), "websocket", "webrtc", a list, or auto
     max_sessions: int = 32  # the capacity ramp stops here
+    batch_slots: int = 16  # the engine's slots when comparing stepping policies (batch section)
     idle_s: float = 3.0  # each idle CPU window
     tail_s: float = 2.0  # how long a client waits for the next answer before giving up
     compare_rounds: int = 4  # ours against moshi's server: alternating rounds (small machines are noisy)
     criterion: RealTimeCriterion = field(default_factory=RealTimeCriterion)
 
-    def capacity_transport(self) -> str:
+    def capacity_transports(self) -> tuple[str, ...]:
+        """The capacity clients: as asked (comma-separated), or for auto websockets and WebRTC
+        where the web stack (and the page's) is installed, else in-process sessions."""
         if self.transport != "auto":
-            return self.transport
-        return "session" if missing_packages(WEB_STACK) else "websocket"
+            return tuple(name.strip() for name in self.transport.split(",") if name.strip())
+        if missing_packages(WEB_STACK):
+            return ("session",)
+        return ("websocket",) if missing_packages(PAGE_STACK) else ("websocket", "webrtc")
 
 
 def cpu_counters(pid: int | None = None) -> tuple[float, float, int | None]:
@@ -114,18 +120,18 @@ class Bench:
             self._pages = speech_pages(self.config.frames)
         return self._pages
 
-    def engine(self, instances: int = 1):
-        """An engine in this process with at least `instances` instances (reloaded if fewer)."""
-        if self._engine is not None and self._engine.capacity < instances:
+    def engine(self, sessions: int = 1):
+        """An engine in this process with `sessions` conversation slots (reloaded if it has other)."""
+        if self._engine is not None and self._engine.capacity != sessions:
             self.release_engine()
         if self._engine is None:
             from ..engine import load_engine
 
             self.stop_servers()  # their models would share the device's memory with this one
             started = time.perf_counter()
-            self._engine = load_engine(self.config.model, device=self.config.device, sessions=instances)
+            self._engine = load_engine(self.config.model, device=self.config.device, sessions=sessions)
             self.engine_info = dataclasses.asdict(self._engine.info)
-            log.info("engine with %d instance(s) ready in %.1f s", instances, time.perf_counter() - started)
+            log.info("engine with %d slot(s) ready in %.1f s", sessions, time.perf_counter() - started)
         return self._engine
 
     def release_engine(self) -> None:
@@ -141,19 +147,20 @@ class Bench:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def server(self, kind: str, instances: int = 1) -> ServerProcess:
-        """A running server of `kind` (OURS or REFERENCE) with at least `instances` instances."""
+    def server(self, kind: str, sessions: int = 1, page: bool = False) -> ServerProcess:
+        """A running server of `kind` (OURS, REFERENCE or ECHO); ours with `sessions` slots, and with
+        the page (its WebRTC route) mounted when `page`."""
         if kind in (REFERENCE, ECHO):
-            instances = 1  # moshi's server has one model and serves one connection at a time; echo has none
+            sessions = 1  # moshi's server has one model and serves one connection at a time; echo has none
         held = self._servers.get(kind)
-        if held is not None and held[1].instances < instances:
+        if held is not None and (held[1].sessions != sessions or held[1].page != page):
             self.stop_server(kind)
             held = None
         if held is None:
             if kind != ECHO:
                 self.release_engine()
             stack = contextlib.ExitStack()
-            process = stack.enter_context(server_process(kind, self.config.model, self.config.device, instances))
+            process = stack.enter_context(server_process(kind, self.config.model, self.config.device, sessions, page))
             held = self._servers[kind] = (stack, process)
             if kind == OURS:
                 self.engine_info = process.engine_info

@@ -11,6 +11,7 @@ not cost a whole GPU session.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 import time
@@ -18,14 +19,14 @@ import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from . import capacity, sections
+from . import batch, capacity, sections
 from .machine import describe_machine, load_average
-from .resources import REFERENCE_STACK, WEB_STACK, Bench, BenchConfig, missing_packages
+from .resources import PAGE_STACK, REFERENCE_STACK, WEB_STACK, Bench, BenchConfig, missing_packages
 
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
-SECTIONS = ("frame", "e2e", "idle", "capacity", "compare")
+SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "compare")
 
 
 def _attempt(name: str, measure: Callable[[], dict]) -> dict:
@@ -54,14 +55,18 @@ def run_benchmark(config: BenchConfig, chosen: tuple[str, ...] = SECTIONS,
         raise ValueError(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
     no_web = missing_packages(WEB_STACK)
     no_reference = no_web or missing_packages(REFERENCE_STACK)
-    transport = config.capacity_transport()
+    transports = config.capacity_transports()
+    unknown = set(transports) - set(capacity.TRANSPORTS)
+    if unknown:
+        raise ValueError(f"unknown transport(s) {', '.join(sorted(unknown))}; choose from "
+                         f"{', '.join(capacity.TRANSPORTS)}")
     results: dict[str, dict] = {name: {} for name in SECTIONS if name in chosen}
     document = {
         "schema": SCHEMA,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "argv": sys.argv[1:],
         "machine": describe_machine(),
-        "config": {**dataclasses.asdict(config), "sections": list(results), "capacity_transport": transport},
+        "config": {**dataclasses.asdict(config), "sections": list(results), "capacity_transports": list(transports)},
         "sections": results,
     }
     started = time.perf_counter()
@@ -92,8 +97,10 @@ def run_benchmark(config: BenchConfig, chosen: tuple[str, ...] = SECTIONS,
             part("frame", "frame budget (session)", lambda: sections.frame_session(bench), per_transport=True)
         if "idle" in results:
             part("idle", "idle CPU (session)", lambda: sections.idle_session(bench), per_transport=True)
-        if "capacity" in results and transport == "session":
-            part("capacity", "capacity (session)", lambda: capacity.capacity(bench))
+        if "batch" in results:
+            part("batch", "step time and stepping policy", lambda: batch.batch(bench))
+        if "capacity" in results and "session" in transports:
+            part("capacity", "capacity (session)", lambda: capacity.capacity(bench, "session"), per_transport=True)
         # Websocket work, on servers in child processes.
         if no_web:
             for name in ("frame", "idle"):
@@ -113,8 +120,14 @@ def run_benchmark(config: BenchConfig, chosen: tuple[str, ...] = SECTIONS,
                 results["compare"] = {"skipped": no_reference}
             else:
                 part("compare", "ours against moshi's server", lambda: sections.compare(bench))
-        if "capacity" in results and transport == "websocket":
-            part("capacity", "capacity (websocket)", lambda: capacity.capacity(bench))
+        for transport in ("websocket", "webrtc"):
+            if "capacity" in results and transport in transports:
+                missing = no_web or (missing_packages(PAGE_STACK) if transport == "webrtc" else None)
+                if missing:
+                    results["capacity"].setdefault("runs", []).append({"transport": transport, "skipped": missing})
+                    continue
+                part("capacity", f"capacity ({transport})",
+                     functools.partial(capacity.capacity, bench, transport), per_transport=True)
     finally:
         bench.close()
     finish()

@@ -141,12 +141,13 @@ def echo_app():
 
 @dataclasses.dataclass
 class ServerProcess:
-    """A server running in a child process: its kind, base URL, pid and instance count."""
+    """A server running in a child process: its kind, base URL, pid, slots and whether the page is mounted."""
 
     kind: str
     url: str
     pid: int
-    instances: int
+    sessions: int
+    page: bool
     engine_info: dict  # ours: model, device, dtype, parameters; empty for moshi's server
     _conn: Connection
 
@@ -157,13 +158,17 @@ class ServerProcess:
     def clear_timings(self) -> None:
         self._ask("clear")
 
+    def status(self) -> dict:
+        """Our engine's `/status` body, read over the pipe."""
+        return self._ask("status")
+
     def wait_idle(self) -> None:
-        """Return once every instance is back in the pool.
+        """Return once every conversation slot is free.
 
         A client's close completes when the server echoes the close frame, which can
-        be before the server has reset and released the instance; a next connection
-        made at once could then be refused with 1013. So each measurement waits for
-        this first (moshi's server needs no such wait: it queues connections).
+        be before the server has seen the disconnect and released the slot; a next
+        connection made at once could then be refused with 1013. So each measurement
+        waits for this first (moshi's server needs no such wait: it queues connections).
         """
         if self.kind == OURS and self._ask("wait_idle"):
             raise RuntimeError("the server still has sessions open 30 s after its clients left")
@@ -176,10 +181,11 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def server_process(kind: str, model: str, device: str, instances: int = 1, start_timeout_s: float = 900.0):
-    """Run our app (`kind="ours"`, `instances` Moshi instances), moshi's reference server
-    (`kind="reference"`, one instance by design) over `model`, or `echo_app` (`kind="echo"`,
-    no model) in a child process.
+def server_process(kind: str, model: str, device: str, sessions: int = 1, page: bool = False,
+                   start_timeout_s: float = 900.0):
+    """Run our API (`kind="ours"`, `sessions` conversation slots, and the page with its WebRTC
+    route when `page`), moshi's reference server (`kind="reference"`, one conversation at a
+    time by design) over `model`, or `echo_app` (`kind="echo"`, no model) in a child process.
 
     Yields a ServerProcess once the model is loaded, warm and listening on loopback;
     stops the child on exit. The child's stdout goes to /dev/null: moshi's server
@@ -190,7 +196,7 @@ def server_process(kind: str, model: str, device: str, instances: int = 1, start
     process = context.Process(
         target=_serve_in_child,
         # the child's routine INFO lines (every session's end, aiohttp's access log) are noise here
-        args=(kind, model, device, instances, child_conn,
+        args=(kind, model, device, sessions, page, child_conn,
               logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING),
         name=f"bench-{kind}-server",
         daemon=True,
@@ -204,8 +210,9 @@ def server_process(kind: str, model: str, device: str, instances: int = 1, start
         if status != "ready":
             raise RuntimeError(f"the {kind} server failed to start:\n{detail[0]}")
         url, pid, engine_info = detail
-        log.info("%s server (%d instance(s)) listening at %s, pid %d", kind, instances, url, pid)
-        yield ServerProcess(kind, url, pid, instances, engine_info, conn)
+        log.info("%s server (%d slot(s)%s) listening at %s, pid %d", kind, sessions, ", page" if page else "",
+                 url, pid)
+        yield ServerProcess(kind, url, pid, sessions, page, engine_info, conn)
     finally:
         with contextlib.suppress(OSError):
             conn.send("stop")
@@ -217,7 +224,8 @@ def server_process(kind: str, model: str, device: str, instances: int = 1, start
         conn.close()
 
 
-def _serve_in_child(kind: str, model: str, device: str, instances: int, conn: Connection, level: int) -> None:
+def _serve_in_child(kind: str, model: str, device: str, sessions: int, page: bool, conn: Connection,
+                    level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     ready = False
@@ -227,8 +235,13 @@ def _serve_in_child(kind: str, model: str, device: str, instances: int, conn: Co
             from ..engine import load_engine
             from ..server import create_api
 
-            engine = load_engine(model, device=device, sessions=instances)
-            serving = serve_asgi(create_api(engine))
+            engine = load_engine(model, device=device, sessions=sessions)
+            if page:
+                from ..web import create_app
+
+                serving = serve_asgi(create_app(engine))
+            else:
+                serving = serve_asgi(create_api(engine))
         elif kind == REFERENCE:
             from ..reference import reference_app
 
@@ -247,6 +260,8 @@ def _serve_in_child(kind: str, model: str, device: str, instances: int, conn: Co
                 elif command == "clear":
                     engine.timings.clear()
                     conn.send(None)
+                elif command == "status":
+                    conn.send(engine.status())
                 elif command == "wait_idle":
                     # The engine has no event for "all released"; this runs between measurements, never in one.
                     deadline = time.monotonic() + 30

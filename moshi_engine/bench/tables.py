@@ -11,6 +11,7 @@ from .documents import (
     FRAME_MS,
     STAGE_NAMES,
     fmt_ms,
+    fmt_p,
     fmt_ratio,
     fmt_signed,
     markdown_table,
@@ -32,7 +33,7 @@ def frame_budget_section(documents: list[dict]) -> list[str]:
         "what the step on frame *i* outputs; the first frame's step outputs nothing, so every frame but the",
         "first is answered). The server records",
         "how long each stage took for each frame: Opus decode and encode where the transport runs them,",
-        "Mimi encode, LM step and Mimi decode on the instance's worker thread (CUDA-synchronised on a GPU).",
+        "Mimi encode, LM step and Mimi decode on the model's stepping thread (CUDA-synchronised on a GPU).",
         "",
         "**Everything else** is derived frame by frame: a frame's end-to-end time minus its five stages.",
         "The five series are paired with the end-to-end times from the last frame backwards (the last",
@@ -150,57 +151,118 @@ def _wakeups(usage: dict) -> str:
     return "–" if usage.get("wakeups_per_s") is None else f"{usage['wakeups_per_s']:g}"
 
 
+def batch_section(documents: list[dict]) -> list[str]:
+    lines = [
+        "## Batched steps: one model, many conversations",
+        "",
+        "Every conversation is a slot: a row of one batched Mimi + LMGen, stepped by one thread. **Step",
+        "time** is an engine with B slots stepping all B rows (Mimi encode, LM step, Mimi decode and each",
+        "row's own sampling) on speech-like input, 40 times; the batch shape is fixed (CUDA graphs need",
+        "it), so one row costs about what B rows cost, which the last column shows.",
+        "",
+        "**Stepping policy**: an engine with N slots and k = 1, N/2, N real-time conversations in one",
+        "process (Opus on both sides, as the server does), each at its own phase of the 80 ms frame. *Wait*",
+        "is how long a frame sits between arriving whole and its step starting, *frame* the whole frame",
+        "(Opus decode to Opus encode). Policy *0 ms* steps as soon as any conversation has a frame ready;",
+        "*40 ms* waits up to 40 ms after the first ready frame for the others, for fewer, fuller steps.",
+        "",
+    ]
+    for index, doc in enumerate(documents):
+        result = measured(doc, "batch")
+        lines += [f"### Run {index + 1}: {run_label(doc)}", ""]
+        if result is None:
+            lines += [f"Batched steps {not_measured(doc, 'batch')}.", ""]
+            continue
+        rows = []
+        for entry in result["step_time"]["batches"]:
+            if "error" in entry:
+                rows.append([entry["batch"], "–", "–", "–", f"did not load: {entry['error']}"])
+                continue
+            every, one = entry["all_rows"], entry["one_row"]
+            rows.append([entry["batch"], fmt_ms(every["p50_ms"]), fmt_ms(every["p95_ms"]),
+                         fmt_ms(every["p50_ms"] / entry["batch"]), fmt_ms(one["p50_ms"])])
+        lines += markdown_table(["batch B", "step p50 ms", "step p95 ms", "p50 ms per row", "one row stepped, p50 ms"],
+                                rows)
+        policy = result["policy"]
+        rows = [[f"{level['gather_ms']:g} ms", level["conversations"], fmt_p(level["wait"]), fmt_p(level["step"]),
+                 fmt_p(level["latency"]), f"{level['rows_per_step']:.1f}", f"{level['answered']}/{level['expected']}",
+                 f"{level['cpu_percent']:.0f}"]
+                for level in policy["levels"]]
+        lines += [f"Stepping policy on {policy['slots']} slots:", ""]
+        lines += markdown_table(["policy", "conversations", "wait for a step", "step", "frame", "rows per step",
+                                 "answered", "CPU % of a core"], rows)
+    return lines
+
+
 def capacity_section(documents: list[dict]) -> list[str]:
-    measuring = [doc for doc in documents if measured(doc, "capacity")]
-    criterion = measured(measuring[0], "capacity")["criterion"] if measuring else None
-    tail_s = measuring[0]["config"]["tail_s"] if measuring else 2.0
     lines = [
         "## Capacity",
         "",
-        "k real-time clients stream the speech at once, each in its own session on its own Moshi instance",
-        "(the server is loaded with at least k instances), starting 80/k ms apart as independent users",
-        "would. k doubles from 1 until a level fails, then the gap to the last level that passed is",
-        "bisected; the capacity is the largest k that passed. A level **keeps real time** when:",
+        "k real-time clients talk at once, each in its own conversation slot of one model (the server runs",
+        "with exactly k slots, as `--sessions k` would), starting 80/k ms apart as independent users would.",
+        "k doubles from 1 until a level fails, then the gap to the last level that passed is bisected; the",
+        "capacity is the largest k that passed. Server CPU is the server process's (all its threads), in %",
+        "of one core, and per conversation; the batched step's wait and fill come from its `/status`.",
         "",
-        f"- every input frame but the first of every client is answered, at the latest {tail_s:g} s after its",
-        "  client sent its last frame (a client stops listening then);",
+        "- **websocket**: clients of `/api/chat` streaming Ogg Opus. A level **keeps real time** when every",
+        "  input frame but the first of every client is answered (a client listens until its tail runs out),",
+        "  the p95 latency (frame leaving the client to the first byte of its answer) is within the bound,",
+        "  and latency does not grow over the run (median of the last third minus the first third).",
+        "- **webrtc**: aiortc peers on the page's WebRTC route (offer through Gradio's component server,",
+        "  the page's inputs through its queue, 48 kHz speech as the microphone, paced in real time), as a",
+        "  browser's front end does. RTP carries no frame numbers, so a call is judged on its own timeline:",
+        "  it must receive audio for the time from its first audio to the end of its microphone, and its",
+        "  audio must not fall behind real-time playback over the call. Client and server run on the same",
+        "  machine here, so the clients' aiortc work competes with the server's for the cores.",
+        "- **session**: sessions of an engine in the benchmark's process (no web stack), judged as websocket.",
+        "",
     ]
-    if criterion:
-        lines += [
-            f"- the p95 latency over all clients' frames is at most {criterion['p95_bound_ms']:g} ms (by default one "
-            "frame: an answer arrives before the next frame is due);",
-            f"- latency does not grow over the run: the median of the last third of the frames exceeds the median "
-            f"of the first third by at most {criterion['drift_bound_ms']:g} ms. A server behind real time queues "
-            "frames and its latency grows every frame, which this catches even in runs too short for the p95 "
-            "to cross its bound.",
-        ]
-    else:
-        lines += ["- (no run here measured capacity, so no bounds were set)"]
-    lines += [""]
     for index, doc in enumerate(documents):
-        result = measured(doc, "capacity")
         lines += [f"### Run {index + 1}: {run_label(doc)}", ""]
-        if result is None:
+        entries = transport_runs(doc, "capacity")
+        if not entries:
             lines += [f"Capacity {not_measured(doc, 'capacity')}.", ""]
-            continue
-        where = "websocket clients of our server" if result["transport"] == "websocket" else (
-            "sessions in one process, no web stack")
-        ceiling = ""
-        if result["limited_by_ceiling"]:
-            ceiling = f" (the ramp stopped at its ceiling of {result['max_sessions']}: there may be room for more)"
-        lines += [f"**{result['capacity']} concurrent session(s)** kept in real time, {where}{ceiling}.", ""]
-        rows = []
-        for level in result["levels"]:
-            latency = level.get("latency")
-            rows.append([level["sessions"],
-                         *((fmt_ms(latency["p50_ms"]), fmt_ms(latency["p95_ms"]), fmt_ms(latency["max_ms"]),
-                            fmt_signed(level["drift_ms"]), f"{level['answered']}/{level['expected']}",
-                            f"{level['throughput_fps']:.1f}", f"{level['server_cpu_percent']:.0f}")
-                           if latency else ("–",) * 7),
-                         "yes" if level["keeps_real_time"] else "no: " + "; ".join(level["failures"])])
-        lines += markdown_table(["sessions", "p50 ms", "p95 ms", "max ms", "growth ms", "answered", "frames/s",
-                         "server CPU % of a core", "keeps real time"], rows)
+        for entry in (doc["sections"].get("capacity") or {}).get("runs", []):
+            if entry not in entries:
+                lines += [f"Capacity over {entry['transport']}: {not_measured({'sections': {'c': entry}}, 'c')}.", ""]
+        for result in entries:
+            lines += _capacity_table(result)
     return lines
+
+
+def _capacity_table(result: dict) -> list[str]:
+    transport = result["transport"]
+    ceiling = ""
+    if result["limited_by_ceiling"]:
+        ceiling = f" (the ramp stopped at its ceiling of {result['max_sessions']}: there may be room for more)"
+    criterion = ", ".join(f"{key} {value:g}" for key, value in result["criterion"].items())
+    lines = [f"**{transport}: {result['capacity']} concurrent conversation(s)** kept in real time{ceiling} "
+             f"({criterion}).", ""]
+    rows = []
+    for level in result["levels"]:
+        verdict = "yes" if level["keeps_real_time"] else "no: " + "; ".join(level["failures"])
+        if "server_cpu_percent" not in level:
+            rows.append([level["sessions"], *("–",) * 6, verdict])
+            continue
+        batch = level.get("batch") or {}
+        wait = batch.get("wait") or {}
+        if transport == "webrtc":
+            measures = [f"first audio {fmt_ms(level['time_to_first_audio']['p50_ms'])}",
+                        f"jitter p95 {fmt_ms(level['lag_jitter']['p95_ms'])}", fmt_signed(level["drift_ms"]),
+                        f"{level['received_ratio_min']:.0%}"]
+        else:
+            latency = level["latency"]
+            measures = [fmt_ms(latency["p50_ms"]), fmt_ms(latency["p95_ms"]), fmt_signed(level["drift_ms"]),
+                        f"{level['answered']}/{level['expected']}"]
+        rows.append([level["sessions"], *measures,
+                     f"{level['server_cpu_percent']:.0f} ({level['server_cpu_percent_per_session']:.1f})",
+                     f"{fmt_ms(wait.get('p50_ms'))} / {fmt_ms(wait.get('p95_ms'))}", verdict])
+    if transport == "webrtc":
+        header = ["calls", "ms to first audio (p50)", "lag jitter", "growth ms", "audio received (least)"]
+    else:
+        header = ["sessions", "p50 ms", "p95 ms", "growth ms", "answered"]
+    return [*lines, *markdown_table([*header, "server CPU % (per conversation)", "step wait p50 / p95 ms",
+                                     "keeps real time"], rows)]
 
 
 def compare_section(documents: list[dict]) -> list[str]:
@@ -212,7 +274,7 @@ def compare_section(documents: list[dict]) -> list[str]:
         "with the same speech: in real time (per-frame latency, pooled over the rounds) and as fast as each",
         "server takes it (throughput, the mean of the rounds). Each round runs both servers back to back,",
         "alternating which goes first. moshi's server runs the model inside its event loop and serves one",
-        "connection at a time; ours steps each instance on its own thread so that its loop stays free for",
+        "connection at a time; ours steps the model on its own thread so that its loop stays free for",
         "other connections, which costs a thread hand-off each way. moshi's server prints a line per text",
         "token: the benchmark sends its servers' output to /dev/null.",
         "",
