@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
@@ -31,14 +33,17 @@ from .conversation import (
     OutputIteration,
     OutputQueue,
     Sampling,
+    ServerRestarting,
     SessionClosed,
     SessionError,
     TextOut,
 )
+from .line import LinePosition
 from .protocol import (
     HANDSHAKE,
     KIND_AUDIO,
     KIND_HANDSHAKE,
+    KIND_METADATA,
     KIND_TEXT,
     CloseCode,
     Protocol,
@@ -61,10 +66,19 @@ def websocket_url(url: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 
 
+def _with_query(url: str, query: str) -> str:
+    """`url` with `query` ("?a=1&b=2" or "") added to any query it already has (a token, say)."""
+    if not query:
+        return url
+    return url + ("&" + query[1:] if urlsplit(url).query else query)
+
+
 def _close_error(code: int | None, reason: str) -> Exception:
     """The exception a transport sees for a server's close code."""
     if code == CloseCode.TRY_AGAIN_LATER:
         return BusyError(reason or "the Moshi server is busy")
+    if code in (CloseCode.SERVICE_RESTART, CloseCode.GOING_AWAY):
+        return ServerRestarting(reason or "the Moshi server is restarting")
     if code == CloseCode.INTERNAL_ERROR:
         return SessionError(f"server error: {reason or 'no reason given'}")
     return SessionClosed(f"server closed the connection ({code}: {reason or 'no reason given'})")
@@ -73,9 +87,11 @@ def _close_error(code: int | None, reason: str) -> Exception:
 class RemoteSession(OutputIteration):
     """A conversation with a Moshi server over one websocket.
 
-    `start()` connects; on `/api/chat` it also waits for the handshake, so a busy
-    server raises BusyError there. On `/ws` (no handshake) a busy server's 1013
-    surfaces from `receive()` or `send_pcm()` instead.
+    `start()` connects; on `/api/chat` it also waits for the handshake, which our server
+    sends once a slot is free: while every slot is taken it waits in the server's line
+    (`on_position` hears its place, from the server's `KIND_METADATA` messages), and a
+    server with no room raises BusyError there. On `/ws` (no handshake) a busy server's
+    1013 surfaces from `receive()` or `send_pcm()` instead.
     """
 
     def __init__(
@@ -85,8 +101,10 @@ class RemoteSession(OutputIteration):
         protocol: Protocol | None = None,
         open_timeout: float = 10.0,
         max_output_frames: int = MAX_OUTPUT_FRAMES,
+        on_position: Callable[[LinePosition], None] | None = None,
     ) -> None:
         self.url = websocket_url(url)
+        self.on_position = on_position
         self.protocol = protocol or Protocol.from_url(self.url)
         self.sampling = sampling
         self.open_timeout = open_timeout
@@ -104,22 +122,37 @@ class RemoteSession(OutputIteration):
         return self._outputs.dropped
 
     async def start(self) -> None:
-        query = ""
-        if self.sampling is not None:
-            s = self.sampling
-            query = sampling_query(temp=s.temp, temp_text=s.temp_text, top_k=s.top_k, top_k_text=s.top_k_text,
-                                   seed=s.seed)
-        self._ws = await connect(self.url + query, open_timeout=self.open_timeout, max_size=None,
+        s = self.sampling or Sampling()
+        query = sampling_query(
+            **(dict(temp=s.temp, temp_text=s.temp_text, top_k=s.top_k, top_k_text=s.top_k_text, seed=s.seed)
+               if self.sampling is not None else {}),
+            queue=1 if self.on_position is not None else None,
+        )
+        self._ws = await connect(_with_query(self.url, query), open_timeout=self.open_timeout, max_size=None,
                                  compression=None)
         if self.protocol is Protocol.MOSHI:
             try:
-                first = await asyncio.wait_for(self._ws.recv(), self.open_timeout)
+                await self._wait_for_handshake()
             except ConnectionClosed:
                 raise self._closed() from None
-            if first != HANDSHAKE:
-                await self._ws.close()
-                raise SessionClosed(f"expected the handshake {HANDSHAKE!r}, got {first[:8]!r}")
         self._reader = asyncio.create_task(self._read())
+
+    async def _wait_for_handshake(self) -> None:
+        """The handshake comes once the server has a slot for us; until then, a server that
+        keeps us in its line says where we stand (then its own timeout bounds the wait)."""
+        in_line = False
+        while True:
+            message = await asyncio.wait_for(self._ws.recv(), None if in_line else self.open_timeout)
+            if message == HANDSHAKE:
+                return
+            if isinstance(message, bytes) and message[:1] == bytes([KIND_METADATA]):
+                queue = json.loads(message[1:]).get("queue")
+                if queue and self.on_position is not None:
+                    in_line = True
+                    self.on_position(LinePosition(queue["position"], queue["waiting"], queue["eta_s"]))
+                continue
+            await self._ws.close()
+            raise SessionClosed(f"expected the handshake {HANDSHAKE!r}, got {message[:8]!r}")
 
     async def send_pcm(self, pcm: np.ndarray) -> None:
         check_pcm(pcm)
@@ -147,7 +180,7 @@ class RemoteSession(OutputIteration):
                     self._queue_audio(self._decoder.decode(payload))
                 elif kind == KIND_TEXT:
                     self._outputs.put(TextOut(payload.decode("utf-8", errors="replace")))
-                elif kind != KIND_HANDSHAKE:
+                elif kind not in (KIND_HANDSHAKE, KIND_METADATA):
                     log.warning("ignoring a message of unknown kind %d", kind)
             self._outputs.end(self._closed())
         except ConnectionClosed:
@@ -216,6 +249,7 @@ async def exchange(
     realtime: bool = True,
     tail_s: float = 1.0,
     protocol: Protocol | None = None,
+    on_position: Callable[[LinePosition], None] | None = None,
 ) -> Exchange:
     """Stream pcm to a Moshi server frame by frame and collect the answer.
 
@@ -228,7 +262,7 @@ async def exchange(
     frames = [pcm[i : i + FRAME_SIZE] for i in range(0, pcm.size, FRAME_SIZE)]
     frames[-1] = np.pad(frames[-1], (0, FRAME_SIZE - frames[-1].size))
     result = Exchange(np.zeros(0, dtype=np.float32), [])
-    session = RemoteSession(url, sampling, protocol)
+    session = RemoteSession(url, sampling, protocol, on_position=on_position)
     await session.start()
 
     async def feed() -> None:
@@ -273,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m moshi_engine.client",
         description="Stream a WAV to a Moshi server (ours or moshi's) and save what Moshi says back.",
     )
-    parser.add_argument("url", help="ws://host:port/api/chat, ws://host:port/ws, or http://host:port")
+    parser.add_argument("url", help="ws://host:port/api/chat, ws://host:port/ws, or http://host:port "
+                        "(a private server's token rides on it: ...?token=SECRET)")
     parser.add_argument("--wav", required=True, help="what to say: a 16-bit WAV (resampled to 24 kHz)")
     parser.add_argument("--out", help="write Moshi's answer to this WAV")
     parser.add_argument("--fast", action="store_true", help="send as fast as the server takes it, not in real time")
@@ -288,8 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"seed": args.seed, "temp": args.temp, "temp_text": args.temp_text, "top_k": args.top_k,
                  "top_k_text": args.top_k_text}
     sampling = Sampling().updated(**overrides) if any(v is not None for v in overrides.values()) else None
+    def in_line(position: LinePosition) -> None:
+        print(f"every slot is taken: number {position.position} of {position.waiting} in line, "
+              f"about {position.eta_s / 60:.0f} min", file=sys.stderr)
+
     try:
-        result = asyncio.run(exchange(args.url, read_wav(args.wav), sampling, realtime=not args.fast))
+        result = asyncio.run(exchange(args.url, read_wav(args.wav), sampling, realtime=not args.fast,
+                                      on_position=in_line))
     except (OSError, BusyError, SessionClosed, SessionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -116,6 +116,10 @@ class OutputIteration:
             raise StopAsyncIteration from None
 
 
+class ServerRestarting(SessionClosed):
+    """The server is restarting (a redeploy, a scale-down, Ctrl+C): connect again in a minute."""
+
+
 class SessionError(RuntimeError):
     """The model failed during this session (its slot was released and is reset)."""
 

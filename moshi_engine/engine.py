@@ -13,8 +13,10 @@ transport can tell the user right away.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +26,7 @@ from moshi.models import LMGen, LMModel, MimiModel
 from .capacity import AUTO, AUTO_CPU_SESSIONS, explicit_sessions, fit_sessions
 from .checkpoint import DEFAULT_MODEL, ModelUnavailableError, resolve_checkpoint
 from .conversation import Sampling
+from .line import QUEUE_PLACES, QUEUE_TIMEOUT_S, LinePosition, WaitingLine
 from .model import BatchedMoshi
 from .session import MAX_OUTPUT_FRAMES, MAX_PENDING_FRAMES, MoshiSession
 from .timings import STEP, STEP_WAIT, StageTimings
@@ -48,12 +51,15 @@ class EngineInfo:
 class MoshiEngine:
     """One loaded Moshi with N conversation slots (batch rows), leased one per session."""
 
-    def __init__(self, info: EngineInfo, model: BatchedMoshi, default_sampling: Sampling) -> None:
+    def __init__(self, info: EngineInfo, model: BatchedMoshi, default_sampling: Sampling,
+                 queue: int = QUEUE_PLACES, queue_timeout_s: float = QUEUE_TIMEOUT_S) -> None:
         self.info = info
         self.model = model
         self.default_sampling = default_sampling
         self.timings = model.timings
         self.started_at = time.time()
+        self.line: WaitingLine[MoshiSession] = WaitingLine(queue, queue_timeout_s, model.capacity,
+                                                           give_back=MoshiSession.release)
 
     @property
     def capacity(self) -> int:
@@ -70,12 +76,23 @@ class MoshiEngine:
         max_output_frames: int = MAX_OUTPUT_FRAMES,
     ) -> MoshiSession:
         """Lease a free slot (BusyError if none) for a session; call it from the event loop."""
-        return MoshiSession(self.model, sampling or self.default_sampling, max_pending_frames, max_output_frames)
+        session = MoshiSession(self.model, sampling or self.default_sampling, max_pending_frames, max_output_frames,
+                               on_release=self.line.freed)
+        self.line.started(session)
+        return session
+
+    async def acquire(self, sampling: Sampling | None = None,
+                      on_position: Callable[[LinePosition], None] | None = None, **limits) -> MoshiSession:
+        """A session on a free slot, waiting in line (first come, first served) while every slot is
+        taken; `on_position` hears where it stands as the line moves. LineFull at once when the line
+        is full, LineTimeout after the line's timeout (both BusyError); cancelling leaves the line."""
+        return await self.line.wait(functools.partial(self.open_session, sampling, **limits), on_position)
 
     @contextlib.asynccontextmanager
     async def session(self, sampling: Sampling | None = None, **limits):
-        """`async with engine.session(...) as s:` leases, starts, and always closes."""
-        session = self.open_session(sampling, **limits)
+        """`async with engine.session(...) as s:` leases (waiting in line if need be), starts, and
+        always closes."""
+        session = await self.acquire(sampling, **limits)
         try:
             await session.start()
             yield session
@@ -91,6 +108,7 @@ class MoshiEngine:
             "dtype": self.info.dtype,
             "parameters": self.info.parameters,
             "sessions": {"active": self.active, "capacity": self.capacity},
+            "queue": {"waiting": self.line.waiting, "places": self.line.places},
             "batch": {
                 "step": timings.percentiles(STEP),
                 "wait": timings.percentiles(STEP_WAIT),
@@ -162,13 +180,16 @@ def load_engine(
     sessions: int | str = AUTO,
     warmup_frames: int = WARMUP_FRAMES,
     gather_ms: float = 0.0,
+    queue: int = QUEUE_PLACES,
+    queue_timeout_s: float = QUEUE_TIMEOUT_S,
 ) -> MoshiEngine:
     """Load a checkpoint (HF repo id, checkpoint directory or `tiny`) as a warm engine with
     `sessions` conversation slots (or "auto", see `choose_sessions`).
 
     bf16 on CUDA, float32 on CPU. One copy of the weights: the slots are the batch
     rows of one Mimi and one LMGen, all warmed up (and on CUDA graphed) before this
-    returns. `gather_ms` is the stepping policy (`model.BatchedMoshi`). Process-wide
+    returns. `gather_ms` is the stepping policy (`model.BatchedMoshi`); `queue` places wait
+    at most `queue_timeout_s` each for a slot (`line.WaitingLine`). Process-wide
     torch settings follow the device: torch.compile's stance, and on CPU a single
     intra-op thread for small models.
     """
@@ -197,4 +218,4 @@ def load_engine(
         dtype=str(dtype).removeprefix("torch."),
         parameters=parameters,
     )
-    return MoshiEngine(info, batched, default_sampling)
+    return MoshiEngine(info, batched, default_sampling, queue, queue_timeout_s)

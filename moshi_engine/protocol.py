@@ -14,11 +14,13 @@ nothing of ours.
 from __future__ import annotations
 
 import enum
+import json
 from urllib.parse import urlencode, urlsplit
 
 KIND_HANDSHAKE = 0
 KIND_AUDIO = 1
 KIND_TEXT = 2
+KIND_METADATA = 4  # as moshi's Rust server numbers it: UTF-8 JSON (here, a waiting line's place)
 
 HANDSHAKE = bytes([KIND_HANDSHAKE])
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -50,7 +52,8 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 1008  # bad query parameters, or no audio for too long
     MESSAGE_TOO_BIG = 1009  # a message over MAX_MESSAGE_BYTES
     INTERNAL_ERROR = 1011  # the model or the server failed
-    TRY_AGAIN_LATER = 1013  # every conversation slot is taken, or the model is still loading
+    SERVICE_RESTART = 1012  # the server is restarting: connect again in a minute
+    TRY_AGAIN_LATER = 1013  # every slot and the waiting line are taken, a wait timed out, or still loading
 
 
 class ConnectionClose(Exception):
@@ -92,8 +95,13 @@ def text_message(text: str) -> bytes:
     return bytes([KIND_TEXT]) + text.encode("utf-8")
 
 
+def metadata_message(data: dict) -> bytes:
+    return bytes([KIND_METADATA]) + json.dumps(data, separators=(",", ":")).encode("utf-8")
+
+
 def sampling_query(**params: float | int | None) -> str:
-    """`?temp=...&seed=...` for the parameters that are set ('' if none)."""
+    """`?temp=...&seed=...` for the parameters that are set ('' if none); `queue=1` asks our
+    server to say where the client stands while it waits for a slot."""
     present = {key: value for key, value in params.items() if value is not None}
     return "?" + urlencode(present) if present else ""
 

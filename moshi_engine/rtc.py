@@ -23,7 +23,7 @@ import tempfile
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +38,12 @@ from .conversation import (
     BusyError,
     Conversation,
     Sampling,
+    ServerRestarting,
     SessionClosed,
     SessionLimits,
     TextOut,
 )
+from .line import LinePosition, LineTimeout
 from .recording import Recording
 
 log = logging.getLogger(__name__)
@@ -50,10 +52,12 @@ log = logging.getLogger(__name__)
 
 
 class Ending(enum.Enum):
-    STOPPED = "stopped"  # the person pressed stop or closed the tab
-    BUSY = "busy"  # no conversation slot was free
+    STOPPED = "stopped"  # the person pressed stop or closed the tab (also while in line)
+    BUSY = "busy"  # no conversation slot was free and no place in the line either
+    LINE_TIMEOUT = "line_timeout"  # waited in line as long as one may, and no slot freed up
     TIME_LIMIT = "time_limit"
     IDLE = "idle"  # no microphone audio for a while: the connection is gone or the mic is off
+    RESTART = "restart"  # the server is restarting
     ERROR = "error"
 
 
@@ -61,9 +65,16 @@ def ending_message(ending: Ending, limits: SessionLimits = SessionLimits(), deta
     """The one sentence the page shows for an ending; says what happened and what to do."""
     if ending is Ending.BUSY:
         return (
-            "Moshi is busy: every conversation slot is taken right now. "
-            "Please try again in a minute; the status line above shows when a slot is free."
+            "Moshi is busy: every conversation slot is taken and the waiting line is full. "
+            "Please try again in a few minutes; the status line above shows when a slot is free."
         )
+    if ending is Ending.LINE_TIMEOUT:
+        return (
+            f"You waited {detail or 'as long as one may'} in line and no conversation slot freed up. "
+            "Please try again in a few minutes."
+        )
+    if ending is Ending.RESTART:
+        return "The server is restarting. Press the button to talk again in a minute."
     if ending is Ending.TIME_LIMIT:
         return (
             f"Time is up: a conversation lasts at most {_duration(limits.max_session_s)}. "
@@ -79,13 +90,36 @@ def ending_message(ending: Ending, limits: SessionLimits = SessionLimits(), deta
     return f"Conversation ended after {detail}." if detail else "Conversation ended."
 
 
+LEFT_LINE_MESSAGE = "You left the line. Press the button to wait for a conversation again."
 STARTING_MESSAGE = "Connecting to Moshi: its server may be starting up, which can take a minute or two."
+
+
+def line_message(position: LinePosition) -> str:
+    """What a visitor waiting for a slot is told, updated as the line moves."""
+    if position.eta_s < 60:
+        wait = "less than a minute"
+    else:
+        minutes = round(position.eta_s / 60)
+        wait = f"about {minutes} minute{'s' if minutes != 1 else ''}"
+    return (
+        f"Every conversation slot is taken: you are {_ordinal(position.position)} in line, {wait}. "
+        "Your conversation starts by itself when a slot frees up; Stop leaves the line."
+    )
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _ending_for(error: BaseException) -> tuple[Ending, str]:
     """The ending an error from a backend (local or remote) means, and its detail."""
+    if isinstance(error, LineTimeout):
+        return Ending.LINE_TIMEOUT, _duration(error.timeout_s)
     if isinstance(error, BusyError):
         return Ending.BUSY, str(error)
+    if isinstance(error, ServerRestarting):
+        return Ending.RESTART, str(error)
     if isinstance(error, SessionClosed):  # a remote server ended the session
         return Ending.ERROR, str(error) or "the conversation closed unexpectedly"
     return Ending.ERROR, str(error) or type(error).__name__
@@ -105,6 +139,7 @@ class ConversationRecord:
     webrtc_id: str
     started_at: float
     sampling: Sampling | None = None
+    line: LinePosition | None = None  # where it stands while waiting for a slot
     ending: Ending | None = None
     message: str | None = None
     transcript: str = ""
@@ -158,15 +193,20 @@ class ConversationLog:
 
 # ## The handler
 
-OpenConversation = Callable[[Sampling | None], Conversation]
+PositionCallback = Callable[[LinePosition], None]
+# A conversation for a sampling, leased once a slot is free (the local engine's `acquire`,
+# which waits in line), or one whose `start()` waits (a remote server's line).
+OpenConversation = Callable[[Sampling | None, PositionCallback], Awaitable[Conversation]]
 
 
 class MoshiHandler(AsyncStreamHandler):
     """One browser connection bound to one Conversation, from start-up to shutdown.
 
-    `open_conversation(sampling)` returns an unstarted Conversation (a local
-    `MoshiSession`, a remote session...) and may raise BusyError at once; `start()`
-    may raise it too. `sampling_from_args(inputs)` turns the page's inputs (the values
+    `await open_conversation(sampling, on_position)` returns an unstarted Conversation
+    (a local `MoshiSession`, a remote session...), waiting in line while every slot is
+    taken and telling `on_position` where it stands; it raises BusyError when there is no
+    room, and `start()` may wait or raise it too (a remote server's line). Stop leaves the
+    line. `sampling_from_args(inputs)` turns the page's inputs (the values
     after the WebRTC component's) into a Sampling; without it the backend's default
     sampling is used and the page's inputs are never waited for.
 
@@ -221,19 +261,20 @@ class MoshiHandler(AsyncStreamHandler):
         return "".join(self._pieces).strip()
 
     async def start_up(self) -> None:
-        """Open and start this connection's conversation with the page's sampling."""
+        """Open and start this connection's conversation with the page's sampling, in line while
+        every slot is taken."""
         context = current_context.get()
         self.record = self.conversations.open(context.webrtc_id if context else uuid.uuid4().hex)
-        conversation: Conversation | None = None
         try:
             sampling = await self._sampling()
             self.record.sampling = sampling
             if self._ending is not None:  # stopped while waiting for the page
                 return
-            conversation = self.open_conversation(sampling)
-            await self._start(conversation)
+            conversation = await self._unless_stopped(self._open(sampling))
+            if conversation is None:  # stopped while waiting in line: it left the line
+                return
         except Exception as error:
-            busy = isinstance(error, BusyError)  # expected; anything else deserves its traceback
+            busy = isinstance(error, (BusyError, ServerRestarting))  # expected; anything else deserves its traceback
             log.log(
                 logging.INFO if busy else logging.ERROR,
                 "connection %s: the conversation could not start: %r",
@@ -250,18 +291,47 @@ class MoshiHandler(AsyncStreamHandler):
                 self._last_heard = asyncio.get_running_loop().time()
                 self._watchdog = asyncio.create_task(self._watch(), name=f"moshi-rtc-watch-{self.record.webrtc_id}")
                 log.info("connection %s: conversation started (%s)", self.record.webrtc_id, sampling)
-            conversation = None
         finally:
-            if conversation is not None:  # opened, but start() failed: give the lease back
-                await conversation.close()
             self._started.set()
+
+    async def _open(self, sampling: Sampling | None) -> Conversation:
+        """A started conversation: in line until a slot is free, then started (its slot goes
+        back if starting fails)."""
+        conversation = await self.open_conversation(sampling, self._in_line)
+        try:
+            await self._start(conversation)
+        except BaseException:
+            await conversation.close()
+            raise
+        self.record.line = None
+        return conversation
+
+    def _in_line(self, position: LinePosition) -> None:
+        self.record.line = position  # the page shows it with `line_message`
+
+    async def _unless_stopped(self, opening: Awaitable[Conversation]) -> Conversation | None:
+        """`opening`'s conversation, or None if the connection stops first (its lease, if one
+        came in the same instant, goes back)."""
+        task = asyncio.ensure_future(opening)
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not self._stopped.is_set():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if not task.cancelled() and task.exception() is None:
+            await task.result().close()
+        return None
 
     async def _start(self, conversation: Conversation) -> None:
         """Start the conversation; when that takes a while (a remote worker starting
         from cold), tell the page so that silence does not look like a hang."""
         starting = asyncio.ensure_future(conversation.start())
         done, _ = await asyncio.wait({starting}, timeout=self.slow_start_s)
-        if not done:
+        if not done and self.record.line is None:  # waiting in a remote line is not a cold start
             await self.send_message(create_message("warning", STARTING_MESSAGE))
         await starting
 
@@ -392,6 +462,9 @@ class MoshiHandler(AsyncStreamHandler):
             detail = _duration(round(self.recording.samples / SAMPLE_RATE))
         record.ending = ending
         record.message = ending_message(ending, self.limits, detail)
+        if ending is Ending.STOPPED and record.line is not None:
+            record.message = LEFT_LINE_MESSAGE
+        record.line = None
         record.transcript = self.transcript
         record.text_pieces = len(self._pieces)
         record.person_samples = self.recording.person_samples

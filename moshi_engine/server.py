@@ -21,6 +21,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from .codec import OpusDecoder, OpusEncoder, OpusError
 from .conversation import AudioOut, BusyError, SessionError, SessionLimits
 from .engine import MoshiEngine
+from .line import LinePosition
 from .protocol import (
     HANDSHAKE,
     CloseCode,
@@ -29,6 +30,7 @@ from .protocol import (
     ProtocolError,
     audio_message,
     client_audio,
+    metadata_message,
     parse_sampling_query,
     text_message,
 )
@@ -43,14 +45,17 @@ class _ClientGone(Exception):
 
 
 class MoshiServer:
-    """The state behind the routes: the engine (None while it loads) and counters."""
+    """The state behind the routes: the engine (None while it loads), the live connections
+    and counters."""
 
     def __init__(self, engine: MoshiEngine | None, limits: SessionLimits) -> None:
         self.engine = engine
         self.limits = limits
         self.connections_served = 0
+        self.restarting: str | None = None  # why new conversations are refused, once draining
         self._dropped_in_closed_sessions = 0
-        self._live: set[MoshiSession] = set()
+        self._live: dict[MoshiSession, _Connection] = {}
+        self._waiting: set[asyncio.Task] = set()
 
     @property
     def dropped_audio_frames(self) -> int:
@@ -61,49 +66,124 @@ class MoshiServer:
         if self.engine is None:
             return 503, {"status": "loading"}
         return 200, {
-            "status": "ready",
+            "status": "restarting" if self.restarting else "ready",
             **self.engine.status(),
             "dropped_audio_frames": self.dropped_audio_frames,
             "connections_served": self.connections_served,
             "limits": {"max_session_s": self.limits.max_session_s, "idle_s": self.limits.idle_s},
         }
 
+    def drain(self, reason: str) -> None:
+        """Stop admitting and end every live and waiting conversation, telling each `reason`
+        (close 1012). Each connection's slot is released as it ends."""
+        self.restarting = reason
+        for connection in list(self._live.values()):
+            connection.end(CloseCode.SERVICE_RESTART, reason)
+        for waiting in list(self._waiting):
+            waiting.cancel(reason)
+
     async def serve(self, ws: WebSocket, protocol: Protocol) -> None:
-        """One websocket conversation, from accept to close."""
+        """One websocket conversation, from accept to close: in line while every slot is taken."""
         await ws.accept()
         try:
-            session = self._open_session(ws)
+            session = await self._wait_for_slot(ws, protocol)
+        except _ClientGone:
+            log.info("a %s client left the line", protocol.path)
+            return
         except ConnectionClose as close:
             log.info("refused %s connection: %s", protocol.path, close.reason)
             await _close(ws, close.code, close.reason)
             return
         self.connections_served += 1
-        self._live.add(session)
         connection = _Connection(ws, protocol, session, self.limits, self.engine.timings)
+        self._live[session] = connection
         code, reason = CloseCode.GOING_AWAY, "the server is shutting down"  # if cancelled
         try:
             code, reason = await connection.run()
         finally:
             await session.close()
-            self._live.discard(session)
+            self._live.pop(session, None)
             self._dropped_in_closed_sessions += session.dropped_frames
             log.info("%s session on slot %d ended (%s, %s) after %d frames",
                      protocol.path, session.slot, code, reason, session.frames_in)
             if code is not None:
                 await _close(ws, code, reason)
 
-    def _open_session(self, ws: WebSocket) -> MoshiSession:
+    async def _wait_for_slot(self, ws: WebSocket, protocol: Protocol) -> MoshiSession:
+        """A slot for this connection, waiting in line while every slot is taken. Meanwhile the
+        client's audio is read and dropped (so its conversation starts fresh), and with `?queue=1`
+        its place is sent as `KIND_METADATA` JSON whenever the line moves."""
         if self.engine is None:
             raise ConnectionClose(CloseCode.TRY_AGAIN_LATER, "Moshi is still loading, try again in a minute")
-        overrides = parse_sampling_query(dict(ws.query_params))
+        if self.restarting:
+            raise ConnectionClose(CloseCode.SERVICE_RESTART, self.restarting)
+        query = dict(ws.query_params)
+        announce = query.pop("queue", "0") == "1"
+        query.pop("token", None)  # the access token rides on the URL too; it is no sampling parameter
         try:
-            sampling = self.engine.default_sampling.updated(**overrides)
+            sampling = self.engine.default_sampling.updated(**parse_sampling_query(query))
         except ValueError as error:
             raise ProtocolError(CloseCode.POLICY_VIOLATION, str(error)) from None
+        waiting = _Waiting(ws, protocol, announce)
+        self._waiting.add(waiting)
         try:
-            return self.engine.open_session(sampling)
+            return await waiting.run(lambda on_position: self.engine.acquire(sampling, on_position))
         except BusyError as error:
-            raise ConnectionClose(CloseCode.TRY_AGAIN_LATER, f"{error}; try again later") from None
+            raise ConnectionClose(CloseCode.TRY_AGAIN_LATER, str(error)) from None
+        finally:
+            self._waiting.discard(waiting)
+
+
+class _Waiting:
+    """A connection in the waiting line: acquiring a slot while dropping what the client sends,
+    and telling it where it stands."""
+
+    def __init__(self, ws: WebSocket, protocol: Protocol, announce: bool) -> None:
+        self.ws = ws
+        self.protocol = protocol
+        self.announce = announce
+        self._positions: asyncio.Queue[LinePosition] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+        self._cancelled: str | None = None
+
+    async def run(self, acquire) -> MoshiSession:
+        acquiring = asyncio.ensure_future(acquire(self._positions.put_nowait if self.announce else None))
+        others = [asyncio.create_task(self._drop_input())]
+        if self.announce:
+            others.append(asyncio.create_task(self._send_positions()))
+        self._task = acquiring
+        try:
+            await asyncio.wait({acquiring, *others}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+        if not acquiring.done():  # the client left, or broke the protocol, while waiting
+            acquiring.cancel()
+            await asyncio.gather(acquiring, return_exceptions=True)
+            raise next(task.exception() for task in others if task.done() and task.exception())
+        if acquiring.cancelled():
+            raise ConnectionClose(CloseCode.SERVICE_RESTART, self._cancelled or "the server is restarting")
+        return acquiring.result()
+
+    def cancel(self, reason: str) -> None:
+        self._cancelled = reason
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _drop_input(self) -> None:
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                raise _ClientGone
+            if message.get("text") is not None:
+                raise ProtocolError(CloseCode.UNSUPPORTED_DATA, "text frames are not part of the protocol; send Opus")
+            client_audio(self.protocol, message.get("bytes") or b"")  # checked, then dropped
+
+    async def _send_positions(self) -> None:
+        while True:
+            position = await self._positions.get()
+            await _send(self.ws, metadata_message({"queue": position.as_dict()}))
 
 
 class _Connection:
@@ -119,6 +199,12 @@ class _Connection:
         self.decoder = OpusDecoder()
         self.encoder = OpusEncoder()
         self.started = self.last_audio = time.monotonic()
+        self._ended: asyncio.Future[ConnectionClose] = asyncio.get_running_loop().create_future()
+
+    def end(self, code: CloseCode, reason: str) -> None:
+        """End the conversation from outside (the server is restarting) with this close."""
+        if not self._ended.done():
+            self._ended.set_result(ConnectionClose(code, reason))
 
     async def run(self) -> tuple[CloseCode | None, str]:
         """Run until something ends the conversation; returns the close code and reason
@@ -129,7 +215,8 @@ class _Connection:
             if self.protocol is Protocol.MOSHI:
                 await self._send(HANDSHAKE)
             self.started = self.last_audio = time.monotonic()
-            tasks = [asyncio.create_task(coro) for coro in (self._receive(), self._send_outputs(), self._watch())]
+            tasks = [asyncio.create_task(coro) for coro in (self._receive(), self._send_outputs(), self._watch(),
+                                                             self._until_ended())]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             raise next(iter(done)).exception() or ConnectionClose(CloseCode.NORMAL, "conversation ended")
         except _ClientGone:
@@ -178,6 +265,9 @@ class _Connection:
             else:
                 await self._send(text_message(out.text))
 
+    async def _until_ended(self) -> None:
+        raise await self._ended
+
     async def _watch(self) -> None:
         """Sleeps until the next deadline (session length or idle), then checks it."""
         limits = self.limits
@@ -190,14 +280,18 @@ class _Connection:
             await asyncio.sleep(min(self.started + limits.max_session_s, self.last_audio + limits.idle_s) - now)
 
     async def _send(self, data: bytes) -> None:
-        try:
-            await self.ws.send_bytes(data)
-        except (WebSocketDisconnect, OSError):
+        await _send(self.ws, data)
+
+
+async def _send(ws: WebSocket, data: bytes) -> None:
+    try:
+        await ws.send_bytes(data)
+    except (WebSocketDisconnect, OSError):
+        raise _ClientGone from None
+    except RuntimeError:
+        if ws.application_state == WebSocketState.DISCONNECTED:
             raise _ClientGone from None
-        except RuntimeError:
-            if self.ws.application_state == WebSocketState.DISCONNECTED:
-                raise _ClientGone from None
-            raise
+        raise
 
 
 async def _close(ws: WebSocket, code: int, reason: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
@@ -48,8 +49,10 @@ class MoshiSession(OutputIteration):
         sampling: Sampling,
         max_pending_frames: int = MAX_PENDING_FRAMES,
         max_output_frames: int = MAX_OUTPUT_FRAMES,
+        on_release: Callable[[MoshiSession], None] | None = None,
     ) -> None:
         self.sampling = sampling
+        self._on_release = on_release
         self._model = model
         self._max_pending = max_pending_frames
         self._pending = 0  # frames submitted and not stepped yet
@@ -107,7 +110,7 @@ class MoshiSession(OutputIteration):
         if isinstance(out, BaseException):
             log.error("the step of slot %d failed: %r", self.slot, out)
             self._outbox.end(SessionError(f"model error: {out}"))
-            self._close()
+            self.release()
             return
         self.frames_in += 1
         if out.pcm is not None:
@@ -116,12 +119,15 @@ class MoshiSession(OutputIteration):
         if out.text:
             self._outbox.put(TextOut(out.text))
 
-    def _close(self) -> None:
+    def release(self) -> None:
+        """Close at once, without awaiting (see `close`)."""
         if not self._closed:
             self._closed = True
             self._model.release(self._lease)
             self._outbox.end(SessionClosed("session closed"))
             self._room.set()  # wakes a sender waiting for room
+            if self._on_release is not None:
+                self._on_release(self)  # e.g. hands the slot to whoever waits for one
 
     async def close(self) -> None:
         """End the conversation and free the slot at once. Idempotent.
@@ -129,7 +135,7 @@ class MoshiSession(OutputIteration):
         The slot is free before this returns, so a client reconnecting right away is
         served; its row is reset before any next conversation's frame is stepped.
         """
-        self._close()
+        self.release()
 
     async def __aenter__(self) -> MoshiSession:
         return self

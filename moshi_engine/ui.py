@@ -26,7 +26,8 @@ from fastrtc import WebRTC
 
 from .conversation import Sampling, SessionLimits
 from .ice import browser_rtc_configuration, ice_source, server_rtc_configuration
-from .rtc import ConversationLog, Ending, MoshiHandler, OpenConversation, ending_message
+from .line import QUEUE_PLACES, QUEUE_TIMEOUT_S
+from .rtc import ConversationLog, Ending, MoshiHandler, OpenConversation, ending_message, line_message
 from .timings import LM_STEP, MIMI_DECODE, MIMI_ENCODE
 
 if TYPE_CHECKING:
@@ -79,6 +80,9 @@ def status_line(status: dict | None, remote: str | None = None) -> str:
         capacity = sessions["capacity"]
         free = max(0, capacity - sessions.get("active", 0))
         parts.append(f"**{free} of {capacity}** conversation slot{'s' if capacity != 1 else ''} free")
+    waiting = (status.get("queue") or {}).get("waiting", 0)
+    if waiting:
+        parts.append(f"{waiting} waiting in line")
     frame_ms = _frame_ms(status.get("timings") or {})
     if frame_ms is not None:
         verdict = "real time" if frame_ms < 80 else "slower than real time"
@@ -118,6 +122,8 @@ def build_page(
     open_conversation: OpenConversation,
     *,
     capacity: int,
+    line_places: int = QUEUE_PLACES,
+    line_timeout_s: float = QUEUE_TIMEOUT_S,
     default_sampling: Sampling = Sampling(),
     status: StatusSource | None = None,
     remote: str | None = None,
@@ -127,9 +133,10 @@ def build_page(
 ) -> MoshiPage:
     """The page as a Blocks, one conversation per browser session from `open_conversation`.
 
-    `capacity` bounds concurrent WebRTC connections (the number of conversation slots
-    behind the page); `host` is where the server listens, which decides the ICE
-    servers (`rtc.ice_source`); `status` feeds the status line.
+    `capacity` is the number of conversation slots behind the page, and `line_places`
+    the places in its waiting line (each waits at most `line_timeout_s`): together they
+    bound concurrent WebRTC connections. `host` is where the server listens, which decides
+    the ICE servers (`rtc.ice_source`); `status` feeds the status line.
     """
     source = ice_source(host)  # fails here, at start, on a half-set TURN configuration
     log.info("WebRTC ICE servers for host %s: %s", host, source)
@@ -203,17 +210,21 @@ def build_page(
             handler,
             inputs=[webrtc, temp, top_k, temp_text, top_k_text, seed],
             outputs=[webrtc],
-            concurrency_limit=capacity,
-            time_limit=limits.max_session_s + TIME_LIMIT_GRACE_S,
+            # Visitors in line hold a connection too, and their time in line is not talk time.
+            concurrency_limit=capacity + line_places,
+            time_limit=limits.max_session_s + line_timeout_s + TIME_LIMIT_GRACE_S,
         )
         # Unlimited: each connection holds one of these streams open while it lasts, so
         # Gradio's default limit of 1 would stall every transcript but the first.
         webrtc.on_additional_outputs(lambda text: text, outputs=[transcript], concurrency_limit=None)
 
         async def on_start():
-            """Clear the last conversation; if no slot is free, say so before FastRTC refuses."""
+            """Clear the last conversation; if no slot is free and the line is full, say so
+            before FastRTC refuses."""
             message = ""
-            if free_slots(await read_status()) == 0:
+            status_now = await read_status()
+            queue = (status_now or {}).get("queue") or {}
+            if free_slots(status_now) == 0 and queue.get("waiting", 0) >= queue.get("places", line_places):
                 message = ending_message(Ending.BUSY, limits)
             return message, "", gr.update(value=None, visible=False)
 
@@ -225,6 +236,8 @@ def build_page(
             """Every second: the status line; once per conversation, how it ended."""
             line = status_line(await read_status(), remote)
             record = conversations.get(webrtc_id)
+            if record is not None and not record.ended and record.line is not None:
+                return line, line_message(record.line), gr.update(), gr.update(), shown_id
             if record is None or not record.ended or shown_id == webrtc_id:
                 return line, gr.update(), gr.update(), gr.update(), shown_id
             message = record.message
@@ -271,8 +284,10 @@ def mount_ui(
         raise ValueError("give either a local engine or the URL of a remote Moshi server")
     if engine is not None:
         page = build_page(
-            engine.open_session,
+            engine.acquire,
             capacity=capacity or engine.capacity,
+            line_places=engine.line.places,
+            line_timeout_s=engine.line.timeout_s,
             default_sampling=engine.default_sampling,
             status=status or engine.status,
             limits=limits,
@@ -282,8 +297,12 @@ def mount_ui(
     else:
         from .client import RemoteSession
 
+        async def open_remote(sampling: Sampling | None, on_position) -> RemoteSession:
+            # The remote server keeps its own line: start() waits in it.
+            return RemoteSession(remote, sampling=sampling, open_timeout=connect_timeout_s, on_position=on_position)
+
         page = build_page(
-            lambda sampling: RemoteSession(remote, sampling=sampling, open_timeout=connect_timeout_s),
+            open_remote,
             capacity=capacity or 1,
             status=status,
             remote=remote,

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from websockets.asyncio.client import connect
 
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE, read_wav
 from moshi_engine.client import exchange
 from moshi_engine.conversation import SessionLimits
-from moshi_engine.protocol import CloseCode
+from moshi_engine.protocol import HANDSHAKE, CloseCode
 from moshi_engine.reference import reference_app
 from moshi_engine.server import create_api
 
@@ -117,7 +118,8 @@ def test_client_command_line_prints_the_transcript_and_writes_the_answer(tiny_en
     assert abs(answer.size - read_wav(HELLO_WAV).size) <= 2 * FRAME_SIZE
 
 
-def test_client_command_line_says_busy_and_fails_when_the_server_is_full(tiny_engine, tmp_path):
+def test_client_command_line_says_busy_and_fails_when_the_server_and_its_line_are_full(tiny_engine, monkeypatch):
+    monkeypatch.setattr(tiny_engine.line, "places", 0)  # --queue 0
     engine_full = [tiny_engine.open_session() for _ in range(tiny_engine.capacity)]
     try:
         with serve_asgi(create_api(tiny_engine)) as base:
@@ -130,3 +132,22 @@ def test_client_command_line_says_busy_and_fails_when_the_server_is_full(tiny_en
             asyncio.run(session.close())
     assert run.returncode == 1
     assert "try again later" in run.stderr
+
+
+async def test_client_command_line_waits_in_line_saying_where_it_stands_then_talks(tiny_engine):
+    with serve_asgi(create_api(tiny_engine)) as base:
+        url = base.replace("http", "ws") + "/api/chat"
+        holders = [await connect(url) for _ in range(tiny_engine.capacity)]  # every slot taken
+        for holder in holders:
+            assert await holder.recv() == HANDSHAKE
+        client = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "moshi_engine.client", url, "--wav", str(HELLO_WAV), "--fast",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent,
+        )
+        in_line = (await asyncio.wait_for(client.stderr.readline(), 60)).decode()
+        assert "every slot is taken: number 1 of 1 in line" in in_line
+        await holders[0].close()  # a slot frees up: the client's turn
+        stdout, stderr = await asyncio.wait_for(client.communicate(), 120)
+        await holders[1].close()
+    assert client.returncode == 0, stderr.decode()
+    assert stdout.decode().strip() and f"closed {CloseCode.NORMAL.value}" in stderr.decode()

@@ -240,7 +240,7 @@ async def wait_for(condition, timeout: float = 5.0) -> None:
 async def test_handler_answers_microphone_audio_with_24khz_frames_and_a_growing_transcript(
     tiny_engine, conversations, hello_pcm
 ):
-    handler = connection(MoshiHandler(tiny_engine.open_session, conversations), "talk")
+    handler = connection(MoshiHandler(tiny_engine.acquire, conversations), "talk")
     await handler.start_up()
     audio, transcripts = await talk(handler, hello_pcm[: 3 * SAMPLE_RATE])
     await handler.shutdown()
@@ -256,7 +256,7 @@ async def test_the_pages_sampling_settings_reach_the_model(tiny_engine, conversa
     pcm = hello_pcm[: 2 * SAMPLE_RATE]
     inputs = [1.1, 40, 0.9, 7, 1234]  # audio temp, audio top-k, text temp, text top-k, seed
     handler = connection(
-        MoshiHandler(tiny_engine.open_session, conversations, sampling_from_args=sampling_from_inputs), "seeded", inputs
+        MoshiHandler(tiny_engine.acquire, conversations, sampling_from_args=sampling_from_inputs), "seeded", inputs
     )
     await handler.start_up()
     audio, _ = await talk(handler, pcm)
@@ -272,7 +272,7 @@ async def test_the_pages_sampling_settings_reach_the_model(tiny_engine, conversa
 async def test_stopping_releases_the_slot_and_files_a_recording_of_both_sides(
     single_engine, conversations, hello_pcm
 ):
-    handler = connection(MoshiHandler(single_engine.open_session, conversations), "stop")
+    handler = connection(MoshiHandler(single_engine.acquire, conversations), "stop")
     await handler.start_up()
     assert single_engine.active == 1
     pcm = hello_pcm[: 2 * SAMPLE_RATE]
@@ -296,10 +296,13 @@ async def test_stopping_releases_the_slot_and_files_a_recording_of_both_sides(
     np.testing.assert_array_equal(samples[2 * FRAME_SIZE :, 1], played[: samples.shape[0] - 2 * FRAME_SIZE])
 
 
-async def test_busy_backend_closes_the_stream_with_the_busy_message(single_engine, conversations):
+async def test_busy_backend_with_no_room_in_line_closes_the_stream_with_the_busy_message(
+    single_engine, conversations, monkeypatch
+):
+    monkeypatch.setattr(single_engine.line, "places", 0)  # --queue 0: refuse at once
     held = single_engine.open_session()
     try:
-        handler = connection(MoshiHandler(single_engine.open_session, conversations), "busy")
+        handler = connection(MoshiHandler(single_engine.acquire, conversations), "busy")
         await handler.start_up()
         out = await asyncio.wait_for(handler.emit(), timeout=5)
         assert isinstance(out, CloseStream)
@@ -315,7 +318,7 @@ async def test_busy_backend_closes_the_stream_with_the_busy_message(single_engin
 
 async def test_time_limit_ends_the_conversation_and_says_so(single_engine, conversations, hello_pcm):
     limits = SessionLimits(max_session_s=1.0)
-    handler = connection(MoshiHandler(single_engine.open_session, conversations, limits=limits), "limit")
+    handler = connection(MoshiHandler(single_engine.acquire, conversations, limits=limits), "limit")
     await handler.start_up()
     samples = pcm_to_int16(hello_pcm).reshape(1, -1)
     outputs = []
@@ -337,7 +340,7 @@ async def test_time_limit_ends_the_conversation_and_says_so(single_engine, conve
 
 async def test_a_silent_microphone_ends_the_conversation_after_the_idle_time(single_engine, conversations):
     limits = SessionLimits(idle_s=0.3)
-    handler = connection(MoshiHandler(single_engine.open_session, conversations, limits=limits), "idle")
+    handler = connection(MoshiHandler(single_engine.acquire, conversations, limits=limits), "idle")
     await handler.start_up()
     out = await asyncio.wait_for(handler.emit(), timeout=5)
     assert isinstance(out, CloseStream) and "no microphone audio arrived for 0.3 s" in out.msg
@@ -346,7 +349,7 @@ async def test_a_silent_microphone_ends_the_conversation_after_the_idle_time(sin
 
 
 async def test_emit_waits_for_moshi_instead_of_returning_nothing(single_engine, conversations):
-    handler = connection(MoshiHandler(single_engine.open_session, conversations), "wait")
+    handler = connection(MoshiHandler(single_engine.acquire, conversations), "wait")
     await handler.start_up()
     # no microphone audio yet, so nothing to say: emit must wait, not return None in a loop
     with pytest.raises(TimeoutError):
@@ -368,9 +371,9 @@ class ChannelMessages:
 async def test_a_slow_start_tells_the_page_that_moshi_is_starting(single_engine, conversations):
     unblock = asyncio.Event()
 
-    def open_slowly(sampling):
+    async def open_slowly(sampling, on_position):
         """A session whose start takes its time, as a remote worker starting from cold does."""
-        session = single_engine.open_session(sampling)
+        session = await single_engine.acquire(sampling, on_position)
         ready = session.start
 
         async def start() -> None:
@@ -395,7 +398,7 @@ async def test_a_slow_start_tells_the_page_that_moshi_is_starting(single_engine,
 
 async def test_invalid_sampling_settings_end_with_a_message_and_lease_nothing(single_engine, conversations):
     handler = connection(
-        MoshiHandler(single_engine.open_session, conversations, sampling_from_args=sampling_from_inputs),
+        MoshiHandler(single_engine.acquire, conversations, sampling_from_args=sampling_from_inputs),
         "invalid",
         [0.8, 0, 0.7, 25, -1],  # audio top-k 0
     )
@@ -409,7 +412,7 @@ async def test_invalid_sampling_settings_end_with_a_message_and_lease_nothing(si
 
 async def test_stop_while_the_page_has_not_sent_its_settings_leases_nothing(single_engine, conversations):
     handler = connection(
-        MoshiHandler(single_engine.open_session, conversations, sampling_from_args=sampling_from_inputs), "early"
+        MoshiHandler(single_engine.acquire, conversations, sampling_from_args=sampling_from_inputs), "early"
     )
     starting = asyncio.create_task(handler.start_up())  # waits for the page's inputs
     await asyncio.sleep(0.05)

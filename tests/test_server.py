@@ -128,9 +128,10 @@ async def test_status_is_503_and_sessions_refused_until_the_model_is_loaded(tiny
         assert result.pcm.size > 0
 
 
-async def test_one_connection_beyond_capacity_gets_1013_at_once_and_is_served_after_one_closes(
-    server, tiny_engine, hello_pcm
+async def test_without_a_waiting_line_a_connection_beyond_capacity_gets_1013_at_once(
+    server, tiny_engine, hello_pcm, monkeypatch
 ):
+    monkeypatch.setattr(tiny_engine.line, "places", 0)  # --queue 0
     first = await open_chat(server, Protocol.MOSHI)
     second = await open_chat(server, Protocol.QUILLMAN)
     started = time.monotonic()
@@ -149,7 +150,8 @@ async def test_one_connection_beyond_capacity_gets_1013_at_once_and_is_served_af
     await second.close()
 
 
-async def test_refusal_at_capacity_arrives_within_100_ms_of_accept(server):
+async def test_refusal_at_capacity_arrives_within_100_ms_of_accept(server, tiny_engine, monkeypatch):
+    monkeypatch.setattr(tiny_engine.line, "places", 0)
     holders = [await open_chat(server, Protocol.MOSHI) for _ in range(2)]
     try:
         ws = await connect(ws_url(server, Protocol.MOSHI))

@@ -23,7 +23,7 @@ from fastapi import FastAPI  # noqa: E402
 
 from moshi_engine.audio import SAMPLE_RATE, rms  # noqa: E402
 from moshi_engine.conversation import SessionLimits  # noqa: E402
-from moshi_engine.rtc import Ending, ending_message  # noqa: E402
+from moshi_engine.rtc import Ending, ending_message, line_message  # noqa: E402
 from moshi_engine.server import create_api  # noqa: E402
 from moshi_engine.ui import MoshiPage, mount_ui  # noqa: E402
 
@@ -146,7 +146,26 @@ async def test_a_webrtc_peer_speaks_and_hears_moshi_and_closing_releases_the_slo
     assert live.sampling.seed == 42 and live.recording.exists()
 
 
-async def test_a_second_connection_is_refused_while_the_only_slot_talks(single_engine):
+async def test_a_second_connection_waits_in_line_and_talks_once_the_first_hangs_up(single_engine):
+    async with page_server(single_engine) as (page, http):
+        first = Peer(page, "first-in")
+        await first.offer(http)
+        await until(lambda: first.received_seconds() > 0.5, timeout=30)
+        second = Peer(page, "second-in")
+        await second.offer(http)
+        await until(lambda: getattr(page.conversations.get("second-in"), "line", None) is not None, timeout=30)
+        waiting = page.conversations.get("second-in")
+        assert waiting.line.position == 1 and second.received_seconds() == 0
+        assert line_message(waiting.line).startswith("Every conversation slot is taken: you are 1st in line")
+        await first.close()
+        await until(lambda: second.received_seconds() > 0.5, timeout=30)  # its turn came by itself
+        assert waiting.line is None and single_engine.active == 1
+        await second.close()
+        await until(lambda: single_engine.active == 0, timeout=15)
+
+
+async def test_a_connection_beyond_the_slots_and_the_line_is_refused(single_engine, monkeypatch):
+    monkeypatch.setattr(single_engine.line, "places", 0)  # --queue 0
     async with page_server(single_engine) as (page, http):
         first = Peer(page, "first")
         await first.offer(http)
@@ -160,7 +179,8 @@ async def test_a_second_connection_is_refused_while_the_only_slot_talks(single_e
     assert answer == {"status": "failed", "meta": {"error": "concurrency_limit_reached", "limit": 1}}
 
 
-async def test_a_busy_engine_ends_the_stream_with_the_busy_message(single_engine):
+async def test_a_busy_engine_with_a_full_line_ends_the_stream_with_the_busy_message(single_engine, monkeypatch):
+    monkeypatch.setattr(single_engine.line, "places", 0)
     held = single_engine.open_session()  # e.g. a websocket client holds the only slot
     try:
         async with page_server(single_engine) as (page, http):
@@ -211,7 +231,8 @@ async def test_remote_mode_carries_the_call_to_a_moshi_server_over_the_opus_webs
     assert record.ending is Ending.STOPPED and record.person_rms > 0.01 and record.transcript
 
 
-async def test_remote_mode_says_moshi_is_busy_when_the_server_is(single_engine):
+async def test_remote_mode_says_moshi_is_busy_when_the_server_is(single_engine, monkeypatch):
+    monkeypatch.setattr(single_engine.line, "places", 0)
     held = single_engine.open_session()
     try:
         async with serving(create_api(single_engine)) as moshi_url, remote_page_server(moshi_url) as (page, http):
