@@ -36,6 +36,8 @@ CONFIG = {
     "MOSHI_MODEL": os.environ.get("MOSHI_MODEL", "kyutai/moshiko-pytorch-bf16"),
     "MOSHI_GPU": os.environ.get("MOSHI_GPU", "L40S"),
     "MOSHI_SESSIONS": os.environ.get("MOSHI_SESSIONS", AUTO),
+    "MOSHI_QUEUE": os.environ.get("MOSHI_QUEUE", "8"),
+    "MOSHI_QUEUE_TIMEOUT_S": os.environ.get("MOSHI_QUEUE_TIMEOUT_S", "120"),
     "MOSHI_SESSION_LIMIT_S": os.environ.get("MOSHI_SESSION_LIMIT_S", "600"),
     "MOSHI_IDLE_LIMIT_S": os.environ.get("MOSHI_IDLE_LIMIT_S", "30"),
     "MOSHI_SCALE_OUT": os.environ.get("MOSHI_SCALE_OUT", "0"),
@@ -46,6 +48,8 @@ CONFIG = {
 MODEL = CONFIG["MOSHI_MODEL"]
 GPU = CONFIG["MOSHI_GPU"]
 SESSIONS = CONFIG["MOSHI_SESSIONS"]  # conversation slots per GPU: a number, or auto
+QUEUE = int(CONFIG["MOSHI_QUEUE"])  # places in the waiting line for a slot
+QUEUE_TIMEOUT_S = float(CONFIG["MOSHI_QUEUE_TIMEOUT_S"])
 SESSION_LIMIT_S = int(CONFIG["MOSHI_SESSION_LIMIT_S"])
 IDLE_LIMIT_S = int(CONFIG["MOSHI_IDLE_LIMIT_S"])
 SCALE_OUT = CONFIG["MOSHI_SCALE_OUT"].lower() in ("1", "true", "yes")
@@ -108,9 +112,10 @@ app = modal.App("moshi-voice-chat", image=image)
 hf_cache = modal.Volume.from_name("moshi-hf-cache", create_if_missing=True)
 VOLUMES = {"/cache": hf_cache}
 
-# A Modal Secret can carry HF_TOKEN (gated repos, and fastrtc's Cloudflare TURN credentials) or
-# other TURN credentials (see README): `modal secret create moshi-secrets HF_TOKEN=...`, then
-# deploy with `MOSHI_MODAL_SECRET=moshi-secrets`.
+# A Modal Secret can carry HF_TOKEN (gated repos, and fastrtc's Cloudflare TURN credentials),
+# other TURN credentials (see README), and MOSHI_ACCESS_TOKEN, which makes the deployment private:
+# `modal secret create moshi-secrets HF_TOKEN=... MOSHI_ACCESS_TOKEN=...`, then deploy with
+# `MOSHI_MODAL_SECRET=moshi-secrets`. Secrets reach the containers, never the image.
 
 SECRETS = [modal.Secret.from_name(CONFIG["MOSHI_MODAL_SECRET"])] if CONFIG["MOSHI_MODAL_SECRET"] else []
 
@@ -123,9 +128,15 @@ def load_warm_engine():
     graphs and kernels are ready before the first person speaks."""
     from moshi_engine.engine import load_engine
 
-    engine = load_engine(MODEL, sessions=SESSIONS if not SCALE_OUT else SLOTS)
+    engine = load_engine(MODEL, sessions=SESSIONS if not SCALE_OUT else SLOTS, queue=QUEUE,
+                         queue_timeout_s=QUEUE_TIMEOUT_S)
     hf_cache.commit()  # persist a fresh download for the next container
     return engine
+
+
+def access_token():
+    """The deployment's access token, from its Secret (None: public)."""
+    return os.environ.get("MOSHI_ACCESS_TOKEN") or None
 
 
 def session_limits():
@@ -161,7 +172,16 @@ if not SCALE_OUT:
         def web(self):
             from moshi_engine.web import create_app
 
-            return create_app(self.engine, limits=session_limits(), host="modal.run")
+            self.app = create_app(self.engine, limits=session_limits(), host="modal.run", token=access_token())
+            return self.app
+
+        # A scale-down or a redeploy: tell every conversation (and everyone in line) why it ends.
+        @modal.exit()
+        def drain(self):
+            from moshi_engine.web import drain_from_thread
+
+            if hasattr(self, "app"):
+                drain_from_thread(self.app)
 
 
 # ## Scale-out: GPU workers of N conversations each
@@ -194,21 +214,34 @@ if SCALE_OUT:
         def web(self):
             from moshi_engine.server import create_api
 
-            return create_api(self.engine, session_limits())
+            self.app = create_api(self.engine, session_limits(), token=access_token())
+            return self.app
+
+        @modal.exit()
+        def drain(self):
+            from moshi_engine.web import drain_from_thread
+
+            if hasattr(self, "app"):
+                drain_from_thread(self.app)
 
     @app.function(secrets=SECRETS, max_containers=1, scaledown_window=5 * MINUTES, timeout=REQUEST_TIMEOUT_S)
     @modal.concurrent(max_inputs=PAGE_REQUESTS + REQUESTS_PER_CONVERSATION * SLOTS * MAX_WORKERS)
     @modal.asgi_app()
     def ui():
+        from urllib.parse import quote
+
         from moshi_engine.web import create_app
 
+        token = access_token()
         return create_app(
-            remote=MoshiWorker().web.get_web_url() + "/api/chat",
+            # the workers are as private as the page: the page passes the token on
+            remote=MoshiWorker().web.get_web_url() + "/api/chat" + (f"?token={quote(token)}" if token else ""),
             remote_capacity=MAX_WORKERS * SLOTS,
             poll_remote_status=False,  # a status poll would wake a GPU worker
             connect_timeout_s=10 * MINUTES,  # cold start: image, weights from the Volume, warm-up
             limits=session_limits(),
             host="modal.run",
+            token=token,
         )
 
 
@@ -242,19 +275,24 @@ def parse_args(argv=None):
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     parser.add_argument("--remote", metavar="URL",
                         help="serve the page only; every session talks to this Moshi server (/api/chat or /ws)")
+    parser.add_argument("--queue", type=int, default=QUEUE,
+                        help="places in the waiting line for a slot (0: refuse at once when every slot is taken)")
+    parser.add_argument("--queue-timeout", type=float, default=QUEUE_TIMEOUT_S,
+                        help="seconds a conversation may wait in line")
+    parser.add_argument("--token", default=os.environ.get("MOSHI_ACCESS_TOKEN"),
+                        help="make the app private: every route but /status asks for this token "
+                             "(better: set MOSHI_ACCESS_TOKEN, which no process list shows)")
     parser.add_argument("--session-limit", type=float, default=SESSION_LIMIT_S, help="seconds per conversation")
     parser.add_argument("--idle-limit", type=float, default=IDLE_LIMIT_S, help="seconds without audio")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    import uvicorn
-
     from moshi_engine.capacity import CapacityError
     from moshi_engine.checkpoint import ModelUnavailableError
     from moshi_engine.conversation import SessionLimits
     from moshi_engine.engine import load_engine, pick_device
-    from moshi_engine.web import create_app
+    from moshi_engine.web import create_app, serve
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -267,22 +305,25 @@ def main(argv=None) -> int:
 
     if args.remote:
         capacity = 1 if args.sessions == AUTO else args.sessions
-        web_app = create_app(remote=args.remote, remote_capacity=capacity, limits=limits, host=public_host)
+        web_app = create_app(remote=args.remote, remote_capacity=capacity, limits=limits, host=public_host,
+                             token=args.token)
         engine = None
     else:
         if pick_device(args.device).type == "cpu" and args.model != "tiny":
             log.warning("loading %s on a CPU: Moshi will not speak in real time; use a GPU, or --model tiny "
                         "to try the page", args.model)
         try:
-            engine = load_engine(args.model, device=args.device, sessions=args.sessions)
+            engine = load_engine(args.model, device=args.device, sessions=args.sessions, queue=args.queue,
+                                 queue_timeout_s=args.queue_timeout)
         except (ModelUnavailableError, CapacityError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        web_app = create_app(engine, limits=limits, host=public_host)
+        web_app = create_app(engine, limits=limits, host=public_host, token=args.token)
 
-    log.info("Moshi voice chat at http://%s:%d", "127.0.0.1" if args.host == "0.0.0.0" else args.host, args.port)
+    log.info("Moshi voice chat at http://%s:%d%s", "127.0.0.1" if args.host == "0.0.0.0" else args.host, args.port,
+             "/?token=..." if args.token else "")
     try:
-        uvicorn.run(web_app, host=args.host, port=args.port, log_level="warning")
+        serve(web_app, args.host, args.port)
     finally:
         if engine is not None:
             engine.close()

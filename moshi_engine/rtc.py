@@ -2,30 +2,24 @@
 
 FastRTC calls `MoshiHandler.copy()` once per connection, so every browser
 session gets its own handler bound to its own `Conversation`, opened from a
-factory: `engine.open_session` for a slot of the local engine, or a remote session over
+factory: `engine.acquire` for a slot of the local engine, or a remote session over
 the Opus websocket. The handler never knows which one it drives.
 
     microphone --WebRTC--> receive() --> conversation.send_pcm()   (int16 -> pcm, 24 kHz)
     speaker   <--WebRTC--  emit()    <-- conversation.receive()    (AudioOut; TextOut -> transcript)
 
 It also keeps both sides of the conversation for the recording (`Recording`)
-and writes what happened to each connection into a `ConversationLog` that the
-page reads: how it ended, the message to show, the transcript and the WAV.
-Endings become the one message a person sees in `ending_message`.
+and writes what happened to each connection into a `records.ConversationLog` that
+the page reads: how it ended, the message to show, the transcript and the WAV.
+Endings become the one message a person sees in `endings.ending_message`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
-import tempfile
-import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,163 +27,13 @@ from fastrtc import AdditionalOutputs, AsyncStreamHandler, CloseStream
 from fastrtc.utils import create_message, current_context
 
 from .audio import SAMPLE_RATE, int16_to_pcm
-from .conversation import (
-    AudioOut,
-    BusyError,
-    Conversation,
-    Sampling,
-    ServerRestarting,
-    SessionClosed,
-    SessionLimits,
-    TextOut,
-)
-from .line import LinePosition, LineTimeout
+from .conversation import AudioOut, BusyError, Conversation, Sampling, ServerRestarting, SessionLimits, TextOut
+from .endings import LEFT_LINE_MESSAGE, STARTING_MESSAGE, Ending, duration_words, ending_for, ending_message
+from .line import LinePosition
 from .recording import Recording
+from .records import ConversationLog, ConversationRecord
 
 log = logging.getLogger(__name__)
-
-# ## How conversations end, and what the person is told
-
-
-class Ending(enum.Enum):
-    STOPPED = "stopped"  # the person pressed stop or closed the tab (also while in line)
-    BUSY = "busy"  # no conversation slot was free and no place in the line either
-    LINE_TIMEOUT = "line_timeout"  # waited in line as long as one may, and no slot freed up
-    TIME_LIMIT = "time_limit"
-    IDLE = "idle"  # no microphone audio for a while: the connection is gone or the mic is off
-    RESTART = "restart"  # the server is restarting
-    ERROR = "error"
-
-
-def ending_message(ending: Ending, limits: SessionLimits = SessionLimits(), detail: str = "") -> str:
-    """The one sentence the page shows for an ending; says what happened and what to do."""
-    if ending is Ending.BUSY:
-        return (
-            "Moshi is busy: every conversation slot is taken and the waiting line is full. "
-            "Please try again in a few minutes; the status line above shows when a slot is free."
-        )
-    if ending is Ending.LINE_TIMEOUT:
-        return (
-            f"You waited {detail or 'as long as one may'} in line and no conversation slot freed up. "
-            "Please try again in a few minutes."
-        )
-    if ending is Ending.RESTART:
-        return "The server is restarting. Press the button to talk again in a minute."
-    if ending is Ending.TIME_LIMIT:
-        return (
-            f"Time is up: a conversation lasts at most {_duration(limits.max_session_s)}. "
-            "Press the button to start a new one."
-        )
-    if ending is Ending.IDLE:
-        return (
-            f"The conversation ended because no microphone audio arrived for {_duration(limits.idle_s)}. "
-            "Check your microphone and connection, then press the button again."
-        )
-    if ending is Ending.ERROR:
-        return f"Something went wrong ({detail or 'unknown error'}). Press the button to try again."
-    return f"Conversation ended after {detail}." if detail else "Conversation ended."
-
-
-LEFT_LINE_MESSAGE = "You left the line. Press the button to wait for a conversation again."
-STARTING_MESSAGE = "Connecting to Moshi: its server may be starting up, which can take a minute or two."
-
-
-def line_message(position: LinePosition) -> str:
-    """What a visitor waiting for a slot is told, updated as the line moves."""
-    if position.eta_s < 60:
-        wait = "less than a minute"
-    else:
-        minutes = round(position.eta_s / 60)
-        wait = f"about {minutes} minute{'s' if minutes != 1 else ''}"
-    return (
-        f"Every conversation slot is taken: you are {_ordinal(position.position)} in line, {wait}. "
-        "Your conversation starts by itself when a slot frees up; Stop leaves the line."
-    )
-
-
-def _ordinal(n: int) -> str:
-    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
-    return f"{n}{suffix}"
-
-
-def _ending_for(error: BaseException) -> tuple[Ending, str]:
-    """The ending an error from a backend (local or remote) means, and its detail."""
-    if isinstance(error, LineTimeout):
-        return Ending.LINE_TIMEOUT, _duration(error.timeout_s)
-    if isinstance(error, BusyError):
-        return Ending.BUSY, str(error)
-    if isinstance(error, ServerRestarting):
-        return Ending.RESTART, str(error)
-    if isinstance(error, SessionClosed):  # a remote server ended the session
-        return Ending.ERROR, str(error) or "the conversation closed unexpectedly"
-    return Ending.ERROR, str(error) or type(error).__name__
-
-
-def _duration(seconds: float) -> str:
-    if seconds >= 60 and seconds % 60 == 0:
-        minutes = int(seconds // 60)
-        return f"{minutes} minute{'s' if minutes != 1 else ''}"
-    return f"{seconds:g} s"
-
-
-@dataclass
-class ConversationRecord:
-    """What happened to one browser connection, for the page to show."""
-
-    webrtc_id: str
-    started_at: float
-    sampling: Sampling | None = None
-    line: LinePosition | None = None  # where it stands while waiting for a slot
-    ending: Ending | None = None
-    message: str | None = None
-    transcript: str = ""
-    recording: Path | None = None
-    person_samples: int = 0
-    person_rms: float = 0.0
-    moshi_frames: int = 0
-    text_pieces: int = 0
-
-    @property
-    def ended(self) -> bool:
-        return self.ending is not None
-
-
-class ConversationLog:
-    """The records of recent connections by WebRTC id, and the directory of their WAVs.
-
-    Bounded: past `keep` records the oldest is forgotten and its recording deleted.
-    Written and read on the server's event loop only.
-    """
-
-    def __init__(self, directory: str | Path | None = None, keep: int = 64) -> None:
-        self.directory = Path(directory or tempfile.mkdtemp(prefix="moshi-recordings-"))
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.keep = keep
-        self._records: OrderedDict[str, ConversationRecord] = OrderedDict()
-
-    def open(self, webrtc_id: str) -> ConversationRecord:
-        record = ConversationRecord(webrtc_id=webrtc_id, started_at=time.time())
-        self._records[webrtc_id] = record
-        while len(self._records) > self.keep:
-            _, old = self._records.popitem(last=False)
-            if old.recording is not None:
-                old.recording.unlink(missing_ok=True)
-        return record
-
-    def get(self, webrtc_id: str | None) -> ConversationRecord | None:
-        return self._records.get(webrtc_id) if webrtc_id else None
-
-    def recording_path(self, record: ConversationRecord) -> Path:
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(record.started_at))
-        return self.directory / f"moshi-conversation-{stamp}-{record.webrtc_id[:8]}.wav"
-
-    def records(self) -> list[ConversationRecord]:
-        """The remembered records, oldest first."""
-        return list(self._records.values())
-
-    def __len__(self) -> int:
-        return len(self._records)
-
 
 # ## The handler
 
@@ -245,6 +89,7 @@ class MoshiHandler(AsyncStreamHandler):
         self._stopped = asyncio.Event()  # FastRTC shut the connection down
         self._watchdog: asyncio.Task | None = None
         self._finishing: asyncio.Task | None = None
+        self._opening: asyncio.Task | None = None  # waiting in line, or starting
 
     def copy(self) -> MoshiHandler:
         return MoshiHandler(
@@ -265,6 +110,7 @@ class MoshiHandler(AsyncStreamHandler):
         every slot is taken."""
         context = current_context.get()
         self.record = self.conversations.open(context.webrtc_id if context else uuid.uuid4().hex)
+        self.conversations.live.add(self)
         try:
             sampling = await self._sampling()
             self.record.sampling = sampling
@@ -282,7 +128,7 @@ class MoshiHandler(AsyncStreamHandler):
                 error,
                 exc_info=not busy,
             )
-            self._end(*_ending_for(error))
+            self._end(*ending_for(error))
         else:
             self._conversation = conversation
             if self._ending is not None:  # stopped while starting: _finish missed it
@@ -312,13 +158,16 @@ class MoshiHandler(AsyncStreamHandler):
     async def _unless_stopped(self, opening: Awaitable[Conversation]) -> Conversation | None:
         """`opening`'s conversation, or None if the connection stops first (its lease, if one
         came in the same instant, goes back)."""
-        task = asyncio.ensure_future(opening)
+        task = self._opening = asyncio.ensure_future(opening)
         stopped = asyncio.ensure_future(self._stopped.wait())
         try:
             await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopped.cancel()
+            self._opening = None
         if not self._stopped.is_set():
+            if task.cancelled():  # the server is restarting: end_for_restart has said so
+                return None
             return task.result()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -371,7 +220,7 @@ class MoshiHandler(AsyncStreamHandler):
         except Exception as error:  # SessionClosed after _end(); else the backend ended it
             if self._ending is None:
                 log.info("connection %s: sending audio failed: %r", self._webrtc_id, error)
-                self._end(*_ending_for(error))
+                self._end(*ending_for(error))
 
     async def emit(self):
         """Moshi's next 80 ms frame `(24000, float32 [1, 1920])`, or the transcript so far
@@ -389,7 +238,7 @@ class MoshiHandler(AsyncStreamHandler):
                 out = await self._conversation.receive()
             except Exception as error:  # SessionClosed after _end(); else the backend ended it
                 if self._ending is None:
-                    self._end(*_ending_for(error))
+                    self._end(*ending_for(error))
                 break
             if isinstance(out, AudioOut):
                 self.recording.add_moshi(out.pcm)
@@ -408,6 +257,12 @@ class MoshiHandler(AsyncStreamHandler):
         except TimeoutError:
             pass
         return None
+
+    async def end_for_restart(self, reason: str) -> None:
+        """The server is restarting: end now, telling the page (also while in line)."""
+        if self._opening is not None:
+            self._opening.cancel()  # in line: leave it
+        await asyncio.shield(self._end(Ending.RESTART, reason))
 
     async def shutdown(self) -> None:
         """FastRTC closed the connection (stop button, tab closed, time limit, failure)."""
@@ -455,11 +310,12 @@ class MoshiHandler(AsyncStreamHandler):
                 await self._conversation.close()
             except Exception:
                 log.exception("connection %s: closing the conversation failed", self._webrtc_id)
+        self.conversations.live.discard(self)
         record = self.record
         if record is None:  # shut down before start-up began
             return
         if ending is Ending.STOPPED and self.recording.samples:
-            detail = _duration(round(self.recording.samples / SAMPLE_RATE))
+            detail = duration_words(round(self.recording.samples / SAMPLE_RATE))
         record.ending = ending
         record.message = ending_message(ending, self.limits, detail)
         if ending is Ending.STOPPED and record.line is not None:
@@ -474,7 +330,7 @@ class MoshiHandler(AsyncStreamHandler):
             path = self.conversations.recording_path(record)
             try:
                 await asyncio.to_thread(self.recording.write_wav, path)
-                record.recording = path
+                self.conversations.saved(record, path)
             except OSError:
                 log.exception("connection %s: writing the recording failed", self._webrtc_id)
         log.info(

@@ -11,6 +11,7 @@ released (and reset) before the close frame goes out, and nothing else notices.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -18,8 +19,9 @@ from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from .access import TokenGate
 from .codec import OpusDecoder, OpusEncoder, OpusError
-from .conversation import AudioOut, BusyError, SessionError, SessionLimits
+from .conversation import AudioOut, BusyError, ServerRestarting, SessionError, SessionLimits
 from .engine import MoshiEngine
 from .line import LinePosition
 from .protocol import (
@@ -38,6 +40,9 @@ from .session import MoshiSession
 from .timings import OPUS_DECODE, OPUS_ENCODE, StageTimings
 
 log = logging.getLogger(__name__)
+
+
+RESTART_REASON = "the server is restarting; connect again in a minute"
 
 
 class _ClientGone(Exception):
@@ -73,14 +78,21 @@ class MoshiServer:
             "limits": {"max_session_s": self.limits.max_session_s, "idle_s": self.limits.idle_s},
         }
 
-    def drain(self, reason: str) -> None:
+    def drain(self, reason: str = RESTART_REASON) -> None:
         """Stop admitting and end every live and waiting conversation, telling each `reason`
         (close 1012). Each connection's slot is released as it ends."""
         self.restarting = reason
+        if self.engine is not None:
+            self.engine.line.close(ServerRestarting(reason))  # nobody gets a slot any more
         for connection in list(self._live.values()):
             connection.end(CloseCode.SERVICE_RESTART, reason)
         for waiting in list(self._waiting):
             waiting.cancel(reason)
+
+    @property
+    def connections(self) -> int:
+        """Websocket conversations open or waiting."""
+        return len(self._live) + len(self._waiting)
 
     async def serve(self, ws: WebSocket, protocol: Protocol) -> None:
         """One websocket conversation, from accept to close: in line while every slot is taken."""
@@ -163,7 +175,9 @@ class _Waiting:
             await asyncio.gather(acquiring, return_exceptions=True)
             raise next(task.exception() for task in others if task.done() and task.exception())
         if acquiring.cancelled():
-            raise ConnectionClose(CloseCode.SERVICE_RESTART, self._cancelled or "the server is restarting")
+            raise ConnectionClose(CloseCode.SERVICE_RESTART, self._cancelled or RESTART_REASON)
+        if isinstance(acquiring.exception(), ServerRestarting):
+            raise ConnectionClose(CloseCode.SERVICE_RESTART, str(acquiring.exception()))
         return acquiring.result()
 
     def cancel(self, reason: str) -> None:
@@ -304,13 +318,24 @@ async def _close(ws: WebSocket, code: int, reason: str) -> None:
         pass  # the client went away first
 
 
-def create_api(engine: MoshiEngine | None = None, limits: SessionLimits = SessionLimits()) -> FastAPI:
+@contextlib.asynccontextmanager
+async def _remember_loop(app: FastAPI):
+    """Keep the serving event loop, for an exit hook on another thread (`web.drain_from_thread`)."""
+    app.state.loop = asyncio.get_running_loop()
+    yield
+
+
+def create_api(engine: MoshiEngine | None = None, limits: SessionLimits = SessionLimits(),
+               token: str | None = None) -> FastAPI:
     """The app serving `/status`, `/ws` and `/api/chat` over `engine`.
 
     With `engine=None` the app answers 503 / 1013 until `app.state.moshi.engine`
-    is set, so a server can listen while the model loads.
+    is set, so a server can listen while the model loads. With a `token`, every route
+    but `/status` (and any mounted later, such as the page) asks for it.
     """
-    app = FastAPI(title="Moshi", docs_url=None, redoc_url=None)
+    app = FastAPI(title="Moshi", docs_url=None, redoc_url=None, lifespan=_remember_loop)
+    if token:
+        app.add_middleware(TokenGate, token=token)
     server = MoshiServer(engine, limits)
     app.state.moshi = server
 

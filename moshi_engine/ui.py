@@ -14,6 +14,7 @@ imports gradio.
 
 from __future__ import annotations
 
+import html
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -21,13 +22,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse
 from fastrtc import WebRTC
 
+from .access import BROWSER_COOKIE, BrowserIdentity, cookie_value
 from .conversation import Sampling, SessionLimits
+from .endings import Ending, ending_message, line_message
 from .ice import browser_rtc_configuration, ice_source, server_rtc_configuration
 from .line import QUEUE_PLACES, QUEUE_TIMEOUT_S
-from .rtc import ConversationLog, Ending, MoshiHandler, OpenConversation, ending_message, line_message
+from .records import ConversationLog, ConversationRecord
+from .rtc import MoshiHandler, OpenConversation
 from .timings import LM_STEP, MIMI_DECODE, MIMI_ENCODE
 
 if TYPE_CHECKING:
@@ -163,8 +168,7 @@ def build_page(
 
     d = default_sampling
     theme = gr.themes.Soft(font=["system-ui", "sans-serif"])  # no web fonts to fetch
-    # Gradio copies each recording it serves into its cache: drop copies after an hour.
-    with gr.Blocks(title="Moshi voice chat", theme=theme, css=CSS, delete_cache=(600, 3600)) as blocks:
+    with gr.Blocks(title="Moshi voice chat", theme=theme, css=CSS) as blocks:
         gr.Markdown(INTRO)
         status_md = gr.Markdown(status_line(None, remote), elem_id="moshi-status")
         with gr.Row(equal_height=False):
@@ -189,11 +193,9 @@ def build_page(
                     autoscroll=True,
                     elem_id="moshi-transcript",
                 )
-                recording = gr.DownloadButton(
-                    "Download the conversation (WAV: you left, Moshi right)",
-                    visible=False,
-                    elem_id="moshi-recording",
-                )
+                # A plain link, so that the browser fetches the file itself, with its identity
+                # cookie: the recording is this browser's alone (`records`).
+                recording = gr.HTML(visible=False, elem_id="moshi-recording")
             with gr.Column(scale=2):
                 with gr.Accordion("Sampling, applied when a conversation starts", open=True):
                     temp = gr.Slider(0.0, 2.0, value=d.temp, step=0.05, label="Audio temperature")
@@ -232,18 +234,20 @@ def build_page(
             on_start, outputs=[message_md, transcript, recording], concurrency_limit=None, show_progress="hidden"
         )
 
-        async def refresh(webrtc_id: str | None, shown_id: str | None):
-            """Every second: the status line; once per conversation, how it ended."""
+        async def refresh(webrtc_id: str | None, shown_id: str | None, request: gr.Request):
+            """Every second: the status line; while in line, its place; once per conversation, how
+            it ended. The first browser to ask about a connection owns its record."""
             line = status_line(await read_status(), remote)
-            record = conversations.get(webrtc_id)
-            if record is not None and not record.ended and record.line is not None:
-                return line, line_message(record.line), gr.update(), gr.update(), shown_id
-            if record is None or not record.ended or shown_id == webrtc_id:
+            record = conversations.claim(webrtc_id, cookie_value(request.headers, BROWSER_COOKIE))
+            if record is not None and not record.ended:
+                return line, line_message(record.line) if record.line else "", gr.update(), gr.update(), shown_id
+            if record is None or shown_id == webrtc_id:
                 return line, gr.update(), gr.update(), gr.update(), shown_id
             message = record.message
+            download = gr.update()
             if record.recording:
                 message += " Its recording is ready to download below."
-            download = gr.update(value=str(record.recording), visible=True) if record.recording else gr.update()
+                download = gr.update(value=_download_link(record), visible=True)
             return line, message, record.transcript, download, webrtc_id
 
         async def show_status() -> str:
@@ -258,6 +262,12 @@ def build_page(
             show_progress="hidden",
         )
     return MoshiPage(blocks=blocks, webrtc=webrtc, conversations=conversations, handler=handler)
+
+
+def _download_link(record: ConversationRecord) -> str:
+    name = html.escape(record.recording.name)
+    return (f'<a href="recordings/{record.download_id}" download="{name}">'
+            "Download the conversation (WAV: you left, Moshi right)</a>")
 
 
 def mount_ui(
@@ -310,5 +320,15 @@ def mount_ui(
             host=host,
             conversations=conversations,
         )
-    gr.mount_gradio_app(app, page.blocks, path=path, allowed_paths=[str(page.conversations.directory)], show_api=False)
+    app.add_middleware(BrowserIdentity)
+
+    @app.get(path.rstrip("/") + "/recordings/{download_id}", include_in_schema=False)
+    async def download_recording(download_id: str, request: Request) -> FileResponse:
+        """A conversation's recording, for the browser that had it; a 404 for anyone else."""
+        record = page.conversations.recording_for(download_id, cookie_value(request.headers, BROWSER_COOKIE))
+        if record is None:
+            raise HTTPException(404, "no such recording")
+        return FileResponse(record.recording, media_type="audio/wav", filename=record.recording.name)
+
+    gr.mount_gradio_app(app, page.blocks, path=path, show_api=False)
     return page

@@ -2,23 +2,28 @@
 
     create_app(engine)                              # API (/status, /ws, /api/chat) + page at /
     create_app(remote="wss://worker/api/chat")      # the page alone, each session on that server
+    create_app(engine, token="...")                 # private: nothing but /status without the token
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import httpx
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from .access import TokenGate
 from .client import websocket_url
 from .conversation import SessionLimits
 from .engine import MoshiEngine
-from .server import create_api
+from .server import RESTART_REASON, MoshiServer, create_api
 from .ui import mount_ui
 
 log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 3.0
 
 
 def create_app(
@@ -30,6 +35,7 @@ def create_app(
     remote_capacity: int = 1,
     poll_remote_status: bool = True,
     connect_timeout_s: float = 10.0,
+    token: str | None = None,
 ) -> FastAPI:
     """The app for a local `engine`, or the page alone bound to a `remote` Moshi server.
 
@@ -38,18 +44,21 @@ def create_app(
     on the server at once; `poll_remote_status=False` keeps the page from
     polling the server's /status (on Modal that would wake a GPU worker), and
     `connect_timeout_s` bounds how long a session may wait for the server (a cold
-    GPU worker takes minutes).
+    GPU worker takes minutes). With a `token`, every route but `/status` asks for it
+    (`access.TokenGate`).
     """
     if (engine is None) == (remote is None):
         raise ValueError("give either a local engine or the URL of a remote Moshi server")
     if engine is not None:
-        app = create_api(engine, limits)
-        mount_ui(app, engine, limits=limits, host=host)
+        app = create_api(engine, limits, token=token)
+        app.state.page = mount_ui(app, engine, limits=limits, host=host)
         return app
 
     remote = websocket_url(remote)
     status_url = _status_url(remote)
     app = FastAPI(title="Moshi (page only)", docs_url=None, redoc_url=None)
+    if token:
+        app.add_middleware(TokenGate, token=token)
 
     async def remote_status() -> dict | None:
         try:
@@ -66,7 +75,7 @@ def create_app(
             body["remote_status"] = await remote_status()
         return JSONResponse(body)
 
-    mount_ui(
+    app.state.page = mount_ui(
         app,
         remote=remote,
         capacity=remote_capacity,
@@ -76,6 +85,73 @@ def create_app(
         connect_timeout_s=connect_timeout_s,
     )
     return app
+
+
+async def drain(app: FastAPI, reason: str = RESTART_REASON, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    """The server is restarting (SIGTERM, Ctrl+C, a redeploy): admit nobody, tell every live and
+    waiting conversation why (websockets close 1012 with `reason`; the page says to press the
+    button again in a minute), and wait, at most `timeout_s`, until every one has ended and
+    every slot is released."""
+    server: MoshiServer | None = getattr(app.state, "moshi", None)
+    page = getattr(app.state, "page", None)
+    if server is not None:
+        server.drain(reason)
+    ending = [page.conversations.drain(reason)] if page is not None else []
+
+    async def all_ended() -> None:
+        await asyncio.gather(*ending)
+        # Websockets end on their own tasks; this runs once, at exit, for a few loop turns.
+        while server is not None and (server.connections or (server.engine and server.engine.active)):
+            await asyncio.sleep(0.02)
+
+    try:
+        await asyncio.wait_for(all_ended(), timeout_s)
+    except TimeoutError:
+        log.warning("some conversations had not ended %.0f s after the restart began", timeout_s)
+
+
+def drain_from_thread(app: FastAPI, reason: str = RESTART_REASON, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    """`drain` run on the app's event loop from another thread (an exit hook), if it still runs."""
+    loop: asyncio.AbstractEventLoop | None = getattr(app.state, "loop", None)
+    if loop is None or not loop.is_running():
+        return
+    try:
+        asyncio.run_coroutine_threadsafe(drain(app, reason, timeout_s), loop).result(timeout_s + 1)
+    except Exception:
+        log.warning("draining the app before exit failed", exc_info=True)
+
+
+def serve(app: FastAPI, host: str, port: int) -> None:
+    """Serve `app` with uvicorn until SIGTERM or SIGINT, draining it first (`drain`): every
+    conversation is told why it ends before the server stops. A second signal stops at once."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        draining = False
+
+        async def serve(self, sockets=None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.draining or not self.started:
+                super().handle_exit(sig, frame)
+                return
+            self.draining = True
+            log.info("stopping: telling every conversation that the server is restarting")
+
+            async def drain_then_exit() -> None:
+                try:
+                    await drain(app)
+                finally:
+                    uvicorn.Server.handle_exit(self, sig, frame)
+
+            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(drain_then_exit()))
+
+    try:
+        DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the SIGINT it handled once it has stopped, as uvicorn.run swallows it
 
 
 def _status_url(ws_url: str) -> str:

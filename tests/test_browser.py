@@ -22,8 +22,9 @@ import pytest  # noqa: E402
 from playwright.sync_api import Page, sync_playwright  # noqa: E402
 
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE, rms  # noqa: E402
+from moshi_engine.endings import Ending, ending_message  # noqa: E402
 from moshi_engine.engine import load_engine  # noqa: E402
-from moshi_engine.rtc import ConversationRecord, Ending, ending_message  # noqa: E402
+from moshi_engine.records import ConversationRecord  # noqa: E402
 from moshi_engine.server import create_api  # noqa: E402
 from moshi_engine.ui import mount_ui  # noqa: E402
 

@@ -15,9 +15,11 @@ from fastrtc.utils import Context, current_context
 from moshi_engine import ice
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE, pcm_to_int16, rms
 from moshi_engine.conversation import Sampling, SessionLimits
+from moshi_engine.endings import STARTING_MESSAGE, Ending, ending_message
 from moshi_engine.ice import browser_rtc_configuration, ice_source, server_rtc_configuration
 from moshi_engine.recording import Recording
-from moshi_engine.rtc import STARTING_MESSAGE, ConversationLog, Ending, MoshiHandler, ending_message
+from moshi_engine.records import ConversationLog
+from moshi_engine.rtc import MoshiHandler
 from moshi_engine.ui import sampling_from_inputs
 
 from .conftest import converse
@@ -425,9 +427,27 @@ async def test_stop_while_the_page_has_not_sent_its_settings_leases_nothing(sing
 def test_the_log_forgets_old_conversations_and_deletes_their_recordings(tmp_path):
     log = ConversationLog(tmp_path, keep=2)
     first = log.open("id0")
-    first.recording = log.recording_path(first)
-    first.recording.write_bytes(b"RIFF")
+    path = first.recording = log.recording_path(first)
+    path.write_bytes(b"RIFF")
     log.open("id1")
     log.open("id2")
     assert log.get("id0") is None and log.get("id1") is not None and len(log) == 2
-    assert not first.recording.exists()
+    assert not path.exists() and first.recording is None
+
+
+async def test_a_recording_is_its_browsers_alone_and_deleted_after_its_time(tmp_path):
+    log = ConversationLog(tmp_path / "recordings", recording_ttl_s=0.2)
+    record = log.open("webrtc-id")
+    assert log.claim("webrtc-id", "browser-a") is record  # the page that made the connection asks first
+    assert log.claim("webrtc-id", "browser-b") is None  # another browser learns nothing of it
+    path = log.recording_path(record)
+    path.write_bytes(b"RIFF")
+    log.saved(record, path)
+    assert log.recording_for(record.download_id, "browser-a") is record
+    assert log.recording_for(record.download_id, "browser-b") is None
+    assert log.recording_for(record.download_id, None) is None
+    assert log.recording_for("guessed", "browser-a") is None
+    await wait_for(lambda: not path.exists())  # 0.2 s after the conversation
+    assert log.recording_for(record.download_id, "browser-a") is None
+    log.close()
+    assert not (tmp_path / "recordings").exists()

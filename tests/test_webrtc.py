@@ -23,7 +23,7 @@ from fastapi import FastAPI  # noqa: E402
 
 from moshi_engine.audio import SAMPLE_RATE, rms  # noqa: E402
 from moshi_engine.conversation import SessionLimits  # noqa: E402
-from moshi_engine.rtc import Ending, ending_message, line_message  # noqa: E402
+from moshi_engine.endings import Ending, ending_message, line_message  # noqa: E402
 from moshi_engine.server import create_api  # noqa: E402
 from moshi_engine.ui import MoshiPage, mount_ui  # noqa: E402
 

@@ -1,0 +1,93 @@
+"""How a conversation on the page ends, and the one sentence the person is told.
+
+Every transport that serves the page (WebRTC today, the page's websocket path
+too) ends a conversation in one of these ways, and says so in these words.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from .conversation import BusyError, ServerRestarting, SessionClosed, SessionLimits
+from .line import LinePosition, LineTimeout
+
+
+class Ending(enum.Enum):
+    STOPPED = "stopped"  # the person pressed stop or closed the tab (also while in line)
+    BUSY = "busy"  # no conversation slot was free and no place in the line either
+    LINE_TIMEOUT = "line_timeout"  # waited in line as long as one may, and no slot freed up
+    TIME_LIMIT = "time_limit"
+    IDLE = "idle"  # no microphone audio for a while: the connection is gone or the mic is off
+    RESTART = "restart"  # the server is restarting
+    ERROR = "error"
+
+
+def ending_message(ending: Ending, limits: SessionLimits = SessionLimits(), detail: str = "") -> str:
+    """The one sentence the page shows for an ending; says what happened and what to do."""
+    if ending is Ending.BUSY:
+        return (
+            "Moshi is busy: every conversation slot is taken and the waiting line is full. "
+            "Please try again in a few minutes; the status line above shows when a slot is free."
+        )
+    if ending is Ending.LINE_TIMEOUT:
+        return (
+            f"You waited {detail or 'as long as one may'} in line and no conversation slot freed up. "
+            "Please try again in a few minutes."
+        )
+    if ending is Ending.RESTART:
+        return "The server is restarting. Press the button to talk again in a minute."
+    if ending is Ending.TIME_LIMIT:
+        return (
+            f"Time is up: a conversation lasts at most {duration_words(limits.max_session_s)}. "
+            "Press the button to start a new one."
+        )
+    if ending is Ending.IDLE:
+        return (
+            f"The conversation ended because no microphone audio arrived for {duration_words(limits.idle_s)}. "
+            "Check your microphone and connection, then press the button again."
+        )
+    if ending is Ending.ERROR:
+        return f"Something went wrong ({detail or 'unknown error'}). Press the button to try again."
+    return f"Conversation ended after {detail}." if detail else "Conversation ended."
+
+
+LEFT_LINE_MESSAGE = "You left the line. Press the button to wait for a conversation again."
+STARTING_MESSAGE = "Connecting to Moshi: its server may be starting up, which can take a minute or two."
+
+
+def line_message(position: LinePosition) -> str:
+    """What a visitor waiting for a slot is told, updated as the line moves."""
+    if position.eta_s < 60:
+        wait = "less than a minute"
+    else:
+        minutes = round(position.eta_s / 60)
+        wait = f"about {minutes} minute{'s' if minutes != 1 else ''}"
+    return (
+        f"Every conversation slot is taken: you are {_ordinal(position.position)} in line, {wait}. "
+        "Your conversation starts by itself when a slot frees up; Stop leaves the line."
+    )
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def ending_for(error: BaseException) -> tuple[Ending, str]:
+    """The ending an error from a backend (local or remote) means, and its detail."""
+    if isinstance(error, LineTimeout):
+        return Ending.LINE_TIMEOUT, duration_words(error.timeout_s)
+    if isinstance(error, BusyError):
+        return Ending.BUSY, str(error)
+    if isinstance(error, ServerRestarting):
+        return Ending.RESTART, str(error)
+    if isinstance(error, SessionClosed):  # a remote server ended the session
+        return Ending.ERROR, str(error) or "the conversation closed unexpectedly"
+    return Ending.ERROR, str(error) or type(error).__name__
+
+
+def duration_words(seconds: float) -> str:
+    if seconds >= 60 and seconds % 60 == 0:
+        minutes = int(seconds // 60)
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    return f"{seconds:g} s"
