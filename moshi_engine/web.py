@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 
 import httpx
 from fastapi import FastAPI
@@ -148,10 +149,15 @@ def serve(app: FastAPI, host: str, port: int) -> None:
 
             self.loop.call_soon_threadsafe(lambda: self.loop.create_task(drain_then_exit()))
 
+    # uvicorn re-raises the signal it handled once it has stopped, for the handler it found:
+    # for SIGTERM let that be one that returns, so that a drained server exits with status 0.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
     except KeyboardInterrupt:
-        pass  # uvicorn re-raises the SIGINT it handled once it has stopped, as uvicorn.run swallows it
+        pass  # the same for SIGINT, as uvicorn.run does
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _status_url(ws_url: str) -> str:

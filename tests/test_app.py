@@ -238,3 +238,33 @@ def test_share_without_internet_says_so_and_still_serves_locally(hello_pcm):
         output = stop_app(process)
     # Gradio's share server is unreachable from here (no internet); with it, a link is logged.
     assert "could not open a share link" in output or "public share link: https://" in output
+
+
+async def test_sigterm_tells_every_conversation_and_everyone_in_line_why_and_exits_cleanly(hello_pcm):
+    import asyncio
+
+    from websockets.asyncio.client import connect
+
+    from moshi_engine.codec import OpusEncoder
+    from moshi_engine.protocol import HANDSHAKE, KIND_METADATA
+
+    process, base = await asyncio.to_thread(start_app, "--model", "tiny", "--device", "cpu", "--sessions", "1")
+    try:
+        url = base.replace("http", "ws") + "/api/chat"
+        talking = await connect(url)
+        assert await talking.recv() == HANDSHAKE
+        encoder = OpusEncoder()
+        for start in range(0, 10 * 1920, 1920):
+            await talking.send(b"\x01" + encoder.encode(hello_pcm[start : start + 1920]))
+        waiting = await connect(url + "?queue=1")
+        assert (await waiting.recv())[0] == KIND_METADATA  # in line
+        process.send_signal(signal.SIGTERM)
+        for ws in (talking, waiting):
+            await asyncio.wait_for(ws.wait_closed(), 10)
+            assert ws.close_code == CloseCode.SERVICE_RESTART and "restarting" in ws.close_reason
+        output, _ = await asyncio.to_thread(process.communicate, timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    assert "Traceback" not in output and "telling every conversation" in output

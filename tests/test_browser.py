@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.error
 import urllib.request
 import wave
 from dataclasses import dataclass
@@ -22,11 +23,10 @@ import pytest  # noqa: E402
 from playwright.sync_api import Page, sync_playwright  # noqa: E402
 
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE, rms  # noqa: E402
-from moshi_engine.endings import Ending, ending_message  # noqa: E402
+from moshi_engine.endings import LEFT_LINE_MESSAGE, Ending  # noqa: E402
 from moshi_engine.engine import load_engine  # noqa: E402
 from moshi_engine.records import ConversationRecord  # noqa: E402
-from moshi_engine.server import create_api  # noqa: E402
-from moshi_engine.ui import mount_ui  # noqa: E402
+from moshi_engine.web import create_app  # noqa: E402
 
 from .conftest import HELLO_WAV  # noqa: E402
 from .live import serve_asgi  # noqa: E402
@@ -65,11 +65,12 @@ INBOUND_AUDIO = """async () => {
 }"""
 TALK_BUTTON = "#moshi-webrtc button[aria-label='start stream']"  # "Talk to Moshi", then "Stop"
 CONVERSATION_S = 5.0
+TOKEN = "browser-test-token"  # the page runs private: every request the page makes must carry it
 
 
 @dataclass
 class Evidence:
-    """What one browser conversation left behind."""
+    """What the browser conversations left behind."""
 
     transcript: str
     inbound: dict
@@ -77,7 +78,12 @@ class Evidence:
     active_after_stop: int
     talked_s: float
     recording: Path
-    busy_message: str
+    line_message: str
+    left_message: str
+    queue_after_leaving: dict
+    started_by_itself: str  # the transcript of the visitor whose turn came
+    foreign_download: int  # the recording's link, fetched by another browser
+    cookieless_download: int
 
 
 def status(url: str) -> dict:
@@ -93,58 +99,91 @@ def screenshot(page: Page, name: str) -> None:
 
 
 def open_page(browser, url: str) -> Page:
+    """A visitor of its own (its own browser context, so its own cookies) opening the private
+    link once: the token goes into a cookie and out of the address."""
     page = browser.new_page(viewport={"width": 1280, "height": 860})
     page.add_init_script(HOOK_PEER_CONNECTIONS)
-    page.goto(url)
+    page.goto(f"{url}/?token={TOKEN}")
+    assert "token" not in page.url
     page.click("#moshi-webrtc button", timeout=30_000)  # "Click to Access Microphone"
     page.wait_for_selector(TALK_BUTTON, timeout=30_000)
     return page
 
 
+def message_containing(page: Page, text: str) -> str:
+    page.wait_for_function("t => (document.querySelector('#moshi-message')?.innerText || '').includes(t)",
+                           arg=text, timeout=30_000)
+    return page.inner_text("#moshi-message").strip()
+
+
+def wait_until(condition, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+TRANSCRIPT_SHOWN = "() => document.querySelector('#moshi-transcript textarea').value.trim().length > 0"
+
+
 @pytest.fixture(scope="module")
 def evidence(tmp_path_factory) -> Evidence:
     engine = load_engine("tiny", device="cpu", sessions=1)
-    app = create_api(engine)
-    ui = mount_ui(app, engine)
+    app = create_app(engine, token=TOKEN)
+    ui = app.state.page
     try:
         with serve_asgi(app) as url, sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = open_page(browser, url)
             started = time.monotonic()
             page.click(TALK_BUTTON)
-            page.wait_for_function(
-                "() => document.querySelector('#moshi-transcript textarea').value.trim().length > 0", timeout=30_000
-            )
+            page.wait_for_function(TRANSCRIPT_SHOWN, timeout=30_000)
             time.sleep(max(0.0, CONVERSATION_S - (time.monotonic() - started)))
             inbound = page.evaluate(INBOUND_AUDIO)
             transcript = page.input_value("#moshi-transcript textarea")
             screenshot(page, "screenshot-conversation.png")
 
-            # a second visitor while the only slot is in this conversation
+            # a second visitor while the only slot is in this conversation: in line, then leaves
             other = open_page(browser, url)
             other.click(TALK_BUTTON)
-            other.wait_for_selector("#moshi-message p", timeout=15_000)
-            busy_message = other.inner_text("#moshi-message p")
-            screenshot(other, "screenshot-busy.png")
-            other.close()
+            line = message_containing(other, "in line")
+            screenshot(other, "screenshot-line.png")
+            other.click(TALK_BUTTON)  # "Stop": leaves the line
+            left = message_containing(other, "You left the line")
+            wait_until(lambda: status(url)["queue"]["waiting"] == 0)
+            queue_after_leaving = status(url)["queue"]
 
+            # a third visitor waits, and talks as soon as the first hangs up
+            third = open_page(browser, url)
+            third.click(TALK_BUTTON)
+            message_containing(third, "1st in line")
             page.click(TALK_BUTTON)  # "Stop"
             talked_s = time.monotonic() - started
-            deadline = time.monotonic() + 15
-            while status(url)["sessions"]["active"] and time.monotonic() < deadline:
-                time.sleep(0.1)
+            third.wait_for_function(TRANSCRIPT_SHOWN, timeout=30_000)
+            started_by_itself = third.input_value("#moshi-transcript textarea")
+            third.click(TALK_BUTTON)
+            wait_until(lambda: status(url)["sessions"]["active"] == 0)
             active_after_stop = status(url)["sessions"]["active"]
-            page.wait_for_selector("#moshi-recording", state="visible", timeout=15_000)
+
+            page.wait_for_selector("#moshi-recording a", state="visible", timeout=15_000)
             with page.expect_download() as download:
-                page.click("#moshi-recording")
+                page.click("#moshi-recording a")
             recording = tmp_path_factory.mktemp("download") / "conversation.wav"
             download.value.save_as(recording)
             screenshot(page, "screenshot-recording.png")
+            link = page.get_attribute("#moshi-recording a", "href")
+            foreign_download = other.request.get(f"{url}/{link}").status
+            cookieless = urllib.request.Request(f"{url}/{link}", headers={"Authorization": f"Bearer {TOKEN}"})
+            try:
+                cookieless_download = urllib.request.urlopen(cookieless, timeout=10).status
+            except urllib.error.HTTPError as error:
+                cookieless_download = error.code
             browser.close()
     finally:
         engine.close()
-    (record,) = ui.conversations.records()  # the second visitor never got a connection
-    return Evidence(transcript, inbound, record, active_after_stop, talked_s, recording, busy_message)
+    record = ui.conversations.records()[0]
+    return Evidence(transcript, inbound, record, active_after_stop, talked_s, recording, line, left,
+                    queue_after_leaving, started_by_itself, foreign_download, cookieless_download)
 
 
 def test_the_handler_hears_the_microphone(evidence):
@@ -172,14 +211,27 @@ def test_the_recording_downloads_as_a_stereo_wav_of_the_conversation(evidence):
         assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (2, 2, SAMPLE_RATE)
         frames = wav.getnframes()
         samples = np.frombuffer(wav.readframes(frames), dtype="<i2").reshape(-1, 2)
-    # as long as the microphone was live: from connected to stopped (connecting takes ~1 s)
+    # as long as the microphone was live: from connected to stopped, which is less than the time
+    # from pressing Talk to pressing Stop (connecting takes a moment) and at least the talk itself
     assert frames == evidence.record.person_samples
-    assert evidence.talked_s - 3.0 <= frames / SAMPLE_RATE <= evidence.talked_s + 0.5
+    assert CONVERSATION_S - 3.0 <= frames / SAMPLE_RATE <= evidence.talked_s + 0.5
     person, moshi = samples[:, 0].astype(np.float32) / 32768, samples[:, 1].astype(np.float32) / 32768
     assert rms(person) > 0.01 and rms(moshi) > 0.01
     # Moshi speaks from its second 80 ms frame on, once the first reply reaches the browser
     assert rms(moshi[SAMPLE_RATE:]) > 0.01 and not moshi[:FRAME_SIZE].any()
 
 
-def test_a_second_visitor_is_told_moshi_is_busy_and_what_to_do(evidence):
-    assert evidence.busy_message == ending_message(Ending.BUSY)
+def test_a_second_visitor_waits_in_line_and_stop_leaves_it(evidence):
+    assert "Every conversation slot is taken: you are 1st in line" in evidence.line_message
+    assert "Stop leaves the line" in evidence.line_message
+    assert evidence.left_message == LEFT_LINE_MESSAGE
+    assert evidence.queue_after_leaving["waiting"] == 0
+
+
+def test_a_visitor_in_line_talks_as_soon_as_a_slot_frees_up(evidence):
+    assert evidence.started_by_itself.strip()
+
+
+def test_the_recording_is_the_browsers_that_had_it_and_no_one_elses(evidence):
+    assert evidence.foreign_download == 404  # another visitor's browser, with the link
+    assert evidence.cookieless_download == 404  # the token, but not that browser

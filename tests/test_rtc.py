@@ -15,7 +15,7 @@ from fastrtc.utils import Context, current_context
 from moshi_engine import ice
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE, pcm_to_int16, rms
 from moshi_engine.conversation import Sampling, SessionLimits
-from moshi_engine.endings import STARTING_MESSAGE, Ending, ending_message
+from moshi_engine.endings import LEFT_LINE_MESSAGE, STARTING_MESSAGE, Ending, ending_message
 from moshi_engine.ice import browser_rtc_configuration, ice_source, server_rtc_configuration
 from moshi_engine.recording import Recording
 from moshi_engine.records import ConversationLog
@@ -296,6 +296,50 @@ async def test_stopping_releases_the_slot_and_files_a_recording_of_both_sides(
     assert record.moshi_frames == len(audio) == pcm.size // FRAME_SIZE
     assert not samples[: 2 * FRAME_SIZE, 1].any()
     np.testing.assert_array_equal(samples[2 * FRAME_SIZE :, 1], played[: samples.shape[0] - 2 * FRAME_SIZE])
+
+
+async def test_a_visitor_in_line_hears_its_place_starts_by_itself_and_stop_leaves_the_line(
+    single_engine, conversations, hello_pcm
+):
+    held = await single_engine.acquire()  # someone else's conversation holds the only slot
+    waiting = connection(MoshiHandler(single_engine.acquire, conversations), "in-line")
+    starting = asyncio.create_task(waiting.start_up())
+    await wait_for(lambda: conversations.get("in-line") and conversations.get("in-line").line)
+    assert conversations.get("in-line").line.position == 1 and single_engine.line.waiting == 1
+    await held.close()  # the slot frees up: the visitor's conversation starts by itself
+    await asyncio.wait_for(starting, timeout=5)
+    assert single_engine.active == 1 and conversations.get("in-line").line is None
+    audio, _ = await talk(waiting, hello_pcm[:SAMPLE_RATE])
+    assert audio
+    await waiting.shutdown()
+
+    held = await single_engine.acquire()
+    leaving = connection(MoshiHandler(single_engine.acquire, conversations), "leaves")
+    starting = asyncio.create_task(leaving.start_up())
+    await wait_for(lambda: single_engine.line.waiting == 1)
+    await leaving.shutdown()  # Stop while in line
+    await asyncio.wait_for(starting, timeout=5)
+    record = conversations.get("leaves")
+    assert single_engine.line.waiting == 0 and single_engine.active == 1  # only the held slot
+    assert record.ending is Ending.STOPPED and record.message == LEFT_LINE_MESSAGE and record.line is None
+    await held.close()
+    assert single_engine.active == 0
+
+
+async def test_a_restart_ends_live_and_waiting_visitors_with_its_message(single_engine, conversations, hello_pcm):
+    talking = connection(MoshiHandler(single_engine.acquire, conversations), "talking")
+    await talking.start_up()
+    await talk(talking, hello_pcm[: SAMPLE_RATE // 2])
+    waiting = connection(MoshiHandler(single_engine.acquire, conversations), "waiting")
+    starting = asyncio.create_task(waiting.start_up())
+    await wait_for(lambda: single_engine.line.waiting == 1)
+    await conversations.drain("the server is restarting")
+    await asyncio.wait_for(starting, timeout=5)
+    for handler in (talking, waiting):
+        out = await asyncio.wait_for(handler.emit(), timeout=5)
+        assert isinstance(out, CloseStream) and out.msg == ending_message(Ending.RESTART)
+        await handler.shutdown()
+    assert single_engine.active == 0 and single_engine.line.waiting == 0 and not conversations.live
 
 
 async def test_busy_backend_with_no_room_in_line_closes_the_stream_with_the_busy_message(
