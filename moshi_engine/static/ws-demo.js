@@ -10,7 +10,7 @@ const transcript = document.getElementById("transcript");
 const statsLine = document.getElementById("stats");
 const CODEC_NAMES = { webcodecs: "WebCodecs Opus", wasm: "Opus WASM (opus-recorder)" };
 
-const demo = (window.moshiDemo = { socket: null, closes: [], queue: [], errors: [], texts: [] });
+const demo = (window.moshiDemo = { socket: null, states: [], closes: [], queue: [], errors: [], texts: [] });
 
 function say(text) {
   status.textContent = text;
@@ -28,7 +28,10 @@ async function start() {
     sampling,
     queue: query.get("queue") === "1",
     codec: query.get("codec") ?? "auto",
-    onState: (state) => say(`${state} · ${transport(socket)}`),
+    onState: (state) => {
+      demo.states.push(state);
+      say(`${state} · ${transport(socket)}`);
+    },
     onReady: () => say(`live · ${transport(socket)}`),
     onQueue: (info) => {
       demo.queue.push(info);

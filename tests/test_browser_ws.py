@@ -1,0 +1,331 @@
+"""The browser's own Opus websocket client (`moshi_engine/static/`) in Debian's chromium,
+driven by playwright, with a fake microphone playing a speech asset.
+
+A real server (the tiny model, `/api/chat`) and the harness page `ws-demo.html` run one
+conversation per codec: WebCodecs, and opus-recorder's WASM with WebCodecs hidden
+(module fixture); each test checks one thing it should have done. The player, the
+microphone's resampling and the protocol's queue and close messages are tested on
+their own, the last against a scripted server.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from fastapi import FastAPI, WebSocket
+from playwright.sync_api import Page, sync_playwright
+
+from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE, rms
+from moshi_engine.bench.browser import CHROMIUM, HIDE_WEBCODECS, chromium_args, demo_url
+from moshi_engine.browser import STATIC_PATH, mount_static
+from moshi_engine.codec import OpusDecoder
+from moshi_engine.protocol import CloseCode
+from moshi_engine.server import create_api
+from moshi_engine.timings import STEP
+
+from .live import serve_asgi
+
+CONVERSATION_S = 4.0
+TIMEOUT_MS = 30_000
+# Keeps a copy of every message the page sends on a websocket.
+RECORD_SENT = """
+window.__sent = [];
+const nativeSend = WebSocket.prototype.send;
+WebSocket.prototype.send = function (data) {
+  window.__sent.push(new Uint8Array(data).slice());
+  return nativeSend.call(this, data);
+};
+"""
+SENT_BYTES = "() => window.__sent.map((m) => Array.from(m))"
+OGG_HEADER = struct.Struct("<4sBBqIIIB")  # capture, version, type, granule, serial, sequence, crc, segments
+
+
+@dataclass
+class Conversation:
+    """What one browser conversation over /api/chat left behind."""
+
+    codec: str
+    stats: dict  # MoshiSocket.stats() while live
+    final: dict  # ... after the close
+    transcript: str
+    texts: list[str]
+    sent: list[bytes]  # every websocket message the page sent
+    closes: list[dict]
+    frames_stepped: int
+    active_after_stop: int
+    foreign_requests: list[str]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=chromium_args())
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_engine):
+    app = create_api(tiny_engine)
+    mount_static(app)
+    with serve_asgi(app) as url:
+        yield url, tiny_engine
+
+
+def new_page(browser, url: str, foreign: list[str], *scripts: str) -> Page:
+    page = browser.new_context().new_page()
+    for script in scripts:
+        page.add_init_script(script)
+    page.on("request", lambda r: None if r.url.startswith((url, "data:", "blob:")) else foreign.append(r.url))
+    return page
+
+
+def wait_until(condition, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module", params=["webcodecs", "wasm"])
+def conversation(request, browser, served) -> Conversation:
+    url, engine = served
+    codec = request.param
+    foreign: list[str] = []
+    scripts = [RECORD_SENT] + ([HIDE_WEBCODECS] if codec == "wasm" else [])
+    page = new_page(browser, url, foreign, *scripts)
+    try:
+        page.goto(demo_url(url, seed=42))  # codec "auto": the page picks what the browser has
+        engine.timings.clear()
+        page.click("#start")
+        page.wait_for_function(
+            f"() => window.moshiDemo.socket?.counters.sentSamples >= {CONVERSATION_S * SAMPLE_RATE}"
+            " && window.moshiDemo.texts.length > 0",
+            timeout=TIMEOUT_MS,
+        )
+        stats = page.evaluate("() => window.moshiDemo.socket.stats()")
+        transcript = page.inner_text("#transcript")
+        page.click("#start")  # Stop
+        page.wait_for_function("() => window.moshiDemo.closes.length > 0", timeout=TIMEOUT_MS)
+        wait_until(lambda: engine.active == 0)
+        return Conversation(
+            codec=codec,
+            stats=stats,
+            final=page.evaluate("() => window.moshiDemo.socket.stats()"),
+            transcript=transcript,
+            texts=page.evaluate("() => window.moshiDemo.texts"),
+            sent=[bytes(m) for m in page.evaluate(SENT_BYTES)],
+            closes=page.evaluate("() => window.moshiDemo.closes"),
+            frames_stepped=engine.timings.percentiles(STEP)["count"],
+            active_after_stop=engine.active,
+            foreign_requests=foreign,
+        )
+    finally:
+        page.context.close()
+
+
+def ogg_pages(data: bytes) -> list[tuple[int, int, int, int, list[bytes]]]:
+    """(header type, granule, serial, sequence, packets) of each page; packets do not span pages here."""
+    pages, start = [], 0
+    while start < len(data):
+        capture, _, kind, granule, serial, sequence, _, count = OGG_HEADER.unpack_from(data, start)
+        assert capture == b"OggS"
+        sizes = data[start + OGG_HEADER.size : start + OGG_HEADER.size + count]
+        body = start + OGG_HEADER.size + count
+        packets = []
+        for size in sizes:
+            packets.append(data[body : body + size])
+            body += size
+        pages.append((kind, granule, serial, sequence, packets))
+        start = body
+    return pages
+
+
+def test_the_page_uses_webcodecs_where_the_browser_has_it_and_the_vendored_wasm_otherwise(conversation):
+    assert conversation.stats["backend"] == conversation.codec
+    assert conversation.stats["state"] == "live"
+
+
+def test_moshi_answers_with_words_that_reach_the_transcript(conversation):
+    assert conversation.stats["textPieces"] > 0
+    assert conversation.transcript.strip()
+    assert "".join(conversation.texts).startswith(conversation.transcript.strip()[:10])
+
+
+def test_moshis_voice_is_decoded_and_played_by_the_worklet(conversation):
+    player = conversation.stats["player"]
+    assert conversation.stats["secondsDecoded"] >= 1.0
+    assert player["framesPlayed"] > 0 and player["samplesPlayed"] > SAMPLE_RATE / 2
+    assert player["energy"] > 0  # Moshi's noise, not silence
+    assert conversation.stats["firstAudioMs"] is not None
+    assert conversation.stats["lagMs"]["count"] > 0
+
+
+def test_the_browser_sends_one_ogg_opus_page_per_80_ms_frame_after_the_headers(conversation):
+    assert all(message[0] == 1 for message in conversation.sent)  # kind 1: audio
+    pages = ogg_pages(b"".join(message[1:] for message in conversation.sent))
+    (head_type, _, serial, _, (head,)), (_, _, _, _, (tags,)) = pages[:2]
+    assert head_type & 2 and head.startswith(b"OpusHead") and head[9] == 1  # first page, mono
+    assert tags.startswith(b"OpusTags")
+    data = pages[2:]
+    assert [page[3] for page in pages] == list(range(len(pages)))  # sequence numbers
+    assert {page[2] for page in pages} == {serial}
+    granules = [page[1] for page in data]
+    assert granules == [3840 * (i + 1) for i in range(len(data))]  # 48 kHz granules: 80 ms a page
+    # every message ends on a page boundary, so the server decodes each one at once
+    assert sum(len(ogg_pages(message[1:])) for message in conversation.sent) == len(pages)
+
+
+def test_the_pages_the_browser_sends_decode_on_the_server_to_the_microphone_audio(conversation):
+    pcm = OpusDecoder().decode(b"".join(message[1:] for message in conversation.sent))
+    sent_frames = conversation.final["framesSent"]
+    assert pcm.size == sent_frames * FRAME_SIZE
+    assert rms(pcm) > 0.01  # the speech asset, not silence
+    # and the model stepped those frames: 12.5 a second, less the last few in flight at the stop
+    assert sent_frames - 5 <= conversation.frames_stepped <= sent_frames
+    assert conversation.frames_stepped >= CONVERSATION_S * 12.5 - 5
+
+
+def test_stopping_closes_with_1000_and_releases_the_slot(conversation):
+    assert conversation.closes == [{"code": 1000, "reason": "stopped by the user"}]
+    assert conversation.final["state"] == "closed"
+    assert conversation.active_after_stop == 0
+
+
+def test_the_page_loads_nothing_from_elsewhere(conversation):
+    assert conversation.foreign_requests == []
+
+
+# The player's queue, in an OfflineAudioContext: rendering is as fast as the CPU allows,
+# and what comes out is exactly what the worklet decided, whatever the machine's speed.
+PLAYER_FLOOD = """async (base) => {
+  const { Player } = await import(`${base}/audio.js`);
+  const context = new OfflineAudioContext({ numberOfChannels: 1, length: 24000, sampleRate: 24000 });
+  const player = await Player.create(context, { startMs: 80, maxMs: 300, keepMs: 160 });
+  // 2 s of audio at once, faster than real time: frame i holds the constant (i + 1) / 100
+  for (let i = 0; i < 25; i++) player.push(new Float32Array(1920).fill((i + 1) / 100));
+  const queued = await player.stats();
+  const rendered = (await context.startRendering()).getChannelData(0);
+  return { queued, rendered: Array.from(rendered) };
+}"""
+
+
+def test_the_player_drops_the_oldest_audio_when_fed_faster_than_real_time(browser, served):
+    url, _ = served
+    page = new_page(browser, url, [])
+    try:
+        page.goto(url + STATIC_PATH + "/ws-demo.html")
+        result = page.evaluate(PLAYER_FLOOD, STATIC_PATH)
+    finally:
+        page.context.close()
+    stats, rendered = result["queued"], np.array(result["rendered"], dtype=np.float32)
+    assert stats["samplesReceived"] == 25 * 1920
+    assert stats["maxQueuedSamples"] <= 7200  # never more than 300 ms queued
+    assert stats["droppedSamples"] == 25 * 1920 - stats["queuedSamples"]
+    kept = stats["queuedSamples"]
+    assert 0 < kept <= 7200
+    # what stayed plays once (from a fade-in of one render quantum), then silence
+    assert np.all(rendered[1:kept] != 0) and not rendered[kept:].any()
+    # and it is the newest audio: the last frame (0.25) and the ones just before it
+    oldest_kept = (25 - np.ceil(kept / 1920) + 1) / 100
+    assert rendered[128:kept].min() == pytest.approx(oldest_kept)
+    assert rendered[kept - 1] == pytest.approx(0.25)
+
+
+MICROPHONE_AT_48K = """async (base) => {
+  const { Microphone } = await import(`${base}/audio.js`);
+  const context = new AudioContext({ sampleRate: 48000 });
+  const frames = [];
+  const microphone = await Microphone.open(context, { onFrame: (frame) => frames.push(frame) });
+  const started = context.currentTime;
+  await new Promise((resolve) => setTimeout(resolve, 1500));
+  const elapsed = context.currentTime - started;
+  microphone.close();
+  await context.close();
+  let peak = 0;
+  for (const frame of frames) for (const x of frame) peak = Math.max(peak, Math.abs(x));
+  return { count: frames.length, lengths: [...new Set(frames.map((f) => f.length))], elapsed, peak };
+}"""
+
+
+def test_the_microphone_comes_as_24_khz_frames_of_80_ms_from_a_context_at_another_rate(browser, served):
+    url, _ = served
+    page = new_page(browser, url, [])
+    try:
+        page.goto(url + STATIC_PATH + "/ws-demo.html")
+        result = page.evaluate(MICROPHONE_AT_48K, STATIC_PATH)
+    finally:
+        page.context.close()
+    assert result["lengths"] == [FRAME_SIZE]
+    # 12.5 frames per second of the context's clock: 48 kHz in, 24 kHz out
+    assert abs(result["count"] - result["elapsed"] * 12.5) <= 2
+    assert result["peak"] > 0.05  # the speech asset
+
+
+def scripted_chat(script: list[bytes], close: tuple[int, str]) -> tuple[FastAPI, list[dict]]:
+    """An /api/chat that sends `script` (after the first audio from the client when it
+    follows a handshake), then closes with `close`; it records each connection's query."""
+    app = FastAPI()
+    queries: list[dict] = []
+
+    @app.websocket("/api/chat")
+    async def chat(ws: WebSocket) -> None:
+        await ws.accept()
+        queries.append(dict(ws.query_params))
+        for message in script:
+            await ws.send_bytes(message)
+        if b"\x00" in script:
+            await ws.receive_bytes()  # the page speaks once the handshake came
+        await ws.close(code=close[0], reason=close[1])
+
+    mount_static(app)
+    return app, queries
+
+
+def test_the_page_reports_its_place_in_line_then_talks_once_the_handshake_comes(browser):
+    queue = [
+        {"queue": {"position": 2, "waiting": 3, "eta_s": 180, "slots": 2}},  # unknown keys pass through
+        {"queue": {"position": 1, "waiting": 2, "eta_s": 60}},
+    ]
+    script = [b"\x04" + json.dumps(q).encode() for q in queue]
+    script += [b"\x04not json", b"\x09a kind from the future", b"\x00", b"\x02hello"]
+    app, queries = scripted_chat(script, (1000, "conversation ended"))
+    with serve_asgi(app) as url:
+        page = new_page(browser, url, [])
+        try:
+            page.goto(demo_url(url, queue=1, seed=7, temp=0.5, top_k_text=20))
+            page.click("#start")
+            page.wait_for_function("() => window.moshiDemo.closes.length > 0", timeout=TIMEOUT_MS)
+            demo = page.evaluate("() => window.moshiDemo")
+            status = page.inner_text("#status")
+        finally:
+            page.context.close()
+    assert queries == [{"queue": "1", "seed": "7", "temp": "0.5", "top_k_text": "20"}]
+    assert demo["queue"] == [q["queue"] for q in queue]
+    assert demo["states"] == ["starting", "connecting", "queued", "live", "closing", "closed"]
+    assert demo["texts"] == ["hello"]
+    assert demo["closes"] == [{"code": 1000, "reason": "conversation ended"}]
+    assert demo["errors"] == []
+    assert status == "The conversation ended (conversation ended)."
+
+
+def test_a_busy_server_is_reported_with_its_close_code_and_reason(browser):
+    app, _ = scripted_chat([], (CloseCode.TRY_AGAIN_LATER, "every conversation slot is taken; try again later"))
+    with serve_asgi(app) as url:
+        page = new_page(browser, url, [])
+        try:
+            page.goto(demo_url(url))
+            page.click("#start")
+            page.wait_for_function("() => window.moshiDemo.closes.length > 0", timeout=TIMEOUT_MS)
+            closes = page.evaluate("() => window.moshiDemo.closes")
+            status = page.inner_text("#status")
+            state = page.evaluate("() => window.moshiDemo.socket.state")
+        finally:
+            page.context.close()
+    assert closes == [{"code": 1013, "reason": "every conversation slot is taken; try again later"}]
+    assert status.startswith("Moshi is busy")
+    assert state == "closed"
