@@ -187,11 +187,16 @@ class WasmEncoder {
     this.headers = [];
     this.granule = 0;
     this.worker = new Worker(new URL("encoderWorker.min.js", VENDOR));
-    this.worker.onerror = (event) => onError(new Error(`Opus encoder worker: ${event.message}`));
-    this.ready = new Promise((resolve) => {
+    this.ready = new Promise((resolve, reject) => {
+      this.worker.onerror = (event) => {
+        const error = new Error(`Opus encoder worker: ${event.message}`);
+        if (this.started) onError(error);
+        else reject(error); // createEncoder / createDecoder throws it
+      };
       this.worker.onmessage = ({ data }) => {
         if (data.message === "ready") {
           this.worker.postMessage({ command: "getHeaderPages" });
+          this.started = true;
           resolve();
         } else if (data.message === "page") {
           this.#page(data.page, data.samplePosition);
@@ -241,16 +246,38 @@ class WasmEncoder {
   }
 }
 
+/** An Ogg Opus stream of one 40 ms packet of silence (a TOC byte alone: an empty SILK frame). */
+function silentStream() {
+  const writer = new OggOpusWriter({ pageSamples: 1920 });
+  const headers = writer.headers();
+  const page = writer.push(Uint8Array.of(0x10)); // config 2: SILK narrowband, 40 ms
+  const bytes = new Uint8Array(headers.length + page.length);
+  bytes.set(headers);
+  bytes.set(page, headers.length);
+  return bytes;
+}
+
 /** opus-recorder's decoder worker, fed one whole, checked page at a time (ogg.js splits them). */
 class WasmDecoder {
   constructor(onPcm, onError) {
     this.backend = "wasm";
     this.reader = new OggReader();
     this.worker = new Worker(new URL("decoderWorker.min.js", VENDOR));
-    this.worker.onerror = (event) => onError(new Error(`Opus decoder worker: ${event.message}`));
-    this.worker.onmessage = ({ data }) => {
-      if (data && data[0]?.length) onPcm(data[0]);
-    };
+    this.ready = new Promise((resolve, reject) => {
+      this.worker.onerror = (event) => {
+        const error = new Error(`Opus decoder worker: ${event.message}`);
+        if (this.started) onError(error);
+        else reject(error); // createEncoder / createDecoder throws it
+      };
+      this.worker.onmessage = ({ data }) => {
+        if (!this.started) {
+          this.started = true; // that was the warm-up's silence, not Moshi
+          resolve();
+        } else if (data && data[0]?.length) {
+          onPcm(data[0]);
+        }
+      };
+    });
     this.worker.postMessage({
       command: "init",
       decoderSampleRate: SAMPLE_RATE,
@@ -258,7 +285,10 @@ class WasmDecoder {
       bufferLength: 960, // 40 ms, the server's packet: each packet comes out as soon as it is decoded
       resampleQuality: 0,
     });
-    this.ready = Promise.resolve();
+    // The worker compiles its WebAssembly on first use, which took ~0.4 s on a 2-core machine:
+    // a silent stream now moves that before the conversation. The server's first page
+    // (a new stream) resets the decoder.
+    this.worker.postMessage({ command: "decode", pages: silentStream() });
   }
 
   decode(bytes) {
