@@ -236,6 +236,45 @@ def test_the_player_drops_the_oldest_audio_when_fed_faster_than_real_time(browse
     assert rendered[kept - 1] == pytest.approx(0.25)
 
 
+# Moshi's frames arriving in real time after a burst, rendered offline: suspend() stops the
+# render at each 80 ms boundary, where the next frame is pushed, as the network would.
+PLAYER_CATCH_UP = """async (base) => {
+  const { Player } = await import(`${base}/audio.js`);
+  const context = new OfflineAudioContext({ numberOfChannels: 1, length: 4 * 24000, sampleRate: 24000 });
+  const player = await Player.create(context, { startMs: 80, maxMs: 300, keepMs: 160, slackMs: 40, windowMs: 1000 });
+  const frame = () => new Float32Array(1920).fill(0.1);
+  for (let i = 0; i < 3; i++) player.push(frame()); // 240 ms at once: a stall that caught up
+  const snapshots = [];
+  for (let k = 1; k < 50; k++) {
+    context.suspend((k * 1920) / 24000).then(async () => {
+      player.push(frame());
+      snapshots.push(await player.stats()); // the reply also says the push arrived
+      await context.resume();
+    });
+  }
+  await player.stats();
+  await context.startRendering();
+  return snapshots;
+}"""
+
+
+def test_the_player_trims_a_backlog_it_does_not_need_back_to_its_slack(browser, served):
+    url, _ = served
+    page = new_page(browser, url, [])
+    try:
+        page.goto(url + STATIC_PATH + "/ws-demo.html")
+        snapshots = page.evaluate(PLAYER_CATCH_UP, STATIC_PATH)
+    finally:
+        page.context.close()
+    queued_ms = [snapshot["queuedSamples"] / 24 for snapshot in snapshots]
+    last = snapshots[-1]
+    assert len(snapshots) == 49
+    assert queued_ms[0] >= 240  # the burst, plus the frame just pushed, less what played
+    assert max(queued_ms[-12:]) <= 40 + 80 + 128 / 24  # slack + the frame just pushed (+ a quantum)
+    assert last["trims"] >= 1 and last["drops"] == 0 and last["underruns"] == 0
+    assert last["droppedSamples"] == last["samplesReceived"] - last["samplesPlayed"] - last["queuedSamples"]
+
+
 MICROPHONE_AT_48K = """async (base) => {
   const { Microphone } = await import(`${base}/audio.js`);
   const context = new AudioContext({ sampleRate: 48000 });

@@ -16,7 +16,7 @@ For each codec (WebCodecs, and opus-recorder's WASM with WebCodecs hidden) it re
   steady network + compute + codec delay;
 - `queue_ms`: what the player held, sampled every 250 ms after the first second:
   the playback buffering on top of the lag;
-- the player's drops and underruns.
+- what the player dropped (overflows and trimmed backlogs) and how often it ran dry.
 
 Not counted: the microphone's own framing (a frame leaves once its 80 ms are
 captured), and the audio devices' latencies, which a fake microphone and a headless
@@ -115,6 +115,8 @@ def summarize(stats: dict) -> dict:
             "count": len(queue_ms),
         },
         "dropped_ms": player.get("droppedSamples", 0) / 24,
+        "drops": player.get("drops"),  # the queue overflowed (past maxMs)
+        "trims": player.get("trims"),  # a backlog it did not need was trimmed
         "underruns": player.get("underruns"),
         "close": stats["close"],
     }

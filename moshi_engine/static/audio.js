@@ -19,20 +19,21 @@ function loadWorklet(context, name) {
 }
 
 /**
- * Plays 24 kHz pcm as it arrives, through worklets/player.js: at most `maxMs`
- * queued; beyond that the oldest audio is dropped down to `keepMs`; playback
- * starts once `startMs` are queued. `context` must run at 24 kHz (it may be an
- * OfflineAudioContext).
+ * Plays 24 kHz pcm as it arrives, through worklets/player.js: playback starts
+ * once `startMs` are queued; past `maxMs` the oldest audio is dropped down to
+ * `keepMs`; when the queue stayed above `slackMs` for `windowMs` of playback, the
+ * oldest audio above `slackMs` is dropped. `context` must run at 24 kHz (it may
+ * be an OfflineAudioContext).
  */
 export class Player {
-  static async create(context, { startMs = 80, maxMs = 300, keepMs = 160 } = {}) {
+  static async create(context, { startMs = 80, maxMs = 300, keepMs = 160, slackMs = 40, windowMs = 1000 } = {}) {
     if (context.sampleRate !== SAMPLE_RATE) throw new Error(`the player needs a ${SAMPLE_RATE} Hz AudioContext`);
     await loadWorklet(context, "player.js");
     const node = new AudioWorkletNode(context, "moshi-player", {
       numberOfInputs: 0,
       numberOfOutputs: 1,
       outputChannelCount: [1],
-      processorOptions: { startMs, maxMs, keepMs },
+      processorOptions: { startMs, maxMs, keepMs, slackMs, windowMs },
     });
     node.connect(context.destination);
     return new Player(node);
@@ -59,7 +60,7 @@ export class Player {
   }
 
   /** The worklet's counters: {framesReceived, samplesReceived, framesPlayed, samplesPlayed,
-   * droppedSamples, drops, underruns, queuedSamples, maxQueuedSamples, energy, playing, sampleRate}. */
+   * droppedSamples, drops, trims, underruns, queuedSamples, maxQueuedSamples, energy, playing, sampleRate}. */
   stats() {
     const id = this.nextId++;
     return new Promise((resolve) => {

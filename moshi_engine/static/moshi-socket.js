@@ -88,7 +88,7 @@ function withTimeout(promise, ms) {
  * - `url`: the websocket URL (default: chatUrl(server, {sampling, queue}))
  * - `server`, `sampling` ({seed, temp, top_k, temp_text, top_k_text}), `queue` (bool)
  * - `codec`: "auto" (WebCodecs where the browser has it, else WASM), "webcodecs" or "wasm"
- * - `player`: {startMs, maxMs, keepMs} of the playback queue (audio.js Player)
+ * - `player`: {startMs, maxMs, keepMs, slackMs, windowMs} of the playback queue (audio.js Player)
  * - `stream`: a microphone MediaStream the page already holds (else getUserMedia)
  * - callbacks, also settable as properties: onReady(), onText(piece), onAudio(pcm),
  *   onQueue(info), onMetadata(object), onError(error), onState(state), onClose(code, reason)
