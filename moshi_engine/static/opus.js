@@ -2,7 +2,7 @@
 //
 // Two backends behind one interface:
 // - "webcodecs": the browser's own AudioEncoder / AudioDecoder (bare packets),
-//   framed by ogg.js. Chromium, Edge and Safari 17+ have it in secure contexts.
+//   framed by ogg.js. Browsers that have it expose it in secure contexts only.
 // - "wasm": libopus compiled to WebAssembly by opus-recorder (vendor/opus-recorder,
 //   MIT and BSD licensed), run in workers; the same library moshi's own web
 //   client uses. Its encoder writes Ogg pages itself; its decoder takes whole pages.
