@@ -200,6 +200,66 @@ def test_the_page_loads_nothing_from_elsewhere(conversation):
     assert conversation.foreign_requests == []
 
 
+# ogg.js on its own: packets of awkward sizes (0, 255, 510: lacing's edge cases) through the
+# writer, the bytes fed back in odd chunks; a packet continued across pages; a flipped bit.
+OGG_ROUND_TRIP = """async (base) => {
+  const { OggOpusWriter, OggReader, oggCrc, oggPage, isOpusHead } = await import(`${base}/ogg.js`);
+  const sizes = [1, 0, 255, 510, 254, 256, 700, 3, 1000, 120, 255, 9];
+  const packets = sizes.map((n, i) => Uint8Array.from({ length: n }, (_, j) => (i * 31 + j) & 0xff));
+  for (const p of packets) if (p.length) p[0] = 0x78; // TOC: CELT fullband 20 ms, one frame
+  const writer = new OggOpusWriter({ serial: 7 });
+  const chunks = [writer.headers()];
+  for (const p of packets) { const page = writer.push(p); if (page) chunks.push(page); }
+  chunks.push(writer.flush());
+  const bytes = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
+  let at = 0;
+  for (const c of chunks) { bytes.set(c, at); at += c.length; }
+  const reader = new OggReader();
+  const pages = [];
+  for (let i = 0; i < bytes.length; i += 37) pages.push(...reader.push(bytes.subarray(i, i + 37)));
+  const read = pages.flatMap((page) => page.packets).slice(2).map((p) => Array.from(p));
+
+  // a 520-byte packet continued on a second page: the first page's lacing ends on 255
+  const big = Uint8Array.from({ length: 520 }, (_, j) => j & 0xff);
+  const first = oggPage({ packets: [big.subarray(0, 510)], granule: -1, serial: 7, sequence: 0 });
+  const cut = new Uint8Array(first.length - 1); // drop the lacing's closing 0: the packet goes on
+  cut.set(first.subarray(0, 26)); cut[26] = 2; cut.set(first.subarray(27, 29), 27); cut.set(first.subarray(30), 29);
+  cut.fill(0, 22, 26); new DataView(cut.buffer).setUint32(22, oggCrc(cut), true);
+  const second = oggPage({ packets: [big.subarray(510)], granule: 960, serial: 7, sequence: 1, headerType: 1 });
+  const spanning = new OggReader();
+  const continued = [...spanning.push(cut), ...spanning.push(second)].flatMap((page) => page.packets);
+
+  const corrupt = bytes.slice(0, 200); corrupt[60] ^= 1;
+  let error = null;
+  try { new OggReader().push(corrupt); } catch (e) { error = `${e.name}: ${e.message}`; }
+  return {
+    same: JSON.stringify(read) === JSON.stringify(packets.map((p) => Array.from(p))),
+    head: isOpusHead(pages[0].packets[0]),
+    granules: pages.map((page) => page.granule),
+    sequences: pages.map((page) => page.sequence),
+    continued: continued.map((p) => p.length),
+    continuedSame: continued.length === 1 && continued[0].every((x, j) => x === (j & 0xff)),
+    error,
+  };
+}"""
+
+
+def test_ogg_pages_round_trip_packets_of_any_size_and_reject_a_corrupt_page(browser, served):
+    url, _ = served
+    page = new_page(browser, url, [])
+    try:
+        page.goto(url + STATIC_PATH + "/ws-demo.html")
+        result = page.evaluate(OGG_ROUND_TRIP, STATIC_PATH)
+    finally:
+        page.context.close()
+    assert result["same"] and result["head"]
+    assert result["sequences"] == list(range(len(result["sequences"])))
+    # 20 ms packets (960 at 48 kHz; the empty one counts none), four to an 80 ms page
+    assert result["granules"] == [0, 0, 3840, 7680, 10560]
+    assert result["continued"] == [520] and result["continuedSame"]
+    assert result["error"] == "OggError: corrupt Ogg page: checksum mismatch"
+
+
 # The player's queue, in an OfflineAudioContext: rendering is as fast as the CPU allows,
 # and what comes out is exactly what the worklet decided, whatever the machine's speed.
 PLAYER_FLOOD = """async (base) => {

@@ -15,7 +15,9 @@ const FIRST_PAGE = 0x02;
 const OPUS_HEAD = "OpusHead";
 const OPUS_TAGS = "OpusTags";
 
-export class OggError extends Error {}
+export class OggError extends Error {
+  name = "OggError";
+}
 
 const CRC_TABLE = (() => {
   const table = new Uint32Array(256);
