@@ -72,6 +72,13 @@ export function describeClose(code, reason = "") {
   }
 }
 
+/** A close reason fits 123 bytes of UTF-8, or close() throws. */
+function closeReason(text) {
+  const encoder = new TextEncoder();
+  while (encoder.encode(text).length > 123) text = text.slice(0, -1);
+  return text;
+}
+
 function percentiles(values) {
   if (!values.length) return { p50: null, p95: null, mean: null, count: 0 };
   const sorted = [...values].sort((a, b) => a - b);
@@ -157,7 +164,7 @@ export class MoshiSocket {
       return;
     }
     this.microphone?.close(); // no more audio while the close handshake runs
-    if (ws.readyState === WebSocket.CONNECTING || ws.readyState === WebSocket.OPEN) ws.close(1000, reason);
+    if (ws.readyState === WebSocket.CONNECTING || ws.readyState === WebSocket.OPEN) ws.close(1000, closeReason(reason));
     await new Promise((resolve) => {
       if (this.state === "closed") resolve();
       else this.stopped = resolve;
@@ -301,7 +308,7 @@ export class MoshiSocket {
 
   #fail(error) {
     this.onError?.(error);
-    this.stop(`client error: ${error?.message ?? error}`.slice(0, 120));
+    this.stop(`client error: ${error?.message ?? error}`);
   }
 
   async #closed(code, reason) {
