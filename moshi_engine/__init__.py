@@ -11,4 +11,6 @@ Leaves first, transports last:
 - transports: `server` (/status, /ws, /api/chat), `client` (RemoteSession, CLI),
   `rtc` + `ice` + `recording` (the FastRTC handler), `ui` (the Gradio page),
   `web` (the one app factory), `reference` (moshi's own server), `bench`
+- `browser` + `static/`: the browser's own Opus websocket client (ES modules, served at
+  `/moshi-static`), for pages that talk over `/api/chat` instead of WebRTC
 """
