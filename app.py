@@ -99,7 +99,9 @@ image = (
     .pip_install_from_requirements(str(HERE / "requirements.txt"))
     .env(CONFIG | {"HF_HOME": "/cache/huggingface", "HF_XET_HIGH_PERFORMANCE": "1"})
     .add_local_dir(HERE / "assets", "/root/assets")
-    .add_local_python_source("moshi_engine")
+    # The whole package: its Python and the page's JavaScript, worklets and vendored Opus codec
+    # (by default Modal would add only the .py files).
+    .add_local_python_source("moshi_engine", ignore=["**/__pycache__/**"])
 )
 
 app = modal.App("moshi-voice-chat", image=image)
