@@ -22,7 +22,7 @@ from moshi_engine.checkpoint import TINY_DIR, ModelUnavailableError, resolve_che
 from moshi_engine.conversation import Sampling
 from moshi_engine.engine import load_engine
 
-from .conftest import DEVICE, converse
+from .conftest import DEVICE, PROXY_VARIABLES, converse
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 # Other x86-64 CPUs, as far as each library's own switch can make this one behave like
@@ -182,6 +182,8 @@ def test_unreachable_hub_fails_fast_and_names_tiny(monkeypatch):
 
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in PROXY_VARIABLES:  # with a proxy the check defers to the hub client's retries
+        monkeypatch.delenv(name, raising=False)
     started = time.monotonic()
     with pytest.raises(ModelUnavailableError, match="cannot reach the Hugging Face hub.*--model tiny"):
         resolve_checkpoint("kyutai/moshiko-pytorch-bf16")
