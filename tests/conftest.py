@@ -19,6 +19,9 @@ HELLO_WAV = SPEECH_DIR / "hello.wav"
 MUSIC_WAV = SPEECH_DIR / "music.wav"
 # CPU in CI; `MOSHI_TEST_DEVICE=cuda` runs the engine, session and server tests on a GPU.
 DEVICE = os.environ.get("MOSHI_TEST_DEVICE", "cpu")
+# Where these are set, the engine leaves reaching the hub to the hub client (and its
+# retries), so the tests of failing fast without a network run without them.
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
 @pytest.fixture(scope="session")

@@ -4,30 +4,132 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from moshi.models import loaders
+from safetensors.torch import load_file
 
 from moshi_engine import tiny
 from moshi_engine.checkpoint import TINY_DIR, ModelUnavailableError, resolve_checkpoint
 from moshi_engine.conversation import Sampling
 from moshi_engine.engine import load_engine
 
-from .conftest import DEVICE, converse
+from .conftest import DEVICE, PROXY_VARIABLES, converse
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+# Other x86-64 CPUs, as far as each library's own switch can make this one behave like
+# them: torch's kernels (ATen), oneDNN, MKL (MKL_CBWR: its vendor-neutral path), numpy
+# and glibc's libm (FMA or not). Features a CPU lacks are ignored. The core count needs
+# no switch: the builder computes on one thread.
+OTHER_CPUS = {
+    "avx2": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "NPY_DISABLE_CPU_FEATURES": "AVX512F,AVX512CD,AVX512_SKX,AVX512_CLX,AVX512_CNL,AVX512_ICL,AVX512_SPR",
+    },
+    "sse4-without-fma": {
+        "ATEN_CPU_CAPABILITY": "default",
+        "ONEDNN_MAX_CPU_ISA": "SSE41",
+        "MKL_CBWR": "COMPATIBLE",
+        "NPY_DISABLE_CPU_FEATURES": "AVX512F,AVX512CD,AVX512_SKX,AVX512_CLX,AVX512_CNL,AVX512_ICL,AVX512_SPR,"
+        "AVX2,FMA3,F16C,AVX",
+        "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F,-AVX2,-FMA,-AVX",
+    },
+}
+THIS_CPU = "this-cpu"
 
 
-def test_builder_reproduces_the_committed_checkpoint_byte_for_byte(tmp_path):
-    built = tiny.build(tmp_path / "tiny", seed=42)
-    names = sorted(path.name for path in TINY_DIR.iterdir())
-    assert names == sorted(path.name for path in built.iterdir())
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """The builder's output in this process, for the tests that only read it."""
+    return tiny.build(tmp_path_factory.mktemp("built") / "tiny-moshi")
+
+
+@pytest.fixture(scope="module")
+def built_elsewhere(tmp_path_factory):
+    """Builds in child processes, on this CPU as it is and as it behaves restricted to
+    OTHER_CPUS' instruction sets; all started at once, so they share the cores."""
+    root = tmp_path_factory.mktemp("built-elsewhere")
+    builds = {}
+    for name, restrictions in {THIS_CPU: {}, **OTHER_CPUS}.items():
+        command = [sys.executable, "-m", "moshi_engine.tiny", "--out", str(root / name)]
+        env = os.environ | restrictions
+        process = subprocess.Popen(command, cwd=REPOSITORY, env=env, stderr=subprocess.PIPE, text=True)
+        builds[name] = (process, root / name)
+    yield builds
+    for process, _ in builds.values():
+        process.kill()
+        process.communicate()
+
+
+def _finished(build: tuple[subprocess.Popen, Path]) -> Path:
+    process, out = build
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    return out
+
+
+def _assert_same_files(built: Path, reference: Path) -> None:
+    names = sorted(path.name for path in reference.iterdir())
+    assert sorted(path.name for path in built.iterdir()) == names
     for name in names:
-        assert (built / name).read_bytes() == (TINY_DIR / name).read_bytes(), name
+        assert (built / name).read_bytes() == (reference / name).read_bytes(), name
 
 
-def test_written_checkpoint_reloads_and_gives_identical_outputs_for_a_fixed_seed(tmp_path, hello_pcm):
-    built = tiny.build(tmp_path / "tiny", seed=42)
+def test_builder_reproduces_the_committed_checkpoint_byte_for_byte(built):
+    _assert_same_files(built, TINY_DIR)
+
+
+def test_builder_is_deterministic(built, built_elsewhere):
+    _assert_same_files(_finished(built_elsewhere[THIS_CPU]), built)
+
+
+@pytest.mark.parametrize("cpu", OTHER_CPUS)
+def test_builder_writes_the_committed_bytes_on_other_instruction_sets(built_elsewhere, cpu):
+    _assert_same_files(_finished(built_elsewhere[cpu]), TINY_DIR)
+
+
+def test_committed_weights_keep_only_the_builders_significant_bits():
+    unused_bits = 24 - tiny.STORED_BITS  # of float32's 24 significant bits
+    for name in (tiny.MIMI_NAME, tiny.MOSHI_NAME):
+        for key, tensor in load_file(TINY_DIR / name).items():
+            assert tensor.dtype == torch.float32, key
+            assert not (tensor.view(torch.int32) & ((1 << unused_bits) - 1)).any(), key
+
+
+def test_built_checkpoint_has_the_committed_architecture_tokenizer_and_files(built):
+    """What holds however a CPU rounds: the same configs, tokenizer, files and tensors."""
+    ours, committed = resolve_checkpoint(str(built)), resolve_checkpoint("tiny")
+    assert sorted(path.name for path in built.iterdir()) == sorted(path.name for path in TINY_DIR.iterdir())
+    assert ours.lm_config == committed.lm_config
+    assert ours.mimi_config == committed.mimi_config
+    assert ours.tokenizer.read_bytes() == committed.tokenizer.read_bytes()
+    for name in (tiny.MIMI_NAME, tiny.MOSHI_NAME):
+        shapes = {key: (t.dtype, t.shape) for key, t in load_file(built / name).items()}
+        assert shapes == {key: (t.dtype, t.shape) for key, t in load_file(TINY_DIR / name).items()}, name
+    # moshi's loaders load state dicts strictly: every name and shape in place
+    assert ours.get_mimi().num_codebooks == committed.get_mimi().num_codebooks
+    assert ours.get_moshi(dtype=torch.float32).text_card == committed.lm_config["text_card"]
+
+
+def test_engine_tests_run_on_the_committed_checkpoint():
+    assert TINY_DIR == REPOSITORY / "assets" / "tiny-moshi"
+    info = resolve_checkpoint("tiny")
+    assert {info.moshi_weights, info.mimi_weights, info.tokenizer} == {
+        TINY_DIR / tiny.MOSHI_NAME, TINY_DIR / tiny.MIMI_NAME, TINY_DIR / tiny.TOKENIZER_NAME
+    }
+
+
+def test_written_checkpoint_reloads_and_gives_identical_outputs_for_a_fixed_seed(built, hello_pcm):
     pcm = hello_pcm[: 24000 * 2]
 
     async def answer(model: str):
@@ -79,6 +181,8 @@ def test_unreachable_hub_fails_fast_and_names_tiny(monkeypatch):
 
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in PROXY_VARIABLES:  # with a proxy the check defers to the hub client's retries
+        monkeypatch.delenv(name, raising=False)
     started = time.monotonic()
     with pytest.raises(ModelUnavailableError, match="cannot reach the Hugging Face hub.*--model tiny"):
         resolve_checkpoint("kyutai/moshiko-pytorch-bf16")
@@ -86,7 +190,7 @@ def test_unreachable_hub_fails_fast_and_names_tiny(monkeypatch):
 
 
 def test_directory_missing_a_named_file_says_which(tmp_path):
-    built = tiny.build(tmp_path / "tiny")
-    (built / "mimi.safetensors").unlink()
+    incomplete = shutil.copytree(TINY_DIR, tmp_path / "tiny")
+    (incomplete / "mimi.safetensors").unlink()
     with pytest.raises(ModelUnavailableError, match="mimi.safetensors"):
-        resolve_checkpoint(str(built))
+        resolve_checkpoint(str(incomplete))

@@ -92,8 +92,11 @@ async def test_moshis_own_client_runs_unchanged_against_our_api_chat(tiny_engine
     from moshi import client as moshi_client
     from moshi.client_utils import RawPrinter
 
-    # A 2 s session limit makes our server end the conversation, which ends moshi's client.
-    with serve_asgi(create_api(tiny_engine, SessionLimits(max_session_s=2.0))) as base:
+    # Our server ends the conversation once no audio came for 2 s, after the WAV played out,
+    # which ends moshi's client. With a time limit, how much got answered would depend on this
+    # machine's speed; this way all but at most 2 s of the WAV (the bound of the server's input
+    # queue) is answered before the WAV's end even reaches the server.
+    with serve_asgi(create_api(tiny_engine, SessionLimits(idle_s=2.0))) as base:
         args = types.SimpleNamespace(url=base, host=None, port=None, https=False)
         printed, errors = io.StringIO(), io.StringIO()
         await asyncio.wait_for(moshi_client.run(RawPrinter(printed, errors), args), timeout=30)
