@@ -137,8 +137,9 @@ async def test_a_reader_that_falls_behind_loses_oldest_audio_not_memory(hello_pc
         await session.start()
         for start in range(0, 20 * FRAME_SIZE, FRAME_SIZE):
             await session.send_pcm(hello_pcm[start : start + FRAME_SIZE])
-        while session.frames_in < 20:
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(30):
+            while session.frames_in < 20:
+                await asyncio.sleep(0.01)
         await session.close()
         assert session.frames_out == 19
         assert session.dropped_frames == 15
