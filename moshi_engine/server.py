@@ -136,6 +136,11 @@ class MoshiServer:
             sampling = self.engine.default_sampling.updated(**parse_sampling_query(query))
         except ValueError as error:
             raise ProtocolError(CloseCode.POLICY_VIOLATION, str(error)) from None
+        if not self.engine.line.waiting:  # a free slot and nobody ahead: no waiting, nothing dropped
+            try:
+                return self.engine.open_session(sampling)
+            except BusyError:
+                pass
         waiting = _Waiting(ws, protocol, announce)
         self._waiting.add(waiting)
         try:

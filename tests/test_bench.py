@@ -19,9 +19,9 @@ from moshi_engine.timings import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAMES = 8
-SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "compare")
+SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "compare")
 REPORT_HEADINGS = ("# Benchmarks", "## Runs", "## Targets", "## Frame budget", "## End to end over loopback",
-                   "## Idle session", "## Batched steps", "## Capacity",
+                   "## Idle session", "## Batched steps", "## Capacity", "## The door",
                    "## Side by side with moshi's reference server", "## GPU: the full-size architecture")
 
 
@@ -120,6 +120,14 @@ def test_batch_times_steps_against_batch_size_and_compares_stepping_policies(ben
     for level in policy["levels"]:
         assert level["answered"] == level["expected"] == level["conversations"] * (FRAMES - 1)
         assert level["wait"]["n"] > 0 and 1 <= level["rows_per_step"] <= 2
+
+
+def test_the_door_times_refusals_and_hand_overs_and_counts_back_to_back_refusals(bench_run):
+    doc, _ = bench_run
+    door = doc["sections"]["door"]
+    assert door["refusal"]["n"] == door["hand_over"]["n"] == 30
+    assert door["back_to_back_with_line"]["refused"] == 0  # the line hands a released slot over
+    assert door["back_to_back_without_line"]["tries"] == 50
 
 
 def test_compare_runs_ours_and_moshis_server_on_the_same_load(bench_run):

@@ -237,3 +237,16 @@ async def test_the_estimate_counts_down_the_running_conversations_and_then_whole
 def test_the_page_says_the_place_and_the_wait_in_words(position, eta_s, expected):
     message = line_message(LinePosition(position, position, eta_s))
     assert expected in message and "Stop leaves the line" in message
+
+
+async def test_with_a_slot_free_a_ws_clients_first_frames_are_never_dropped(server, single_engine, hello_pcm):
+    encoder = OpusEncoder()
+    pages = [encoder.encode(hello_pcm[i * FRAME_SIZE : (i + 1) * FRAME_SIZE]) for i in range(10)]
+    for _ in range(5):
+        async with connect(websocket_url(server + "/ws")) as ws:  # no handshake: it talks at once
+            for page in pages:
+                await ws.send(page)
+            answers = 0
+            while answers < len(pages) - 1:  # every frame but the first is answered
+                answers += (await next_message(ws))[0] == KIND_AUDIO
+        await until(lambda: single_engine.active == 0)

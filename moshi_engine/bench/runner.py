@@ -19,14 +19,14 @@ import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from . import batch, capacity, sections
+from . import batch, capacity, door, sections
 from .machine import describe_machine, load_average
 from .resources import PAGE_STACK, REFERENCE_STACK, WEB_STACK, Bench, BenchConfig, missing_packages
 
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
-SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "compare")
+SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "compare")
 
 
 def _attempt(name: str, measure: Callable[[], dict]) -> dict:
@@ -115,6 +115,11 @@ def run_benchmark(config: BenchConfig, chosen: tuple[str, ...] = SECTIONS,
                 part("e2e", "end to end", lambda: sections.e2e(bench))
             if "idle" in results:
                 part("idle", "idle CPU (websocket)", lambda: sections.idle_websocket(bench), per_transport=True)
+        if "door" in results:
+            if no_web:
+                results["door"] = {"skipped": no_web}
+            else:
+                part("door", "the door", lambda: door.door(bench))
         if "compare" in results:
             if no_reference:
                 results["compare"] = {"skipped": no_reference}

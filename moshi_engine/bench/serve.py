@@ -182,10 +182,11 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def server_process(kind: str, model: str, device: str, sessions: int = 1, page: bool = False,
-                   start_timeout_s: float = 900.0):
+                   queue: int | None = None, start_timeout_s: float = 900.0):
     """Run our API (`kind="ours"`, `sessions` conversation slots, and the page with its WebRTC
     route when `page`), moshi's reference server (`kind="reference"`, one conversation at a
     time by design) over `model`, or `echo_app` (`kind="echo"`, no model) in a child process.
+    `queue` sets our waiting line's places (None: the engine's default).
 
     Yields a ServerProcess once the model is loaded, warm and listening on loopback;
     stops the child on exit. The child's stdout goes to /dev/null: moshi's server
@@ -196,7 +197,7 @@ def server_process(kind: str, model: str, device: str, sessions: int = 1, page: 
     process = context.Process(
         target=_serve_in_child,
         # the child's routine INFO lines (every session's end, aiohttp's access log) are noise here
-        args=(kind, model, device, sessions, page, child_conn,
+        args=(kind, model, device, sessions, page, queue, child_conn,
               logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING),
         name=f"bench-{kind}-server",
         daemon=True,
@@ -224,8 +225,8 @@ def server_process(kind: str, model: str, device: str, sessions: int = 1, page: 
         conn.close()
 
 
-def _serve_in_child(kind: str, model: str, device: str, sessions: int, page: bool, conn: Connection,
-                    level: int) -> None:
+def _serve_in_child(kind: str, model: str, device: str, sessions: int, page: bool, queue: int | None,
+                    conn: Connection, level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     ready = False
@@ -235,7 +236,8 @@ def _serve_in_child(kind: str, model: str, device: str, sessions: int, page: boo
             from ..engine import load_engine
             from ..server import create_api
 
-            engine = load_engine(model, device=device, sessions=sessions)
+            engine = load_engine(model, device=device, sessions=sessions,
+                                 **({} if queue is None else {"queue": queue}))
             if page:
                 from ..web import create_app
 

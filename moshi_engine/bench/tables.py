@@ -265,6 +265,31 @@ def _capacity_table(result: dict) -> list[str]:
                                      "keeps real time"], rows)]
 
 
+def door_section(documents: list[dict]) -> list[str]:
+    lines = [
+        "## The door",
+        "",
+        "Over `/api/chat` to our server in a child process with one conversation slot. **Refusal**: the",
+        "slot is held and the line has no place (`--queue 0`): from a newcomer's websocket opening to its",
+        "1013 close. **Back to back**: a client talks briefly, hangs up and reconnects at once, 50 times;",
+        "without a line a reconnect can arrive before the server has seen the last hang-up. **Hand-over**:",
+        "the slot is held and one client waits in line; from the holder's close completing to the waiting",
+        "client's handshake.",
+        "",
+    ]
+    rows = []
+    for index, doc in enumerate(documents):
+        result = measured(doc, "door")
+        if result is None:
+            rows.append([f"run {index + 1}", not_measured(doc, "door"), "", "", ""])
+            continue
+        with_line, without = result["back_to_back_with_line"], result["back_to_back_without_line"]
+        rows.append([f"run {index + 1}", fmt_p(result["refusal"]), f"{with_line['refused']} of {with_line['tries']}",
+                     f"{without['refused']} of {without['tries']}", fmt_p(result["hand_over"])])
+    return lines + markdown_table(["run", "refusal (line full)", "back-to-back refusals, with the line",
+                                   "without a line", "hand-over to the next in line"], rows)
+
+
 def compare_section(documents: list[dict]) -> list[str]:
     lines = [
         "## Side by side with moshi's reference server",
