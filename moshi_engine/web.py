@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from .access import TokenGate
 from .client import websocket_url
 from .conversation import SessionLimits
-from .engine import MoshiEngine
+from .engine import MoshiEngine, freeze_garbage_collector
 from .server import RESTART_REASON, MoshiServer, create_api
 from .ui import mount_ui
 
@@ -53,6 +53,7 @@ def create_app(
     if engine is not None:
         app = create_api(engine, limits, token=token)
         app.state.page = mount_ui(app, engine, limits=limits, host=host)
+        freeze_garbage_collector()  # Gradio's objects too
         return app
 
     remote = websocket_url(remote)
