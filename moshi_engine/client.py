@@ -328,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
               f"about {position.eta_s / 60:.0f} min", file=sys.stderr)
 
     try:
+        # Sent as fast as the server takes them, the frames are all queued long before the last
+        # answer comes: wait longer for it then.
         result = asyncio.run(exchange(args.url, read_wav(args.wav), sampling, realtime=not args.fast,
-                                      on_position=in_line))
+                                      tail_s=5.0 if args.fast else 1.0, on_position=in_line))
     except (OSError, BusyError, SessionClosed, SessionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -153,7 +153,7 @@ def test_the_page_uses_webcodecs_where_the_browser_has_it_and_the_vendored_wasm_
 def test_moshi_answers_with_words_that_reach_the_transcript(conversation):
     assert conversation.stats["textPieces"] > 0
     assert conversation.transcript.strip()
-    assert "".join(conversation.texts).startswith(conversation.transcript.strip()[:10])
+    assert "".join(conversation.texts).strip().startswith(conversation.transcript.strip()[:10])
 
 
 def test_moshis_voice_is_decoded_and_played_by_the_worklet(conversation):

@@ -36,6 +36,7 @@ from .webrtc import WebRTCCriterion, stream_webrtc
 log = logging.getLogger(__name__)
 
 TRANSPORTS = ("session", "websocket", "webrtc")
+MIN_WEBRTC_CALL_S = 4.0
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -61,8 +62,9 @@ def run_level(bench: Bench, sessions: int, transport: str) -> dict:
             server.wait_idle()
             pid, status = server.pid, server.status
             if transport == "webrtc":
-                make_stream = functools.partial(stream_webrtc, server.url, config.frames * FRAME_SECONDS,
-                                                tail_s=config.tail_s)
+                # A call needs a few seconds to connect before it talks: keep it long enough to.
+                seconds = max(config.frames * FRAME_SECONDS, MIN_WEBRTC_CALL_S)
+                make_stream = functools.partial(stream_webrtc, server.url, seconds, tail_s=config.tail_s)
             else:
                 make_stream = functools.partial(stream_websocket, websocket_url(server, Protocol.MOSHI.path),
                                                 bench.pages, True, tail_s=config.tail_s)
