@@ -316,10 +316,9 @@ class MoshiHandler(AsyncStreamHandler):
             return
         if ending is Ending.STOPPED and self.recording.samples:
             detail = duration_words(round(self.recording.samples / SAMPLE_RATE))
-        record.ending = ending
-        record.message = ending_message(ending, self.limits, detail)
+        message = ending_message(ending, self.limits, detail)
         if ending is Ending.STOPPED and record.line is not None:
-            record.message = LEFT_LINE_MESSAGE
+            message = LEFT_LINE_MESSAGE
         record.line = None
         record.transcript = self.transcript
         record.text_pieces = len(self._pieces)
@@ -333,6 +332,10 @@ class MoshiHandler(AsyncStreamHandler):
                 self.conversations.saved(record, path)
             except OSError:
                 log.exception("connection %s: writing the recording failed", self._webrtc_id)
+        # Last: the page shows an ending once (the first time it sees one), so whatever it
+        # shows with it, the recording's link above all, must be filed by then.
+        record.message = message
+        record.ending = ending
         log.info(
             "connection %s ended (%s): %.1f s heard, %d Moshi frames, %d text pieces",
             record.webrtc_id,
