@@ -37,6 +37,29 @@ CHROMIUM = "/usr/bin/chromium"
 SPEECH_WAV = Path(__file__).resolve().parents[2] / "assets" / "speech" / "hello.wav"
 DEMO_PAGE = "/moshi-static/ws-demo.html"
 HIDE_WEBCODECS = "delete window.AudioEncoder; delete window.AudioDecoder;"
+# A Chromium with no WebRTC path to the server, as behind a strict NAT with no TURN: every
+# ICE candidate of the other side is kept from the peer connection (stripped from the
+# answer, ignored when trickled), and the page's own never reach the server (not in the
+# offer it reads, never handed to a listener), so no candidate pair exists and ICE waits
+# forever. Nothing touches the network.
+NO_WEBRTC_PATH = """(() => {
+  const Native = window.RTCPeerConnection;
+  const strip = (sdp) =>
+    sdp.split("\\r\\n").filter((line) => !/^a=(candidate|end-of-candidates)/.test(line)).join("\\r\\n");
+  const stripped = (d) => {
+    if (!d || !d.sdp) return d;
+    const sdp = strip(d.sdp);
+    return { type: d.type, sdp, toJSON: () => ({ type: d.type, sdp }) };
+  };
+  window.RTCPeerConnection = class extends Native {
+    setRemoteDescription(description) { return super.setRemoteDescription(stripped(description)); }
+    addIceCandidate() { return Promise.resolve(); }
+    get localDescription() { return stripped(super.localDescription); }
+    set onicecandidate(handler) {}
+    get onicecandidate() { return null; }
+    addEventListener(type, ...rest) { if (type !== "icecandidate") super.addEventListener(type, ...rest); }
+  };
+})();"""
 SAMPLE_PERIOD_S = 0.25
 CODECS = ("webcodecs", "wasm")
 
