@@ -72,19 +72,28 @@ CSS = """
 #moshi-transport .moshi-transport-message:not(:empty) {
   border-left: 4px solid var(--color-accent); padding-left: 0.75em; margin: 0.5em 0 0;
 }
-#moshi-transport .moshi-transport-stop { margin-top: 0.5em; }
+#moshi-transport .moshi-transport-stop {
+  display: inline-flex; align-items: center; gap: 0.5em; margin-top: 0.5em; padding: 0.4em 1.2em;
+  border: 1px solid var(--border-color-primary); border-radius: 999px; cursor: pointer;
+  background: var(--background-fill-primary); color: var(--body-text-color); font-weight: 600;
+}
+#moshi-transport .moshi-transport-stop::before {
+  content: ""; width: 0.7em; height: 0.7em; border-radius: 2px; background: var(--color-accent);
+}
+#moshi-transport .moshi-transport-stop[hidden] { display: none; }
 /* The recording's block shows only when it holds a link (from either transport). */
 #moshi-recording:not(:has(a)) { display: none; }
 /* While a conversation goes over the websocket, FastRTC's Talk button would only start
-   another one: page.js shows its own Stop instead. */
-body[data-moshi-transport="websocket"] #moshi-webrtc button[aria-label="start stream"] { display: none; }
+   another one (and its device menu means nothing there): page.js shows its own Stop. */
+body[data-moshi-transport="websocket"] #moshi-webrtc .button-wrap,
+body[data-moshi-transport="websocket"] #moshi-webrtc button[aria-label="start stream"] { visibility: hidden; }
 """
 # Filled by static/page.js: which transport carries the conversation, the websocket
 # path's messages (the WebRTC path's go to #moshi-message), and its Stop button.
 TRANSPORT_HTML = """
 <p class="moshi-transport-status" aria-live="polite"></p>
 <p class="moshi-transport-message" aria-live="polite"></p>
-<button class="moshi-transport-stop lg secondary" type="button" hidden>Stop</button>
+<button class="moshi-transport-stop" type="button" hidden>Stop</button>
 """
 
 

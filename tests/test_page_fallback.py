@@ -99,11 +99,15 @@ def browser():
         chromium.close()
 
 
-def visit(browser, url: str, query: str = "", *, webrtc: bool = True, talk: bool = True) -> Visitor:
+def visit(browser, url: str, query: str = "", *, webrtc: bool = True, talk: bool = True,
+          scripts: tuple[str, ...] = ()) -> Visitor:
     """Open the private page (the token goes into a cookie), with `query` on its address and,
-    unless `webrtc`, no WebRTC path; with `talk`, ready for Talk (the microphone granted)."""
+    unless `webrtc`, no WebRTC path; with `talk`, ready for Talk (the microphone granted);
+    `scripts` run first."""
     context = browser.new_context(accept_downloads=True)
     page = context.new_page()
+    for script in scripts:
+        page.add_init_script(script)
     page.add_init_script(HOOK_PEER_CONNECTIONS)
     if not webrtc:
         page.add_init_script(NO_WEBRTC_PATH)
@@ -128,6 +132,13 @@ def wait_until(condition, timeout_s: float = 15.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
+
+
+def screenshot(page: Page, name: str) -> None:
+    directory = os.environ.get("MOSHI_SCREENSHOTS")
+    if directory:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(directory) / name), full_page=True)
 
 
 def message(page: Page) -> str:
@@ -167,6 +178,8 @@ class Fallback:
     active_after_stop: int
     waiting_after_stop: int
     talk_button_back: str
+    transcript_after_ticks: str  # the page's refresh tick, seconds later, left it alone
+    message_after_ticks: str
     recording: Path
     recording_href: str
     person_samples: int
@@ -188,6 +201,7 @@ def fallback(browser, served, tmp_path_factory) -> Fallback:
         wait_until(lambda: len(app.state.page.webrtc.pcs) == 0, timeout_s=10)
         server_webrtc_left = len(app.state.page.webrtc.pcs)
         stats = talk_until_heard(page)
+        screenshot(page, "screenshot-websocket.png")
         now = status(url)
         evidence = dict(
             fell_back_after_s=fell_back_after_s,
@@ -213,9 +227,13 @@ def fallback(browser, served, tmp_path_factory) -> Fallback:
             page.click(link)
         recording = tmp_path_factory.mktemp("fallback") / "conversation.wav"
         download.value.save_as(recording)
+        stopped_message = message(page)
+        time.sleep(2.5)  # the page's refresh tick runs every second
         return Fallback(
             **evidence,
-            stopped_message=message(page),
+            stopped_message=stopped_message,
+            transcript_after_ticks=page.input_value("#moshi-transcript textarea"),
+            message_after_ticks=message(page),
             active_after_stop=after["sessions"]["active"],
             waiting_after_stop=after["queue"]["waiting"],
             talk_button_back=page.inner_text(TALK).strip(),
@@ -273,6 +291,11 @@ def test_stop_ends_the_websocket_conversation_and_releases_the_slot(fallback):
     assert fallback.stopped_message == ending_message(Ending.STOPPED, LIMITS, seconds) + RECORDING_READY
 
 
+def test_the_pages_refresh_tick_leaves_what_the_websocket_path_shows(fallback):
+    assert fallback.transcript_after_ticks.startswith(fallback.transcript)
+    assert fallback.message_after_ticks == fallback.stopped_message
+
+
 def test_the_recording_is_made_in_the_browser_as_a_stereo_wav_of_the_conversation(fallback):
     assert fallback.recording_href.startswith("blob:")  # it never went to the server, nor comes from it
     with wave.open(str(fallback.recording), "rb") as wav:
@@ -320,6 +343,23 @@ def test_an_unmodified_chromium_still_talks_over_webrtc(browser, served):
         page.wait_for_function("() => window.moshiPage.why === 'webrtcEnded'", timeout=TIMEOUT_MS)
         assert page.inner_text(STATUS).strip() == "The last conversation went over WebRTC."
         assert visitor.chats == []  # no websocket to /api/chat was opened
+    finally:
+        page.context.close()
+
+
+def test_a_browser_without_webrtc_talks_over_the_websocket_at_once(browser, served):
+    url, _, engine = served
+    visitor = visit(browser, url, scripts=("delete window.RTCPeerConnection;",))
+    page = visitor.page
+    try:
+        page.click(TALK)
+        page.wait_for_function(SOCKET_LIVE, timeout=TIMEOUT_MS)
+        assert page.inner_text(STATUS).strip() == (
+            "This browser has no WebRTC, so this conversation goes over the page's websocket."
+        )
+        page.click(STOP)
+        wait_until(lambda: engine.active == 0)
+        assert len(visitor.chats) == 1
     finally:
         page.context.close()
 
