@@ -69,9 +69,10 @@ CSS = """
 #moshi-status { font-size: 0.9em; opacity: 0.85; }
 #moshi-message:not(:empty) { border-left: 4px solid var(--color-accent); padding-left: 0.75em; }
 #moshi-transport .moshi-transport-status { font-size: 0.85em; opacity: 0.8; margin: 0; }
-#moshi-transport .moshi-transport-message:not(:empty) {
+#moshi-transport .moshi-transport-message {
   border-left: 4px solid var(--color-accent); padding-left: 0.75em; margin: 0.5em 0 0;
 }
+#moshi-transport .moshi-transport-message:empty { display: none; }
 #moshi-transport .moshi-transport-stop {
   display: inline-flex; align-items: center; gap: 0.5em; margin-top: 0.5em; padding: 0.4em 1.2em;
   border: 1px solid var(--border-color-primary); border-radius: 999px; cursor: pointer;
