@@ -402,6 +402,24 @@ def test_transport_webrtc_never_falls_back_and_talk_cancels_the_attempt(browser,
         page.context.close()
 
 
+def test_the_time_limit_ends_a_websocket_conversation_with_the_webrtc_paths_sentence(browser, served):
+    _, _, engine = served
+    short = SessionLimits(max_session_s=2.0)
+    with serve_asgi(create_app(engine, token=TOKEN, limits=short)) as url:
+        visitor = visit(browser, url, "transport=websocket")
+        page = visitor.page
+        try:
+            page.click(TALK)
+            page.wait_for_function(f"() => document.querySelector('{MESSAGE}').innerText.includes('Time is up')",
+                                   timeout=TIMEOUT_MS)
+            said = message(page)
+            wait_until(lambda: engine.active == 0)
+            assert not page.is_visible(STOP) and page.is_visible(TALK)  # ready for another
+        finally:
+            page.context.close()
+    assert said == ending_message(Ending.TIME_LIMIT, short) + RECORDING_READY
+
+
 def test_the_fallback_waits_in_line_and_talks_by_itself_once_the_slot_frees(browser, served):
     url, _, engine = served
     visitor = visit(browser, url, "webrtc_timeout=2", webrtc=False)

@@ -69,7 +69,8 @@
   window.addEventListener(
     "click",
     (event) => {
-      const talk = event.target instanceof Element && event.target.closest("#moshi-webrtc button[aria-label='start stream']");
+      const target = event.target instanceof Element ? event.target : null;
+      const talk = target?.closest("#moshi-webrtc button[aria-label='start stream']");
       if (!talk || probe.talkAt !== null) return;
       probe.talkAt = performance.now();
       watchFirstAudio();

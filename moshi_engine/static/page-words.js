@@ -40,7 +40,9 @@ export class PageWords {
 
   /** endings.line_message, from the server's place-in-line metadata {position, waiting, eta_s}. */
   line({ position, eta_s: etaS = 0 }) {
-    const wait = etaS < 60 ? this.words.waitSoon : fill(this.words.waitAbout, { minutes: this.minutes(roundHalfEven(etaS / 60)) });
+    const wait = etaS < 60
+      ? this.words.waitSoon
+      : fill(this.words.waitAbout, { minutes: this.minutes(roundHalfEven(etaS / 60)) });
     const place = this.words.ordinals[position - 1] ?? `${position}`;
     return fill(this.words.line, { place, wait });
   }

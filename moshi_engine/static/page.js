@@ -50,11 +50,13 @@ const STATUS = {
   noWebrtc: "This browser has no WebRTC, so this conversation goes over the page's websocket.",
   forced: "Talking over the page's websocket (?transport=websocket).",
   stillTrying: `WebRTC has not connected after ${TIMEOUT_MS / 1000} s; still trying, as ?transport=webrtc asks.`,
-  stillTryingNoFallback: `WebRTC has not connected after ${TIMEOUT_MS / 1000} s; still trying (this page has no websocket to fall back to).`,
+  stillTryingNoFallback:
+    `WebRTC has not connected after ${TIMEOUT_MS / 1000} s; still trying (this page has no websocket to fall back to).`,
   webrtcFailedNoFallback: "WebRTC failed to connect.",
   cancelled: "The WebRTC attempt was cancelled.",
   noWebsocket: "This page has no websocket to talk over (it serves a Moshi that runs elsewhere).",
   noWebrtcNoFallback: "This browser has no WebRTC, and this page has no other way to talk.",
+  noWebrtcForced: "This browser has no WebRTC, and ?transport=webrtc rules out the websocket.",
 };
 
 const page = (window.moshiPage = {
@@ -69,7 +71,7 @@ const page = (window.moshiPage = {
   recording: null, // ... and its Recording
   conversation: null, // the websocket conversation in progress: {socket, recording, stop()}
   fallbacks: 0,
-  messages: [], // every message the websocket path showed, in order
+  webrtcFailed: false, // once true, later conversations go straight to the websocket (auto mode)
 });
 
 // ## The page's elements (Gradio renders them after this script may have run)
@@ -83,7 +85,6 @@ function setStatus(why) {
 }
 
 function showMessage(text) {
-  if (text) page.messages.push(text);
   const element = $("#moshi-transport .moshi-transport-message");
   if (element) element.textContent = text;
 }
@@ -206,6 +207,7 @@ async function talkOverWebsocket(why, context = null) {
 // ## Watching WebRTC
 
 let talkPressedAt = null; // Talk went to FastRTC; its connection is not made yet
+const TALK_STARTS_MS = 10_000; // FastRTC makes its connection well within this of the click
 let primedContext = null; // an AudioContext made during that click, for a fallback later
 
 function onPeerConnection(pc) {
@@ -237,7 +239,7 @@ function onPeerConnection(pc) {
       attempt.abandon();
       record.fellBack = true;
       page.fallbacks++;
-      page.webrtcFailed = true; // later conversations on this page go straight to the websocket
+      page.webrtcFailed = true;
       settle();
       const context = primedContext;
       primedContext = null;
@@ -288,7 +290,8 @@ function onClick(event) {
     page.conversation.stop();
     return;
   }
-  if (page.attempt?.state === "connecting" || talkPressedAt !== null) {
+  const starting = talkPressedAt !== null && performance.now() - talkPressedAt < TALK_STARTS_MS;
+  if (page.attempt?.state === "connecting" || starting) {
     // FastRTC's button reads "Connecting" now, and pressing it would start a second
     // connection beside the first: cancel this one instead.
     swallow(event);
@@ -308,7 +311,12 @@ function onClick(event) {
     talkOverWebsocket(why, primeContext());
   };
   if (MODE === "websocket") return websocket("forced");
-  if (!page.hasWebRTC) return websocket("noWebrtc"); // FastRTC would fail without a word
+  if (!page.hasWebRTC) {
+    // FastRTC would fail without a word
+    if (MODE === "auto") return websocket("noWebrtc");
+    swallow(event);
+    return setStatus("noWebrtcForced");
+  }
   if (MODE === "auto" && page.webrtcFailed && CAN_FALL_BACK) return websocket("failedBefore");
   // FastRTC's turn: it makes its connection in a moment (onPeerConnection).
   talkPressedAt = performance.now();
@@ -327,12 +335,16 @@ document.addEventListener("click", (event) => {
 });
 
 // The status line's first words, once Gradio has rendered it.
-const initial = MODE === "websocket" ? "forcedWebsocket" : MODE === "webrtc" ? "forcedWebrtc"
-  : !page.hasWebRTC ? (CAN_FALL_BACK ? "noWebrtc" : "noWebrtcNoFallback")
-  : CAN_FALL_BACK ? "auto" : "autoWebrtcOnly";
+function initialStatus() {
+  if (MODE === "websocket") return "forcedWebsocket";
+  if (MODE === "webrtc") return page.hasWebRTC ? "forcedWebrtc" : "noWebrtcForced";
+  if (!page.hasWebRTC) return CAN_FALL_BACK ? "noWebrtc" : "noWebrtcNoFallback";
+  return CAN_FALL_BACK ? "auto" : "autoWebrtcOnly";
+}
+
 function showInitialStatus() {
   if (!$("#moshi-transport .moshi-transport-status")) return false;
-  if (page.why === null) setStatus(initial);
+  if (page.why === null) setStatus(initialStatus());
   page.ready = true;
   return true;
 }

@@ -97,7 +97,8 @@ export function wavBytes(samples, channels, sampleRate) {
 export function recordingName(startedAt = new Date()) {
   const two = (n) => String(n).padStart(2, "0");
   const d = startedAt;
-  const stamp = `${d.getFullYear()}${two(d.getMonth() + 1)}${two(d.getDate())}-${two(d.getHours())}${two(d.getMinutes())}${two(d.getSeconds())}`;
+  const day = `${d.getFullYear()}${two(d.getMonth() + 1)}${two(d.getDate())}`;
+  const stamp = `${day}-${two(d.getHours())}${two(d.getMinutes())}${two(d.getSeconds())}`;
   const tag = Array.from(crypto.getRandomValues(new Uint8Array(4)), (b) => b.toString(16).padStart(2, "0")).join("");
   return `moshi-conversation-${stamp}-${tag}.wav`;
 }
