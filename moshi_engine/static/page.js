@@ -107,7 +107,8 @@ function setTranscript(text) {
 }
 
 function appendTranscript(piece) {
-  setTranscript(($("#moshi-transcript textarea")?.value ?? "") + piece);
+  // as the WebRTC path shows it: Moshi's words so far, without the first piece's leading space
+  setTranscript((($("#moshi-transcript textarea")?.value ?? "") + piece).trimStart());
 }
 
 let recordingUrl = null;
