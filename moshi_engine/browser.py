@@ -7,7 +7,10 @@
 `static/` holds plain ES modules, no build step: `ogg.js` (Ogg framing of Opus),
 `opus.js` (WebCodecs or the vendored opus-recorder WASM), `audio.js` and
 `worklets/` (microphone frames, the bounded player), `moshi-socket.js` (a
-conversation over `/api/chat`), and `ws-demo.html` (a harness page). Vendored
+conversation over `/api/chat`), `ws-demo.html` (a harness page), and the voice chat
+page's own script: `page.js` (WebRTC, or this websocket when WebRTC cannot connect;
+`ui.mount_ui` mounts this directory itself), `webrtc-watch.js`, `page-words.js` and
+`recording.js`. Vendored
 libraries sit in `static/vendor/<name>/` with their licenses. Nothing is fetched
 from elsewhere at run time, so the page works offline.
 """

@@ -1,7 +1,8 @@
 """How a conversation on the page ends, and the one sentence the person is told.
 
-Every transport that serves the page (WebRTC today, the page's websocket path
-too) ends a conversation in one of these ways, and says so in these words.
+Every transport that serves the page (WebRTC, and the page's own websocket path)
+ends a conversation in one of these ways, and says so in these words: the page's
+script gets them from `page_words` rather than a copy.
 """
 
 from __future__ import annotations
@@ -55,20 +56,29 @@ LEFT_LINE_MESSAGE = "You left the line. Press the button to wait for a conversat
 STARTING_MESSAGE = "Connecting to Moshi: its server may be starting up, which can take a minute or two."
 
 
+# The line's sentence and its parts, as templates: `line_message` fills them here, and the
+# page's own script fills the same ones (`page_words`), so the words live in this file alone.
+LINE_MESSAGE = (
+    "Every conversation slot is taken: you are {place} in line, {wait}. "
+    "Your conversation starts by itself when a slot frees up; Stop leaves the line."
+)
+WAIT_SOON = "less than a minute"
+WAIT_ABOUT = "about {minutes}"
+MINUTE = "{n} minute"
+MINUTES = "{n} minutes"
+SECONDS = "{n} s"
+
+
 def line_message(position: LinePosition) -> str:
     """What a visitor waiting for a slot is told, updated as the line moves."""
     if position.eta_s < 60:
-        wait = "less than a minute"
+        wait = WAIT_SOON
     else:
-        minutes = round(position.eta_s / 60)
-        wait = f"about {minutes} minute{'s' if minutes != 1 else ''}"
-    return (
-        f"Every conversation slot is taken: you are {_ordinal(position.position)} in line, {wait}. "
-        "Your conversation starts by itself when a slot frees up; Stop leaves the line."
-    )
+        wait = WAIT_ABOUT.format(minutes=minutes_words(round(position.eta_s / 60)))
+    return LINE_MESSAGE.format(place=ordinal(position.position), wait=wait)
 
 
-def _ordinal(n: int) -> str:
+def ordinal(n: int) -> str:
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
 
@@ -88,6 +98,38 @@ def ending_for(error: BaseException) -> tuple[Ending, str]:
 
 def duration_words(seconds: float) -> str:
     if seconds >= 60 and seconds % 60 == 0:
-        minutes = int(seconds // 60)
-        return f"{minutes} minute{'s' if minutes != 1 else ''}"
-    return f"{seconds:g} s"
+        return minutes_words(int(seconds // 60))
+    return SECONDS.format(n=f"{seconds:g}")
+
+
+def minutes_words(n: int) -> str:
+    return (MINUTE if n == 1 else MINUTES).format(n=n)
+
+
+def page_words(limits: SessionLimits, line_timeout_s: float, places: int) -> dict:
+    """The sentences above as the page's own script needs them (static/page-words.js fills the
+    same templates): its websocket path tells each ending and the line's place in these words.
+
+    Fixed sentences come rendered for these limits; `{detail}`, `{place}`, `{wait}`,
+    `{minutes}` and `{n}` are left for the page to fill; `ordinals` covers every place in line.
+    """
+    return {
+        "endings": {
+            "stopped": ending_message(Ending.STOPPED, limits),
+            "stoppedAfter": ending_message(Ending.STOPPED, limits, "{detail}"),
+            "busy": ending_message(Ending.BUSY, limits),
+            "lineTimeout": ending_message(Ending.LINE_TIMEOUT, limits, duration_words(line_timeout_s)),
+            "timeLimit": ending_message(Ending.TIME_LIMIT, limits),
+            "idle": ending_message(Ending.IDLE, limits),
+            "restart": ending_message(Ending.RESTART, limits),
+            "error": ending_message(Ending.ERROR, limits, "{detail}"),
+        },
+        "leftLine": LEFT_LINE_MESSAGE,
+        "line": LINE_MESSAGE,
+        "waitSoon": WAIT_SOON,
+        "waitAbout": WAIT_ABOUT,
+        "minute": MINUTE,
+        "minutes": MINUTES,
+        "seconds": SECONDS,
+        "ordinals": [ordinal(n) for n in range(1, places + 1)],
+    }

@@ -56,6 +56,17 @@ class CloseCode(enum.IntEnum):
     TRY_AGAIN_LATER = 1013  # every slot and the waiting line are taken, a wait timed out, or still loading
 
 
+def time_limit_reason(max_session_s: float) -> str:
+    """The close reason (with code 1000) of a conversation that reached its time limit: a
+    client tells it from a normal end by this reason (the page does)."""
+    return f"session time limit of {max_session_s:g} s reached"
+
+
+def idle_reason(idle_s: float) -> str:
+    """The close reason (with code 1008) of a conversation that heard no audio for `idle_s`."""
+    return f"no audio received for {idle_s:g} s"
+
+
 class ConnectionClose(Exception):
     """Ends a connection with a close `code` and a short `reason` for the client."""
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -316,10 +317,9 @@ class MoshiHandler(AsyncStreamHandler):
             return
         if ending is Ending.STOPPED and self.recording.samples:
             detail = duration_words(round(self.recording.samples / SAMPLE_RATE))
-        record.ending = ending
-        record.message = ending_message(ending, self.limits, detail)
+        message = ending_message(ending, self.limits, detail)
         if ending is Ending.STOPPED and record.line is not None:
-            record.message = LEFT_LINE_MESSAGE
+            message = LEFT_LINE_MESSAGE
         record.line = None
         record.transcript = self.transcript
         record.text_pieces = len(self._pieces)
@@ -333,6 +333,10 @@ class MoshiHandler(AsyncStreamHandler):
                 self.conversations.saved(record, path)
             except OSError:
                 log.exception("connection %s: writing the recording failed", self._webrtc_id)
+        # Last: the page shows an ending once (the first time it sees one), so whatever it
+        # shows with it, the recording's link above all, must be filed by then.
+        record.message = message
+        record.ending = ending
         log.info(
             "connection %s ended (%s): %.1f s heard, %d Moshi frames, %d text pieces",
             record.webrtc_id,
@@ -341,3 +345,31 @@ class MoshiHandler(AsyncStreamHandler):
             record.moshi_frames,
             record.text_pieces,
         )
+
+
+# ## Abandoned attempts
+
+
+async def abandon_unconnected(pcs: dict[str, Any], ufrag: str) -> int:
+    """Close FastRTC's peer connections (`WebRTC.pcs`, aiortc) whose offer carried the ICE
+    username fragment `ufrag` and that have not connected; returns how many.
+
+    The page gives up on a WebRTC attempt that does not connect and talks over its websocket
+    instead; FastRTC itself would keep the server's side for 30 s, holding one of the page's
+    WebRTC places. The page knows its offer's ufrag, not FastRTC's connection id. Only an
+    attempt that never connected is closed: its handler never started (FastRTC starts it once
+    the data channel opens), so it holds no slot and no place in line.
+    """
+    if not ufrag:
+        return 0
+    line = re.compile(rf"^a=ice-ufrag:{re.escape(ufrag)}\r?$", re.MULTILINE)
+    closed = 0
+    for pc in list(pcs.values()):
+        offer = pc.remoteDescription
+        if offer is None or pc.connectionState == "connected" or not line.search(offer.sdp):
+            continue
+        await pc.close()  # FastRTC's "closed" listener cleans up the rest (and shuts the handler down)
+        closed += 1
+    if closed:
+        log.info("closed %d WebRTC attempt(s) that the page abandoned", closed)
+    return closed

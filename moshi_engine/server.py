@@ -32,9 +32,11 @@ from .protocol import (
     ProtocolError,
     audio_message,
     client_audio,
+    idle_reason,
     metadata_message,
     parse_sampling_query,
     text_message,
+    time_limit_reason,
 )
 from .session import MoshiSession
 from .timings import OPUS_DECODE, OPUS_ENCODE, StageTimings
@@ -293,9 +295,9 @@ class _Connection:
         while True:
             now = time.monotonic()
             if now - self.started >= limits.max_session_s:
-                raise ConnectionClose(CloseCode.NORMAL, f"session time limit of {limits.max_session_s:g} s reached")
+                raise ConnectionClose(CloseCode.NORMAL, time_limit_reason(limits.max_session_s))
             if now - self.last_audio >= limits.idle_s:
-                raise ConnectionClose(CloseCode.POLICY_VIOLATION, f"no audio received for {limits.idle_s:g} s")
+                raise ConnectionClose(CloseCode.POLICY_VIOLATION, idle_reason(limits.idle_s))
             await asyncio.sleep(min(self.started + limits.max_session_s, self.last_audio + limits.idle_s) - now)
 
     async def _send(self, data: bytes) -> None:

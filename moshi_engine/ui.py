@@ -8,8 +8,12 @@ The page: what Moshi is, the WebRTC audio component (press, talk, hear Moshi),
 the live transcript, sampling controls applied when a conversation starts, a
 status line (model, device, free slots, frame time), and after each
 conversation its stereo recording to download. Busy, time limit and errors are
-shown as the sentence `rtc.ending_message` gives. This is the only module that
-imports gradio.
+shown as the sentence `endings.ending_message` gives.
+
+The page's own script (`static/page.js`, see `pagescript`) watches WebRTC: when it
+cannot connect, the same conversation goes over this app's `/api/chat` websocket,
+with Opus in the browser, the same controls, messages and recording.
+This is the only module that imports gradio.
 """
 
 from __future__ import annotations
@@ -23,16 +27,19 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastrtc import WebRTC
 
 from .access import BROWSER_COOKIE, BrowserIdentity, cookie_value
+from .browser import STATIC_PATH, mount_static
 from .conversation import Sampling, SessionLimits
 from .endings import Ending, ending_message, line_message
 from .ice import browser_rtc_configuration, ice_source, server_rtc_configuration
 from .line import QUEUE_PLACES, QUEUE_TIMEOUT_S
+from .pagescript import RECORDING_LINK, RECORDING_READY, page_config, page_head
+from .protocol import Protocol
 from .records import ConversationLog, ConversationRecord
-from .rtc import MoshiHandler, OpenConversation
+from .rtc import MoshiHandler, OpenConversation, abandon_unconnected
 from .timings import LM_STEP, MIMI_DECODE, MIMI_ENCODE
 
 if TYPE_CHECKING:
@@ -45,6 +52,7 @@ STATUS_REFRESH_S = 1.0
 # FastRTC's own time limit closes the connection abruptly; ours ends the conversation
 # first with a message, so FastRTC's only backs it up.
 TIME_LIMIT_GRACE_S = 5.0
+ABANDON_PATH = "/webrtc/abandon"
 
 StatusSource = Callable[[], dict | None] | Callable[[], Awaitable[dict | None]]
 
@@ -60,6 +68,33 @@ below as it says them. Headphones keep Moshi from hearing itself. After a conver
 CSS = """
 #moshi-status { font-size: 0.9em; opacity: 0.85; }
 #moshi-message:not(:empty) { border-left: 4px solid var(--color-accent); padding-left: 0.75em; }
+#moshi-transport .moshi-transport-status { font-size: 0.85em; opacity: 0.8; margin: 0; }
+#moshi-transport .moshi-transport-message {
+  border-left: 4px solid var(--color-accent); padding-left: 0.75em; margin: 0.5em 0 0;
+}
+#moshi-transport .moshi-transport-message:empty { display: none; }
+#moshi-transport .moshi-transport-stop {
+  display: inline-flex; align-items: center; gap: 0.5em; margin-top: 0.5em; padding: 0.4em 1.2em;
+  border: 1px solid var(--border-color-primary); border-radius: 999px; cursor: pointer;
+  background: var(--background-fill-primary); color: var(--body-text-color); font-weight: 600;
+}
+#moshi-transport .moshi-transport-stop::before {
+  content: ""; width: 0.7em; height: 0.7em; border-radius: 2px; background: var(--color-accent);
+}
+#moshi-transport .moshi-transport-stop[hidden] { display: none; }
+/* The recording's block shows only when it holds a link (from either transport). */
+#moshi-recording:not(:has(a)) { display: none; }
+/* While a conversation goes over the websocket, FastRTC's Talk button would only start
+   another one (and its device menu means nothing there): page.js shows its own Stop. */
+body[data-moshi-transport="websocket"] #moshi-webrtc .button-wrap,
+body[data-moshi-transport="websocket"] #moshi-webrtc button[aria-label="start stream"] { visibility: hidden; }
+"""
+# Filled by static/page.js: which transport carries the conversation, the websocket
+# path's messages (the WebRTC path's go to #moshi-message), and its Stop button.
+TRANSPORT_HTML = """
+<p class="moshi-transport-status" aria-live="polite"></p>
+<p class="moshi-transport-message" aria-live="polite"></p>
+<button class="moshi-transport-stop" type="button" hidden>Stop</button>
 """
 
 
@@ -135,13 +170,18 @@ def build_page(
     limits: SessionLimits = SessionLimits(),
     host: str = "127.0.0.1",
     conversations: ConversationLog | None = None,
+    chat_path: str | None = None,
+    abandon_path: str = ABANDON_PATH,
+    static_path: str = STATIC_PATH,
 ) -> MoshiPage:
     """The page as a Blocks, one conversation per browser session from `open_conversation`.
 
     `capacity` is the number of conversation slots behind the page, and `line_places`
     the places in its waiting line (each waits at most `line_timeout_s`): together they
     bound concurrent WebRTC connections. `host` is where the server listens, which decides
-    the ICE servers (`rtc.ice_source`); `status` feeds the status line.
+    the ICE servers (`rtc.ice_source`); `status` feeds the status line. `chat_path` is the
+    app's `/api/chat`, where the page talks when WebRTC cannot connect (None: nowhere);
+    the page's script is served from `static_path` (`browser.mount_static`).
     """
     source = ice_source(host)  # fails here, at start, on a half-set TURN configuration
     log.info("WebRTC ICE servers for host %s: %s", host, source)
@@ -168,7 +208,10 @@ def build_page(
 
     d = default_sampling
     theme = gr.themes.Soft(font=["system-ui", "sans-serif"])  # no web fonts to fetch
-    with gr.Blocks(title="Moshi voice chat", theme=theme, css=CSS) as blocks:
+    config = page_config(limits, line_timeout_s=line_timeout_s, places=line_places, chat_path=chat_path,
+                         abandon_path=abandon_path)
+    head = page_head(config, static_path)
+    with gr.Blocks(title="Moshi voice chat", theme=theme, css=CSS, head=head) as blocks:
         gr.Markdown(INTRO)
         status_md = gr.Markdown(status_line(None, remote), elem_id="moshi-status")
         with gr.Row(equal_height=False):
@@ -184,6 +227,7 @@ def build_page(
                     button_labels={"start": "Talk to Moshi", "stop": "Stop", "waiting": "Connecting"},
                     elem_id="moshi-webrtc",
                 )
+                gr.HTML(TRANSPORT_HTML, elem_id="moshi-transport")
                 message_md = gr.Markdown(elem_id="moshi-message")
                 transcript = gr.Textbox(
                     label="What Moshi says",
@@ -194,16 +238,23 @@ def build_page(
                     elem_id="moshi-transcript",
                 )
                 # A plain link, so that the browser fetches the file itself, with its identity
-                # cookie: the recording is this browser's alone (`records`).
-                recording = gr.HTML(visible=False, elem_id="moshi-recording")
+                # cookie: the recording is this browser's alone (`records`). Always in the page
+                # (CSS hides it while empty): page.js puts the websocket path's link here too.
+                recording = gr.HTML("", elem_id="moshi-recording")
             with gr.Column(scale=2):
                 with gr.Accordion("Sampling, applied when a conversation starts", open=True):
-                    temp = gr.Slider(0.0, 2.0, value=d.temp, step=0.05, label="Audio temperature")
-                    top_k = gr.Slider(1, max(500, d.top_k), value=d.top_k, step=1, label="Audio top-k")
-                    temp_text = gr.Slider(0.0, 2.0, value=d.temp_text, step=0.05, label="Text temperature")
-                    top_k_text = gr.Slider(1, max(100, d.top_k_text), value=d.top_k_text, step=1, label="Text top-k")
+                    # elem_ids: page.js reads these for a conversation over the websocket
+                    temp = gr.Slider(0.0, 2.0, value=d.temp, step=0.05, label="Audio temperature",
+                                     elem_id="moshi-temp")
+                    top_k = gr.Slider(1, max(500, d.top_k), value=d.top_k, step=1, label="Audio top-k",
+                                      elem_id="moshi-top-k")
+                    temp_text = gr.Slider(0.0, 2.0, value=d.temp_text, step=0.05, label="Text temperature",
+                                          elem_id="moshi-temp-text")
+                    top_k_text = gr.Slider(1, max(100, d.top_k_text), value=d.top_k_text, step=1,
+                                           label="Text top-k", elem_id="moshi-top-k-text")
                     seed = gr.Number(
-                        value=-1 if d.seed is None else d.seed, precision=0, minimum=-1, label="Seed (-1: random)"
+                        value=-1 if d.seed is None else d.seed, precision=0, minimum=-1, label="Seed (-1: random)",
+                        elem_id="moshi-seed",
                     )
         shown = gr.State(None)  # the WebRTC id whose ending the page already shows
         timer = gr.Timer(STATUS_REFRESH_S)
@@ -228,7 +279,7 @@ def build_page(
             queue = (status_now or {}).get("queue") or {}
             if free_slots(status_now) == 0 and queue.get("waiting", 0) >= queue.get("places", line_places):
                 message = ending_message(Ending.BUSY, limits)
-            return message, "", gr.update(value=None, visible=False)
+            return message, "", gr.update(value="")
 
         webrtc.start_recording(
             on_start, outputs=[message_md, transcript, recording], concurrency_limit=None, show_progress="hidden"
@@ -236,7 +287,9 @@ def build_page(
 
         async def refresh(webrtc_id: str | None, shown_id: str | None, request: gr.Request):
             """Every second: the status line; while in line, its place; once per conversation, how
-            it ended. The first browser to ask about a connection owns its record."""
+            it ended. The first browser to ask about a connection owns its record. Only a WebRTC
+            connection has a record: while the page talks over its websocket (page.js), this
+            leaves the message, transcript and recording alone."""
             line = status_line(await read_status(), remote)
             record = conversations.claim(webrtc_id, cookie_value(request.headers, BROWSER_COOKIE))
             if record is not None and not record.ended:
@@ -246,8 +299,8 @@ def build_page(
             message = record.message
             download = gr.update()
             if record.recording:
-                message += " Its recording is ready to download below."
-                download = gr.update(value=_download_link(record), visible=True)
+                message += RECORDING_READY
+                download = gr.update(value=_download_link(record))
             return line, message, record.transcript, download, webrtc_id
 
         async def show_status() -> str:
@@ -266,8 +319,7 @@ def build_page(
 
 def _download_link(record: ConversationRecord) -> str:
     name = html.escape(record.recording.name)
-    return (f'<a href="recordings/{record.download_id}" download="{name}">'
-            "Download the conversation (WAV: you left, Moshi right)</a>")
+    return f'<a href="recordings/{record.download_id}" download="{name}">{html.escape(RECORDING_LINK)}</a>'
 
 
 def mount_ui(
@@ -289,9 +341,21 @@ def mount_ui(
     the `remote` URL of a Moshi server (`/api/chat` or `/ws`; capacity defaults to 1,
     the number of sessions the page may hold on it at once; `connect_timeout_s`: how
     long a session may take to connect, e.g. while a worker starts from cold).
+
+    Also served: the page's scripts (`browser.mount_static`, under `path`), each
+    browser's recordings, and a route where the page abandons a WebRTC attempt that
+    never connected. When `app` serves `/api/chat` (a local engine's `server.create_api`),
+    the page talks over it whenever WebRTC cannot connect.
     """
     if (engine is None) == (remote is None):
         raise ValueError("give either a local engine or the URL of a remote Moshi server")
+    base = path.rstrip("/")
+    serves_chat = any(getattr(route, "path", None) == Protocol.MOSHI.path for route in app.routes)
+    where = {
+        "chat_path": Protocol.MOSHI.path if engine is not None and serves_chat else None,
+        "abandon_path": base + ABANDON_PATH,
+        "static_path": base + STATIC_PATH,
+    }
     if engine is not None:
         page = build_page(
             engine.acquire,
@@ -303,6 +367,7 @@ def mount_ui(
             limits=limits,
             host=host,
             conversations=conversations,
+            **where,
         )
     else:
         from .client import RemoteSession
@@ -319,8 +384,11 @@ def mount_ui(
             limits=limits,
             host=host,
             conversations=conversations,
+            **where,
         )
     app.add_middleware(BrowserIdentity)
+    # Before the page: its mount at `path` would catch every path registered after it.
+    mount_static(app, where["static_path"])
 
     @app.get(path.rstrip("/") + "/recordings/{download_id}", include_in_schema=False)
     async def download_recording(download_id: str, request: Request) -> FileResponse:
@@ -329,6 +397,17 @@ def mount_ui(
         if record is None:
             raise HTTPException(404, "no such recording")
         return FileResponse(record.recording, media_type="audio/wav", filename=record.recording.name)
+
+    @app.post(base + ABANDON_PATH, include_in_schema=False)
+    async def abandon_webrtc(request: Request) -> JSONResponse:
+        """The page gave up on a WebRTC attempt that never connected (it talks over the
+        websocket instead): close the server's side of it now rather than in FastRTC's 30 s,
+        so that it holds no place among the page's WebRTC connections."""
+        try:
+            ufrag = str((await request.json())["ufrag"])
+        except (ValueError, KeyError, TypeError):
+            raise HTTPException(400, 'expected JSON {"ufrag": "<the offer\'s ICE ufrag>"}') from None
+        return JSONResponse({"closed": await abandon_unconnected(page.webrtc.pcs, ufrag)})
 
     gr.mount_gradio_app(app, page.blocks, path=path, show_api=False)
     return page

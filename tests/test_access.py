@@ -46,6 +46,8 @@ ROUTES = [
                                                "data": {"sdp": "", "type": "offer", "webrtc_id": "x"}}),
     ("GET", "/gradio_api/file=/etc/hostname", None),
     ("GET", "/recordings/anything", None),
+    ("GET", "/moshi-static/page.js", None),
+    ("POST", "/webrtc/abandon", {"ufrag": "x"}),
 ]
 
 
@@ -65,7 +67,7 @@ def test_every_other_route_asks_for_the_token(private, method, path, body):
     assert wrong_in_url.status_code == 403
 
 
-@pytest.mark.parametrize("path", ["/", "/config", "/gradio_api/info"])
+@pytest.mark.parametrize("path", ["/", "/config", "/gradio_api/info", "/moshi-static/page.js"])
 def test_the_token_opens_the_page_and_gradios_routes(private, path):
     with httpx.Client(base_url=private) as browser:
         assert browser.get("/", params={"token": TOKEN}).status_code == 303  # sets the cookie

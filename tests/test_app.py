@@ -206,12 +206,13 @@ def test_remote_mode_page_carries_a_browser_conversation_to_a_second_server():
     conversation to another `python app.py` over the Opus websocket."""
     from playwright.sync_api import sync_playwright
 
-    from .test_browser import CHROMIUM, CHROMIUM_ARGS, INBOUND_AUDIO, TALK_BUTTON, open_page
+    from .test_browser import CHROMIUM, CHROMIUM_ARGS, INBOUND_AUDIO, TALK_BUTTON, TOKEN, open_page
 
     moshi, moshi_url = start_app("--model", "tiny", "--device", "cpu")
     page_only = None
     try:
-        page_only, page_url = start_app("--remote", moshi_url.replace("http", "ws") + "/api/chat")
+        # private, as open_page expects: the page alone keeps its own token
+        page_only, page_url = start_app("--remote", moshi_url.replace("http", "ws") + "/api/chat", "--token", TOKEN)
         with urllib.request.urlopen(page_url + "/status", timeout=10) as response:
             assert json.load(response)["mode"] == "remote"
         with sync_playwright() as playwright:

@@ -298,6 +298,27 @@ async def test_stopping_releases_the_slot_and_files_a_recording_of_both_sides(
     np.testing.assert_array_equal(samples[2 * FRAME_SIZE :, 1], played[: samples.shape[0] - 2 * FRAME_SIZE])
 
 
+async def test_an_ending_is_filed_only_once_the_recording_is_saved(single_engine, conversations, hello_pcm,
+                                                                   monkeypatch):
+    handler = connection(MoshiHandler(single_engine.acquire, conversations), "filed")
+    await handler.start_up()
+    await talk(handler, hello_pcm[:SAMPLE_RATE])
+    ended_while_writing = []
+    write_wav = Recording.write_wav
+
+    def watched_write(recording, path):
+        ended_while_writing.append(conversations.get("filed").ended)
+        write_wav(recording, path)
+
+    monkeypatch.setattr(Recording, "write_wav", watched_write)
+    await handler.shutdown()
+    # the page shows an ending once: had it seen this one while the WAV was written, the
+    # conversation would have had no download link
+    assert ended_while_writing == [False]
+    record = conversations.get("filed")
+    assert record.ended and record.recording.exists()
+
+
 async def test_a_visitor_in_line_hears_its_place_starts_by_itself_and_stop_leaves_the_line(
     single_engine, conversations, hello_pcm
 ):

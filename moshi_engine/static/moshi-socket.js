@@ -97,8 +97,11 @@ function withTimeout(promise, ms) {
  * - `codec`: "auto" (WebCodecs where the browser has it, else WASM), "webcodecs" or "wasm"
  * - `player`: {startMs, maxMs, keepMs, slackMs, windowMs} of the playback queue (audio.js Player)
  * - `stream`: a microphone MediaStream the page already holds (else getUserMedia)
+ * - `context`: a 24 kHz AudioContext to play through, created during a click (browsers let
+ *   only those start); the socket closes it when it ends. Else the socket makes its own.
  * - callbacks, also settable as properties: onReady(), onText(piece), onAudio(pcm),
- *   onQueue(info), onMetadata(object), onError(error), onState(state), onClose(code, reason)
+ *   onMicrophone(pcm) (each 80 ms frame sent to Moshi), onQueue(info), onMetadata(object),
+ *   onError(error), onState(state), onClose(code, reason)
  *
  * States: idle -> starting -> connecting -> (queued) -> live -> closing -> closed.
  * onClose is called once, after everything is released, when a socket was opened.
@@ -107,7 +110,8 @@ export class MoshiSocket {
   constructor(options = {}) {
     this.options = { codec: "auto", player: {}, ...options };
     this.url = options.url ?? chatUrl(options.server ?? null, options);
-    for (const name of ["onReady", "onText", "onAudio", "onQueue", "onMetadata", "onError", "onState", "onClose"]) {
+    for (const name of ["onReady", "onText", "onAudio", "onMicrophone", "onQueue", "onMetadata", "onError", "onState",
+      "onClose"]) {
       this[name] = options[name] ?? null;
     }
     this.state = "idle";
@@ -126,7 +130,7 @@ export class MoshiSocket {
     if (this.state !== "idle") throw new Error("a MoshiSocket starts once; make a new one");
     this.#setState("starting");
     // Created before anything is awaited, so that the click that called start lets it play.
-    this.context = new AudioContext({ sampleRate: SAMPLE_RATE, latencyHint: "interactive" });
+    this.context = this.options.context ?? new AudioContext({ sampleRate: SAMPLE_RATE, latencyHint: "interactive" });
     try {
       this.backend = await chooseBackend(this.options.codec);
       this.ownStream = !this.options.stream;
@@ -215,7 +219,9 @@ export class MoshiSocket {
 
   #frame(pcm) {
     // Frames captured before the handshake (or while queued) are not Moshi's to hear.
-    if (this.state === "live") this.encoder.encode(pcm);
+    if (this.state !== "live") return;
+    this.onMicrophone?.(pcm); // before encoding: the WASM encoder takes the buffer away
+    this.encoder.encode(pcm);
   }
 
   #send(ogg, samples) {

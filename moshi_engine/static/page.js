@@ -1,0 +1,355 @@
+// The voice chat page's own script: talk over WebRTC when it connects, over this server's
+// /api/chat websocket when it does not.
+//
+// The visitor presses FastRTC's Talk button as always. FastRTC then makes an
+// RTCPeerConnection, which this script watches (webrtc-watch.js). If it has not connected
+// a few seconds after the server answered the offer, or ICE fails, or the browser has no
+// WebRTC at all, the page gives that attempt up (the server drops its side at once) and
+// carries the same conversation over the websocket instead (moshi-socket.js: Opus in the
+// browser, the microphone with echo cancellation, a bounded player), with the page's
+// sampling controls, its transcript box, the waiting line's messages and a recording
+// made in the browser. `?transport=websocket` goes there at once, `?transport=webrtc`
+// never does; `?webrtc_timeout=seconds` changes how long WebRTC may take.
+//
+// Python renders the settings and every sentence into the page's head as JSON
+// (moshi_engine/pagescript.py), so the words here are only this script's own: which
+// transport is in use. Everything tests and the benchmark read is on `window.moshiPage`.
+
+import { chatUrl, MoshiSocket } from "./moshi-socket.js";
+import { SAMPLE_RATE } from "./opus.js";
+import { PageWords } from "./page-words.js";
+import { Recording, recordingName } from "./recording.js";
+import { watchPeerConnections, WebRTCAttempt } from "./webrtc-watch.js";
+
+const CONFIG = JSON.parse(document.getElementById("moshi-page-config").textContent);
+const WORDS = new PageWords(CONFIG.words, CONFIG.reasons);
+const TALK = "#moshi-webrtc button[aria-label='start stream']";
+const SAMPLING_INPUTS = { temp: "moshi-temp", top_k: "moshi-top-k", temp_text: "moshi-temp-text",
+  top_k_text: "moshi-top-k-text", seed: "moshi-seed" };
+
+const query = new URLSearchParams(location.search);
+const asked = query.get("transport");
+const MODE = asked === "webrtc" || asked === "websocket" ? asked : "auto";
+if (asked && MODE === "auto") console.warn(`?transport=${asked} is neither webrtc nor websocket: trying both`);
+const timeoutS = Number(query.get("webrtc_timeout"));
+const TIMEOUT_MS = 1000 * (timeoutS > 0 ? timeoutS : CONFIG.webrtcTimeoutS);
+const CAN_FALL_BACK = Boolean(CONFIG.chat); // a page in front of a remote Moshi has no /api/chat
+
+// What the status line says; "why" names each case.
+const STATUS = {
+  auto: "Talks over WebRTC, or over this page's websocket where WebRTC cannot connect.",
+  autoWebrtcOnly: "Talks over WebRTC.",
+  forcedWebsocket: "Talks over this page's websocket (?transport=websocket).",
+  forcedWebrtc: "Talks over WebRTC only (?transport=webrtc): no websocket fallback.",
+  connecting: "Connecting over WebRTC…",
+  webrtc: "Talking over WebRTC.",
+  webrtcEnded: "The last conversation went over WebRTC.",
+  timeout: "WebRTC could not connect, so this conversation goes over the page's websocket.",
+  failed: "WebRTC failed to connect, so this conversation goes over the page's websocket.",
+  failedBefore: "WebRTC could not connect earlier, so this conversation goes over the page's websocket.",
+  noWebrtc: "This browser has no WebRTC, so this conversation goes over the page's websocket.",
+  forced: "Talking over the page's websocket (?transport=websocket).",
+  stillTrying: `WebRTC has not connected after ${TIMEOUT_MS / 1000} s; still trying, as ?transport=webrtc asks.`,
+  stillTryingNoFallback:
+    `WebRTC has not connected after ${TIMEOUT_MS / 1000} s; still trying (this page has no websocket to fall back to).`,
+  webrtcFailedNoFallback: "WebRTC failed to connect.",
+  cancelled: "The WebRTC attempt was cancelled.",
+  noWebsocket: "This page has no websocket to talk over (it serves a Moshi that runs elsewhere).",
+  noWebrtcNoFallback: "This browser has no WebRTC, and this page has no other way to talk.",
+  noWebrtcForced: "This browser has no WebRTC, and ?transport=webrtc rules out the websocket.",
+};
+
+const page = (window.moshiPage = {
+  mode: MODE,
+  timeoutMs: TIMEOUT_MS,
+  hasWebRTC: typeof window.RTCPeerConnection === "function",
+  why: null, // the last STATUS key shown
+  transport: null, // "webrtc" or "websocket": what carries (or carried) the last conversation
+  attempts: [], // every WebRTC attempt: {state, times, fellBack}
+  attempt: null, // the WebRTC attempt in progress
+  socket: null, // the websocket conversation's MoshiSocket (kept after it ends, for its stats)
+  recording: null, // ... and its Recording
+  conversation: null, // the websocket conversation in progress: {socket, recording, stop()}
+  fallbacks: 0,
+  webrtcFailed: false, // once true, later conversations go straight to the websocket (auto mode)
+});
+
+// ## The page's elements (Gradio renders them after this script may have run)
+
+const $ = (selector) => document.querySelector(selector);
+
+function setStatus(why) {
+  page.why = why;
+  const element = $("#moshi-transport .moshi-transport-status");
+  if (element) element.textContent = STATUS[why];
+}
+
+function showMessage(text) {
+  const element = $("#moshi-transport .moshi-transport-message");
+  if (element) element.textContent = text;
+}
+
+function showStop(shown) {
+  const button = $("#moshi-transport .moshi-transport-stop");
+  if (button) button.hidden = !shown;
+  if (shown) document.body.dataset.moshiTransport = "websocket";
+  else delete document.body.dataset.moshiTransport;
+}
+
+function setTranscript(text) {
+  const box = $("#moshi-transcript textarea");
+  if (!box) return;
+  box.value = text;
+  // Gradio's textbox keeps its own copy of the value; an input event brings it along, so
+  // that a later update from the server (a WebRTC conversation's start) starts from it.
+  box.dispatchEvent(new Event("input", { bubbles: true }));
+  box.scrollTop = box.scrollHeight;
+}
+
+function appendTranscript(piece) {
+  // as the WebRTC path shows it: Moshi's words so far, without the first piece's leading space
+  setTranscript((($("#moshi-transcript textarea")?.value ?? "") + piece).trimStart());
+}
+
+let recordingUrl = null;
+
+function removeRecording() {
+  document.querySelectorAll("#moshi-recording a[data-moshi-websocket]").forEach((link) => link.remove());
+  if (recordingUrl) URL.revokeObjectURL(recordingUrl);
+  recordingUrl = null;
+}
+
+/** The websocket path's recording as a Blob link where the WebRTC path puts its own: it never leaves this browser. */
+function offerRecording(recording, startedAt) {
+  const block = $("#moshi-recording");
+  if (!block) return false;
+  removeRecording();
+  recordingUrl = URL.createObjectURL(recording.wav());
+  const link = document.createElement("a");
+  link.href = recordingUrl;
+  link.download = recordingName(startedAt);
+  link.textContent = WORDS.words.recordingLink;
+  link.dataset.moshiWebsocket = "";
+  (block.querySelector(".prose") ?? block).append(link);
+  return true;
+}
+
+function readSampling() {
+  const sampling = {};
+  for (const [key, id] of Object.entries(SAMPLING_INPUTS)) {
+    const value = Number($(`#${id} input[type=number]`)?.value ?? NaN);
+    if (!Number.isFinite(value)) continue; // the server's default
+    if (key === "seed") {
+      if (value >= 0) sampling.seed = Math.round(value); // -1: a random seed
+    } else {
+      sampling[key] = key.startsWith("top_k") ? Math.round(value) : value;
+    }
+  }
+  return sampling;
+}
+
+// ## The websocket path
+
+async function talkOverWebsocket(why, context = null) {
+  removeRecording();
+  showMessage("");
+  setTranscript("");
+  page.transport = "websocket";
+  setStatus(why);
+  showStop(true);
+  const recording = new Recording();
+  const startedAt = new Date();
+  let queued = false;
+  let live = false;
+  let byUser = false;
+  const finish = (sentence) => {
+    if (page.conversation?.socket !== socket) return;
+    page.conversation = null;
+    showStop(false);
+    if (recording.personSamples && offerRecording(recording, startedAt)) sentence += WORDS.words.recordingReady;
+    showMessage(sentence);
+  };
+  const socket = new MoshiSocket({
+    url: chatUrl(CONFIG.chat, { sampling: readSampling(), queue: true }),
+    context,
+    onQueue: (info) => {
+      queued = true;
+      showMessage(WORDS.line(info));
+    },
+    onReady: () => {
+      live = true;
+      showMessage("");
+    },
+    onText: appendTranscript,
+    onMicrophone: (pcm) => recording.addPerson(pcm),
+    onAudio: (pcm) => recording.addMoshi(pcm),
+    onError: (error) => console.warn("websocket conversation:", error),
+    onClose: (code, reason) =>
+      finish(WORDS.ending({ code, reason, byUser, queued: queued && !live, seconds: recording.seconds })),
+  });
+  page.socket = socket;
+  page.recording = recording;
+  page.conversation = {
+    socket,
+    recording,
+    stop: () => {
+      byUser = true;
+      return socket.stop();
+    },
+  };
+  try {
+    await socket.start();
+  } catch (error) {
+    console.error("the websocket conversation could not start:", error);
+    finish(WORDS.ending({ code: 1011, reason: `could not start: ${error?.message ?? error}` }));
+  }
+}
+
+// ## Watching WebRTC
+
+let talkPressedAt = null; // Talk went to FastRTC; its connection is not made yet
+const TALK_STARTS_MS = 10_000; // FastRTC makes its connection well within this of the click
+let primedContext = null; // an AudioContext made during that click, for a fallback later
+
+function onPeerConnection(pc) {
+  if (MODE === "websocket") return;
+  const attempt = new WebRTCAttempt(pc, { timeoutMs: TIMEOUT_MS, abandonUrl: CONFIG.abandon });
+  const record = { state: "connecting", times: attempt.times, fellBack: false };
+  page.attempts.push(record);
+  page.attempt = attempt;
+  talkPressedAt = null;
+  setStatus("connecting");
+  const settle = () => {
+    record.state = attempt.state;
+    if (page.attempt === attempt && !["connecting", "connected"].includes(attempt.state)) page.attempt = null;
+  };
+  attempt.onConnected = () => {
+    settle();
+    page.transport = "webrtc";
+    setStatus("webrtc");
+    closePrimedContext();
+  };
+  attempt.onEnded = () => {
+    settle();
+    if (page.transport === "webrtc" && page.why === "webrtc") setStatus("webrtcEnded");
+    if (page.why === "connecting") setStatus("cancelled");
+    closePrimedContext();
+  };
+  const giveUp = (why) => {
+    if (MODE === "auto" && CAN_FALL_BACK) {
+      attempt.abandon();
+      record.fellBack = true;
+      page.fallbacks++;
+      page.webrtcFailed = true;
+      settle();
+      const context = primedContext;
+      primedContext = null;
+      talkOverWebsocket(why, context);
+    } else {
+      settle();
+      setStatus(why === "failed" ? "webrtcFailedNoFallback" : CAN_FALL_BACK ? "stillTrying" : "stillTryingNoFallback");
+      if (why === "failed") closePrimedContext();
+    }
+  };
+  attempt.onTimeout = () => giveUp("timeout");
+  attempt.onFailed = (event) => {
+    // FastRTC would show "Connection failed!" for a failure the page recovers from.
+    if (MODE === "auto" && CAN_FALL_BACK && event.type === "connectionstatechange") event.stopImmediatePropagation();
+    giveUp("failed");
+  };
+}
+
+function closePrimedContext() {
+  primedContext?.close().catch(() => {});
+  primedContext = null;
+}
+
+/** An AudioContext made while the click is still being handled, which browsers let play. */
+function primeContext() {
+  closePrimedContext();
+  try {
+    primedContext = new AudioContext({ sampleRate: SAMPLE_RATE, latencyHint: "interactive" });
+  } catch (error) {
+    console.warn("no AudioContext for a fallback:", error);
+  }
+  return primedContext;
+}
+
+// ## The Talk button
+
+function swallow(event) {
+  event.preventDefault();
+  event.stopImmediatePropagation();
+}
+
+/** Every click on FastRTC's Talk button comes here first (a capturing listener on window). */
+function onClick(event) {
+  const button = event.target instanceof Element ? event.target.closest(TALK) : null;
+  if (!button) return;
+  if (page.conversation) {
+    swallow(event); // (the button is hidden meanwhile) a second conversation would start
+    page.conversation.stop();
+    return;
+  }
+  const starting = talkPressedAt !== null && performance.now() - talkPressedAt < TALK_STARTS_MS;
+  if (page.attempt?.state === "connecting" || starting) {
+    // FastRTC's button reads "Connecting" now, and pressing it would start a second
+    // connection beside the first: cancel this one instead.
+    swallow(event);
+    page.attempt?.abandon();
+    talkPressedAt = null;
+    setStatus("cancelled");
+    closePrimedContext();
+    return;
+  }
+  if (page.attempt?.state === "connected") return; // FastRTC's Stop
+  const websocket = (why) => {
+    swallow(event);
+    if (!CAN_FALL_BACK) {
+      setStatus(why === "noWebrtc" ? "noWebrtcNoFallback" : "noWebsocket");
+      return;
+    }
+    talkOverWebsocket(why, primeContext());
+  };
+  if (MODE === "websocket") return websocket("forced");
+  if (!page.hasWebRTC) {
+    // FastRTC would fail without a word
+    if (MODE === "auto") return websocket("noWebrtc");
+    swallow(event);
+    return setStatus("noWebrtcForced");
+  }
+  if (MODE === "auto" && page.webrtcFailed && CAN_FALL_BACK) return websocket("failedBefore");
+  // FastRTC's turn: it makes its connection in a moment (onPeerConnection).
+  talkPressedAt = performance.now();
+  showMessage("");
+  removeRecording();
+  if (MODE === "auto" && CAN_FALL_BACK) primeContext();
+}
+
+window.addEventListener("click", onClick, true);
+watchPeerConnections(onPeerConnection);
+
+document.addEventListener("click", (event) => {
+  if (event.target instanceof Element && event.target.closest("#moshi-transport .moshi-transport-stop")) {
+    page.conversation?.stop();
+  }
+});
+
+// The status line's first words, once Gradio has rendered it.
+function initialStatus() {
+  if (MODE === "websocket") return "forcedWebsocket";
+  if (MODE === "webrtc") return page.hasWebRTC ? "forcedWebrtc" : "noWebrtcForced";
+  if (!page.hasWebRTC) return CAN_FALL_BACK ? "noWebrtc" : "noWebrtcNoFallback";
+  return CAN_FALL_BACK ? "auto" : "autoWebrtcOnly";
+}
+
+function showInitialStatus() {
+  if (!$("#moshi-transport .moshi-transport-status")) return false;
+  if (page.why === null) setStatus(initialStatus());
+  page.ready = true;
+  return true;
+}
+if (!showInitialStatus()) {
+  const observer = new MutationObserver(() => showInitialStatus() && observer.disconnect());
+  observer.observe(document.body, { childList: true, subtree: true });
+}

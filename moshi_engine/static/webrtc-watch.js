@@ -1,0 +1,142 @@
+// Watching FastRTC's WebRTC attempts from outside its component, and giving one up.
+//
+// FastRTC's audio component creates an RTCPeerConnection when the visitor presses Talk and
+// shows "Connecting" until its `connectionState` is "connected". Where no ICE candidate pair
+// can ever work (a strict NAT and no TURN server) Chromium stays "checking" forever and so
+// does the page. The component offers no hook, but it looks `RTCPeerConnection` up on
+// `window` each time, so a subclass installed there sees every connection it makes.
+
+/**
+ * Install a subclass of `window.RTCPeerConnection` that hands every new connection to
+ * `onCreate(pc)` (after the native constructor, before its creator adds any listener, so
+ * that listeners added in `onCreate` run first). Returns false when the browser has none.
+ */
+export function watchPeerConnections(onCreate) {
+  const Native = window.RTCPeerConnection;
+  if (typeof Native !== "function") return false;
+  window.RTCPeerConnection = class WatchedPeerConnection extends Native {
+    constructor(...args) {
+      super(...args);
+      try {
+        onCreate(this);
+      } catch (error) {
+        console.error("watching a peer connection failed:", error);
+      }
+    }
+  };
+  return true;
+}
+
+/** The ICE username fragment of a connection's offer (null before it has one). */
+export function offerUfrag(pc) {
+  const sdp = pc.localDescription?.sdp ?? "";
+  return sdp.match(/^a=ice-ufrag:(\S+)\r?$/m)?.[1] ?? null;
+}
+
+/**
+ * One WebRTC attempt of FastRTC's component, from creation to connected, failed or given up.
+ *
+ * Callbacks: `onConnected()`, `onFailed(event)` (ICE or the connection failed: the event is
+ * the connection's own, so a listener may stop FastRTC's from seeing it), `onTimeout()`
+ * (not connected `timeoutMs` after the server answered the offer, or after creation if no
+ * answer came), `onEnded()` (closed or disconnected, after it connected or by its creator).
+ * States: "connecting" -> "connected" | "failed" | "abandoned" | "ended".
+ */
+export class WebRTCAttempt {
+  constructor(pc, { timeoutMs = 5000, abandonUrl = null } = {}) {
+    this.pc = pc;
+    this.timeoutMs = timeoutMs;
+    this.abandonUrl = abandonUrl;
+    this.state = "connecting";
+    this.times = { created: performance.now(), answered: null, connected: null, ended: null };
+    this.onConnected = this.onFailed = this.onTimeout = this.onEnded = null;
+    this.timer = null;
+    this.abandonPosted = false;
+    const changed = (event) => this.#changed(event);
+    pc.addEventListener("connectionstatechange", changed);
+    pc.addEventListener("iceconnectionstatechange", changed);
+    // The clock restarts at the answer: fetching TURN credentials and the server's own ICE
+    // gathering happen before it, and do not say whether a path exists.
+    const setRemoteDescription = pc.setRemoteDescription.bind(pc);
+    pc.setRemoteDescription = (...args) => {
+      this.times.answered ??= performance.now();
+      if (this.state === "connecting") this.#arm();
+      if (this.state === "abandoned") this.#postAbandon(); // the server's side exists only now
+      return setRemoteDescription(...args);
+    };
+    // close() fires no state change; FastRTC closes the connection when a conversation ends.
+    const close = pc.close.bind(pc);
+    pc.close = () => {
+      close();
+      if (this.state === "connecting" || this.state === "connected") this.#ended();
+    };
+    this.#arm();
+  }
+
+  #arm() {
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => {
+      if (this.state === "connecting") this.onTimeout?.();
+    }, this.timeoutMs);
+  }
+
+  #changed(event) {
+    const pc = this.pc;
+    if (this.state === "connecting") {
+      if (pc.connectionState === "connected") {
+        clearTimeout(this.timer);
+        this.state = "connected";
+        this.times.connected = performance.now();
+        this.onConnected?.();
+      } else if (pc.connectionState === "failed" || pc.iceConnectionState === "failed") {
+        clearTimeout(this.timer);
+        this.state = "failed";
+        this.onFailed?.(event);
+      } else if (pc.connectionState === "closed" || pc.connectionState === "disconnected") {
+        this.#ended();
+      }
+    } else if (this.state === "connected" && ["closed", "disconnected", "failed"].includes(pc.connectionState)) {
+      this.#ended();
+    }
+  }
+
+  #ended() {
+    clearTimeout(this.timer);
+    this.state = "ended";
+    this.times.ended = performance.now();
+    this.onEnded?.();
+  }
+
+  /**
+   * Give up on this attempt: the server closes its side now (it never started a
+   * conversation, so it held no slot and no place in line, but it holds one of the page's
+   * WebRTC places for 30 s otherwise), and FastRTC's component goes back to "Talk" as it
+   * does for a lost connection, stopping its tracks and closing the connection, with no
+   * error shown. Its state listener is told "disconnected": the one ending it handles quietly.
+   */
+  abandon() {
+    if (this.state === "abandoned" || this.state === "ended") return;
+    clearTimeout(this.timer);
+    this.state = "abandoned";
+    this.times.ended = performance.now();
+    if (this.times.answered !== null) this.#postAbandon();
+    const pc = this.pc;
+    // Our own listener ignores it: this attempt is no longer "connecting".
+    Object.defineProperty(pc, "connectionState", { configurable: true, get: () => "disconnected" });
+    pc.dispatchEvent(new Event("connectionstatechange"));
+    // FastRTC closes it half a second after "disconnected"; in case a later version does not.
+    setTimeout(() => pc.close(), 1000);
+  }
+
+  #postAbandon() {
+    const ufrag = offerUfrag(this.pc);
+    if (this.abandonPosted || !this.abandonUrl || !ufrag) return;
+    this.abandonPosted = true;
+    fetch(this.abandonUrl, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ ufrag }),
+      keepalive: true, // also when the visitor leaves the page right away
+    }).catch((error) => console.warn("could not tell the server that WebRTC was given up:", error));
+  }
+}
