@@ -211,13 +211,13 @@ def test_remote_mode_page_carries_a_browser_conversation_to_a_second_server():
     moshi, moshi_url = start_app("--model", "tiny", "--device", "cpu")
     page_only = None
     try:
-        # private, as open_page expects: the page alone keeps its own token
+        # private: the page alone keeps its own token, and the browser opens it with it
         page_only, page_url = start_app("--remote", moshi_url.replace("http", "ws") + "/api/chat", "--token", TOKEN)
         with urllib.request.urlopen(page_url + "/status", timeout=10) as response:
             assert json.load(response)["mode"] == "remote"
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = open_page(browser, page_url)
+            page = open_page(browser, page_url, TOKEN)
             page.click(TALK_BUTTON)
             page.wait_for_function(
                 "() => document.querySelector('#moshi-transcript textarea').value.trim().length > 0", timeout=60_000
