@@ -19,9 +19,9 @@ from moshi_engine.timings import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAMES = 8
-SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "compare")
+SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "page", "compare")
 REPORT_HEADINGS = ("# Benchmarks", "## Runs", "## Targets", "## Frame budget", "## End to end over loopback",
-                   "## Idle session", "## Batched steps", "## Capacity", "## The door",
+                   "## Idle session", "## Batched steps", "## Capacity", "## The door", "## The page's two paths",
                    "## Side by side with moshi's reference server", "## GPU: the full-size architecture")
 
 
@@ -128,6 +128,15 @@ def test_the_door_times_refusals_and_hand_overs_and_counts_back_to_back_refusals
     assert door["refusal"]["n"] == door["hand_over"]["n"] == 30
     assert door["back_to_back_with_line"]["refused"] == 0  # the line hands a released slot over
     assert door["back_to_back_without_line"]["tries"] == 50
+
+
+def test_the_page_is_timed_over_webrtc_the_websocket_and_the_fallback(bench_run):
+    doc, _ = bench_run
+    paths = doc["sections"]["page"]["paths"]
+    assert list(paths) == ["webrtc", "websocket", "fallback"]
+    assert [paths[name]["transport"] for name in paths] == ["webrtc", "websocket", "websocket"]
+    for numbers in paths.values():
+        assert numbers["talk_to_first_audio_ms"] > 0 and numbers["drain_ms"]["p50"] > 0
 
 
 def test_compare_runs_ours_and_moshis_server_on_the_same_load(bench_run):

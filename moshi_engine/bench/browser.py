@@ -57,6 +57,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..audio import FRAME_SECONDS
+
 CHROMIUM = "/usr/bin/chromium"
 PAGE_PROBE = Path(__file__).resolve().with_name("page_probe.js")
 PAGE_PATHS = ("webrtc", "websocket", "fallback")
@@ -90,6 +92,8 @@ NO_WEBRTC_PATH = """(() => {
   };
 })();"""
 SAMPLE_PERIOD_S = 0.25
+MIN_PAGE_SECONDS = 4.0  # a page conversation in the benchmark: long enough for the steady window
+PAGE_PAUSES = 3  # drain probes per path in the benchmark
 CODECS = ("webcodecs", "wasm")
 
 log = logging.getLogger(__name__)
@@ -277,6 +281,24 @@ def _page_path(browser, page_base: str, path: str, seconds: float, pauses: int, 
         }
     finally:
         context.close()
+
+
+def missing_chromium() -> str | None:
+    """None if the browser the page is timed in is installed, else why not (for `skipped`)."""
+    return None if Path(CHROMIUM).exists() else f"no Chromium at {CHROMIUM}"
+
+
+def page_section(bench) -> dict:
+    """The benchmark's `page` section: the page's paths against our server with its page mounted,
+    one slot, each conversation as long as the run's streams (at least a few seconds)."""
+    from .serve import OURS
+
+    seconds = max(bench.config.frames * FRAME_SECONDS, MIN_PAGE_SECONDS)
+    server = bench.server(OURS, 1, page=True)
+    server.wait_idle()
+    paths = page_paths(server.url, seconds, PAGE_PAUSES, wait_idle=server.wait_idle)
+    bench.stop_server(OURS)
+    return {"seconds": seconds, "paths": paths}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,8 @@ def render_report(documents: list[dict], path: Path, plot_path: Path | None = No
     plot_link = Path(os.path.relpath(plot_path, path.parent)).as_posix()
     lines = _intro(documents, plot_link)
     for part in (_runs_table, _targets, tables.frame_budget_section, tables.end_to_end_section, tables.idle_section,
-                 tables.batch_section, tables.capacity_section, tables.door_section, tables.compare_section, _gpu):
+                 tables.batch_section, tables.capacity_section, tables.door_section, tables.page_section,
+                 tables.compare_section, _gpu):
         lines += part(documents)
     path.write_text("\n".join(lines).rstrip() + "\n")
     return plot_path

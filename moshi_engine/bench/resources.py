@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 WEB_STACK = ("fastapi", "uvicorn", "websockets")
 PAGE_STACK = ("gradio", "fastrtc", "aiortc", "httpx")
+BROWSER_STACK = ("playwright",)
 REFERENCE_STACK = ("aiohttp", "websockets")
 
 

@@ -19,14 +19,14 @@ import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from . import batch, capacity, door, sections
+from . import batch, browser, capacity, door, sections
 from .machine import describe_machine, load_average
-from .resources import PAGE_STACK, REFERENCE_STACK, WEB_STACK, Bench, BenchConfig, missing_packages
+from .resources import BROWSER_STACK, PAGE_STACK, REFERENCE_STACK, WEB_STACK, Bench, BenchConfig, missing_packages
 
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
-SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "compare")
+SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "page", "compare")
 
 
 def _attempt(name: str, measure: Callable[[], dict]) -> dict:
@@ -120,6 +120,12 @@ def run_benchmark(config: BenchConfig, chosen: tuple[str, ...] = SECTIONS,
                 results["door"] = {"skipped": no_web}
             else:
                 part("door", "the door", lambda: door.door(bench))
+        if "page" in results:
+            missing = no_web or missing_packages(PAGE_STACK + BROWSER_STACK) or browser.missing_chromium()
+            if missing:
+                results["page"] = {"skipped": missing}
+            else:
+                part("page", "the page's two paths", lambda: browser.page_section(bench))
         if "compare" in results:
             if no_reference:
                 results["compare"] = {"skipped": no_reference}

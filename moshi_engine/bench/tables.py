@@ -290,6 +290,35 @@ def door_section(documents: list[dict]) -> list[str]:
                                    "without a line", "hand-over to the next in line"], rows)
 
 
+def page_section(documents: list[dict]) -> list[str]:
+    lines = [
+        "## The page's two paths",
+        "",
+        "The voice chat page itself in Chromium (fake microphone, loopback, one slot), once per path:",
+        "**webrtc** (`?transport=webrtc`), **websocket** (`?transport=websocket`: Opus in the browser over",
+        "`/api/chat`), and **fallback** (an init script keeps every ICE candidate from the peer connection,",
+        "as a strict NAT without TURN would: the page gives WebRTC its wait, then switches to the websocket",
+        "by itself). *Talk to first audio*: from pressing Talk to Moshi's first audio in the page (WebRTC:",
+        "the first inbound audio with energy in `getStats()`; websocket: the first audio decoded). *Drain*:",
+        "the page stops feeding its microphone and times from the last input sent to the last answer",
+        "received: what was in flight (on WebRTC the input stops mid-frame, so it reads up to 60 ms short).",
+        "*Playback buffer*: WebRTC's jitter buffer, or the websocket player's median queue. *Lag* is drain",
+        "plus playback buffer, without the audio devices.",
+        "",
+    ]
+    rows = []
+    for index, doc in enumerate(documents):
+        result = measured(doc, "page")
+        if result is None:
+            rows.append([f"run {index + 1}", not_measured(doc, "page"), "", "", "", ""])
+            continue
+        for path, numbers in result["paths"].items():
+            rows.append([f"run {index + 1}", path, fmt_ms(numbers["talk_to_first_audio_ms"]),
+                         fmt_ms(numbers["drain_ms"]["p50"]), fmt_ms(numbers["playout_ms"]), fmt_ms(numbers["lag_ms"])])
+    return lines + markdown_table(["run", "path", "Talk to first audio ms", "drain p50 ms", "playback buffer ms",
+                                   "lag ms"], rows)
+
+
 def compare_section(documents: list[dict]) -> list[str]:
     lines = [
         "## Side by side with moshi's reference server",
