@@ -66,7 +66,7 @@ def websocket_url(url: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 
 
-def _with_query(url: str, query: str) -> str:
+def with_query(url: str, query: str) -> str:
     """`url` with `query` ("?a=1&b=2" or "") added to any query it already has (a token, say)."""
     if not query:
         return url
@@ -128,7 +128,7 @@ class RemoteSession(OutputIteration):
                if self.sampling is not None else {}),
             queue=1 if self.on_position is not None else None,
         )
-        self._ws = await connect(_with_query(self.url, query), open_timeout=self.open_timeout, max_size=None,
+        self._ws = await connect(with_query(self.url, query), open_timeout=self.open_timeout, max_size=None,
                                  compression=None)
         if self.protocol is Protocol.MOSHI:
             try:

@@ -344,15 +344,16 @@ def mount_ui(
 
     Also served: the page's scripts (`browser.mount_static`, under `path`), each
     browser's recordings, and a route where the page abandons a WebRTC attempt that
-    never connected. When `app` serves `/api/chat` (a local engine's `server.create_api`),
-    the page talks over it whenever WebRTC cannot connect.
+    never connected. When `app` serves `/api/chat` (a local engine's `server.create_api`, or
+    a page-only app's relay to its remote server), the page talks over it whenever WebRTC
+    cannot connect.
     """
     if (engine is None) == (remote is None):
         raise ValueError("give either a local engine or the URL of a remote Moshi server")
     base = path.rstrip("/")
     serves_chat = any(getattr(route, "path", None) == Protocol.MOSHI.path for route in app.routes)
     where = {
-        "chat_path": Protocol.MOSHI.path if engine is not None and serves_chat else None,
+        "chat_path": Protocol.MOSHI.path if serves_chat else None,
         "abandon_path": base + ABANDON_PATH,
         "static_path": base + STATIC_PATH,
     }

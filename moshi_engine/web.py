@@ -12,13 +12,15 @@ import logging
 import signal
 
 import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse
 
 from .access import TokenGate
 from .client import websocket_url
 from .conversation import SessionLimits
 from .engine import MoshiEngine, freeze_garbage_collector
+from .protocol import Protocol
+from .relay import relay
 from .server import RESTART_REASON, MoshiServer, create_api
 from .ui import mount_ui
 
@@ -76,6 +78,13 @@ def create_app(
         if poll_remote_status:
             body["remote_status"] = await remote_status()
         return JSONResponse(body)
+
+    if Protocol.from_url(remote) is Protocol.MOSHI:
+
+        @app.websocket(Protocol.MOSHI.path)
+        async def chat(ws: WebSocket) -> None:
+            """The page's websocket path (its fallback from WebRTC), carried to the remote server."""
+            await relay(ws, remote, connect_timeout_s)
 
     app.state.page = mount_ui(
         app,

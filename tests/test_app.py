@@ -206,6 +206,8 @@ def test_remote_mode_page_carries_a_browser_conversation_to_a_second_server():
     conversation to another `python app.py` over the Opus websocket."""
     from playwright.sync_api import sync_playwright
 
+    from moshi_engine.bench.browser import STOP_BUTTON
+
     from .test_browser import CHROMIUM, CHROMIUM_ARGS, INBOUND_AUDIO, TALK_BUTTON, TOKEN, open_page
 
     moshi, moshi_url = start_app("--model", "tiny", "--device", "cpu")
@@ -225,16 +227,31 @@ def test_remote_mode_page_carries_a_browser_conversation_to_a_second_server():
             page.wait_for_function(f"async () => ({INBOUND_AUDIO})().then(s => s.packets > 25)", timeout=30_000)
             assert moshi_status(moshi_url)["sessions"]["active"] == 1  # the second server holds the call
             page.click(TALK_BUTTON)  # stop
-            deadline = time.monotonic() + 15
-            while moshi_status(moshi_url)["sessions"]["active"] and time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_for_idle(moshi_url)
+            # the page's websocket path (its fallback from WebRTC), relayed to the second server
+            over_websocket = browser.new_page()  # a visitor of its own: the private link, forcing the websocket
+            over_websocket.goto(f"{page_url}/?token={TOKEN}&transport=websocket")
+            over_websocket.click("#moshi-webrtc button", timeout=30_000)  # "Click to Access Microphone"
+            over_websocket.click(TALK_BUTTON, timeout=30_000)
+            over_websocket.wait_for_function(
+                "() => document.querySelector('#moshi-transcript textarea').value.trim().length > 0", timeout=60_000
+            )
+            assert moshi_status(moshi_url)["sessions"]["active"] == 1
+            over_websocket.click(STOP_BUTTON)
+            wait_for_idle(moshi_url)
             browser.close()
         status = moshi_status(moshi_url)
-        assert status["sessions"]["active"] == 0 and status["connections_served"] >= 1
+        assert status["sessions"]["active"] == 0 and status["connections_served"] >= 2
     finally:
         if page_only is not None:
             stop_app(page_only)
         stop_app(moshi)
+
+
+def wait_for_idle(base: str) -> None:
+    deadline = time.monotonic() + 15
+    while moshi_status(base)["sessions"]["active"] and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def moshi_status(base: str) -> dict:

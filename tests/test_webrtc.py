@@ -249,3 +249,29 @@ async def test_remote_mode_says_moshi_is_busy_when_the_server_is(single_engine, 
 async def test_the_page_asks_for_no_ice_servers_on_loopback(single_engine):
     async with page_server(single_engine, host="127.0.0.1") as (page, http):
         assert await call_component(http, page, "turn", {}) == {}
+
+
+async def test_a_page_in_front_of_a_remote_moshi_relays_its_websocket_path_there(single_engine, hello_pcm,
+                                                                                monkeypatch):
+    from websockets.asyncio.client import connect
+
+    from moshi_engine.client import exchange
+    from moshi_engine.protocol import HANDSHAKE, CloseCode
+    from moshi_engine.web import create_app
+
+    async with serving(create_api(single_engine)) as moshi_url:
+        page_app = create_app(remote=moshi_url.replace("http://", "ws://") + "/api/chat", poll_remote_status=False)
+        async with serving(page_app) as page_url:
+            chat = page_url.replace("http://", "ws://") + "/api/chat"
+            result = await exchange(chat + "?seed=3", hello_pcm[:SAMPLE_RATE], realtime=False)
+            assert result.close_code == CloseCode.NORMAL and result.pcm.size > 0 and result.texts
+            await until(lambda: single_engine.active == 0, timeout=10)
+
+            holder = await connect(chat)  # the remote's only slot, held through the page
+            assert await holder.recv() == HANDSHAKE and single_engine.active == 1
+            monkeypatch.setattr(single_engine.line, "places", 0)
+            refused = await connect(chat)
+            await asyncio.wait_for(refused.wait_closed(), 10)  # the remote's refusal, passed through
+            assert refused.close_code == CloseCode.TRY_AGAIN_LATER and "waiting line is full" in refused.close_reason
+            await holder.close()
+            await until(lambda: single_engine.active == 0, timeout=10)
