@@ -90,3 +90,12 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
 def fmt_p(numbers: dict) -> str:
     """"p50 X, p95 Y ms" of a `summarize` result."""
     return f"p50 {fmt_ms(numbers['p50_ms'])}, p95 {fmt_ms(numbers['p95_ms'])} ms"
+
+
+def kept_up(capacity_result: dict) -> int:
+    """The most conversations of a capacity run whose every frame was answered with no growing
+    delay, whatever their p95 (0 where levels are judged otherwise, as over WebRTC)."""
+    bound = capacity_result["criterion"].get("drift_bound_ms", 0.0)
+    return max((level["sessions"] for level in capacity_result["levels"]
+                if level.get("answered") is not None and level["answered"] == level["expected"]
+                and level["drift_ms"] <= bound), default=0)

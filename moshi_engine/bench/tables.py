@@ -14,6 +14,7 @@ from .documents import (
     fmt_p,
     fmt_ratio,
     fmt_signed,
+    kept_up,
     markdown_table,
     measured,
     not_measured,
@@ -238,6 +239,9 @@ def _capacity_table(result: dict) -> list[str]:
     criterion = ", ".join(f"{key} {value:g}" for key, value in result["criterion"].items())
     lines = [f"**{transport}: {result['capacity']} concurrent conversation(s)** kept in real time{ceiling} "
              f"({criterion}).", ""]
+    if kept_up(result) > result["capacity"]:
+        lines[-2] += (f" Up to {kept_up(result)} the server keeps up (every frame answered, no growing delay);"
+                      " past the capacity it is the p95 bound that fails.")
     rows = []
     for level in result["levels"]:
         verdict = "yes" if level["keeps_real_time"] else "no: " + "; ".join(level["failures"])
