@@ -194,12 +194,7 @@ class _Waiting:
 
     async def _drop_input(self) -> None:
         while True:
-            message = await self.ws.receive()
-            if message["type"] == "websocket.disconnect":
-                raise _ClientGone
-            if message.get("text") is not None:
-                raise ProtocolError(CloseCode.UNSUPPORTED_DATA, "text frames are not part of the protocol; send Opus")
-            client_audio(self.protocol, message.get("bytes") or b"")  # checked, then dropped
+            await _receive_ogg(self.ws, self.protocol)  # checked, then dropped
 
     async def _send_positions(self) -> None:
         while True:
@@ -256,12 +251,7 @@ class _Connection:
 
     async def _receive(self) -> None:
         while True:
-            message = await self.ws.receive()
-            if message["type"] == "websocket.disconnect":
-                raise _ClientGone
-            if message.get("text") is not None:
-                raise ProtocolError(CloseCode.UNSUPPORTED_DATA, "text frames are not part of the protocol; send Opus")
-            ogg = client_audio(self.protocol, message.get("bytes") or b"")
+            ogg = await _receive_ogg(self.ws, self.protocol)
             if not ogg:
                 continue
             started = time.perf_counter()
@@ -302,6 +292,17 @@ class _Connection:
 
     async def _send(self, data: bytes) -> None:
         await _send(self.ws, data)
+
+
+async def _receive_ogg(ws: WebSocket, protocol: Protocol) -> bytes:
+    """The Ogg Opus bytes of the client's next message (possibly empty); _ClientGone when it has
+    hung up, ProtocolError when the message breaks the protocol."""
+    message = await ws.receive()
+    if message["type"] == "websocket.disconnect":
+        raise _ClientGone
+    if message.get("text") is not None:
+        raise ProtocolError(CloseCode.UNSUPPORTED_DATA, "text frames are not part of the protocol; send Opus")
+    return client_audio(protocol, message.get("bytes") or b"")
 
 
 async def _send(ws: WebSocket, data: bytes) -> None:
