@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,17 @@ def single_engine():
     engine = load_engine("tiny", device=DEVICE, sessions=1)
     yield engine
     engine.close()
+
+
+async def until(condition, timeout: float = 10.0) -> float:
+    """Wait until condition() holds, looking every 10 ms; returns how long that took. The
+    timeouts are generous bounds on a machine's slowness, never measurements."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
 
 
 async def converse(session: MoshiSession, pcm: np.ndarray, chunk: int = 1920) -> tuple[np.ndarray, list[str]]:

@@ -19,6 +19,7 @@ from moshi_engine.line import DEFAULT_CONVERSATION_S, LinePosition, WaitingLine
 from moshi_engine.protocol import HANDSHAKE, KIND_AUDIO, KIND_METADATA, CloseCode
 from moshi_engine.server import create_api
 
+from .conftest import until
 from .live import serve_asgi
 
 
@@ -36,13 +37,6 @@ def nobody_left(single_engine):
 
 def chat_url(base: str, query: str = "") -> str:
     return websocket_url(base + "/api/chat") + query
-
-
-async def until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def next_message(ws) -> bytes:

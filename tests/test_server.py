@@ -24,7 +24,7 @@ from moshi_engine.engine import load_engine
 from moshi_engine.protocol import HANDSHAKE, MAX_MESSAGE_BYTES, CloseCode, Protocol
 from moshi_engine.server import create_api
 
-from .conftest import DEVICE
+from .conftest import DEVICE, until
 from .live import serve_asgi
 
 PROTOCOLS = [Protocol.QUILLMAN, Protocol.MOSHI]
@@ -61,16 +61,6 @@ def ws_url(base: str, protocol: Protocol, query: str = "") -> str:
 def ogg_frames(pcm: np.ndarray) -> list[bytes]:
     encoder = OpusEncoder()
     return [encoder.encode(pcm[i : i + FRAME_SIZE]) for i in range(0, pcm.size - FRAME_SIZE + 1, FRAME_SIZE)]
-
-
-async def until(condition, timeout: float = 5.0) -> float:
-    """Waits until condition() holds; returns how long that took."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
 
 
 async def open_chat(base: str, protocol: Protocol, query: str = ""):

@@ -4,7 +4,6 @@ disturbing each other, in process and over /api/chat."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from moshi_engine.protocol import HANDSHAKE, CloseCode
 from moshi_engine.server import create_api
 from moshi_engine.session import MoshiSession
 
-from .conftest import DEVICE
+from .conftest import DEVICE, until
 from .live import serve_asgi
 
 SLOTS = 4
@@ -33,13 +32,6 @@ def engine():
     engine = load_engine("tiny", device=DEVICE, sessions=SLOTS)
     yield engine
     engine.close()
-
-
-async def until(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 class Talker:

@@ -27,7 +27,7 @@ from moshi_engine.endings import Ending, ending_message, line_message  # noqa: E
 from moshi_engine.server import create_api  # noqa: E402
 from moshi_engine.ui import MoshiPage, mount_ui  # noqa: E402
 
-from .conftest import HELLO_WAV  # noqa: E402
+from .conftest import HELLO_WAV, until  # noqa: E402
 
 PAGE_INPUTS = [0.8, 250, 0.7, 25, 42]  # audio temp, audio top-k, text temp, text top-k, seed
 
@@ -116,12 +116,6 @@ class Peer:
         await self.pc.close()
         if self._reader is not None:
             self._reader.cancel()
-
-
-async def until(condition, timeout: float) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.05)
 
 
 async def test_a_webrtc_peer_speaks_and_hears_moshi_and_closing_releases_the_slot(single_engine):
