@@ -52,6 +52,20 @@ def single_engine():
     engine.close()
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium, launched by playwright with a fake microphone playing hello.wav, for the
+    tests of one module."""
+    from playwright.sync_api import sync_playwright
+
+    from moshi_engine.bench.browser import CHROMIUM, chromium_args
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=chromium_args())
+        yield chromium
+        chromium.close()
+
+
 async def until(condition, timeout: float = 10.0) -> float:
     """Wait until condition() holds, looking every 10 ms; returns how long that took. The
     timeouts are generous bounds on a machine's slowness, never measurements."""

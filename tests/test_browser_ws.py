@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 from fastapi import FastAPI, WebSocket
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Page
 
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE, rms
-from moshi_engine.bench.browser import CHROMIUM, HIDE_WEBCODECS, chromium_args, demo_url
+from moshi_engine.bench.browser import HIDE_WEBCODECS, demo_url
 from moshi_engine.browser import STATIC_PATH, mount_static
 from moshi_engine.codec import OpusDecoder
 from moshi_engine.protocol import CloseCode
@@ -62,14 +62,6 @@ class Conversation:
 
 
 @pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=chromium_args())
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture(scope="module")
 def served(tiny_engine):
     app = create_api(tiny_engine)
     mount_static(app)
@@ -83,6 +75,16 @@ def new_page(browser, url: str, foreign: list[str], *scripts: str) -> Page:
         page.add_init_script(script)
     page.on("request", lambda r: None if r.url.startswith((url, "data:", "blob:")) else foreign.append(r.url))
     return page
+
+
+def on_demo_page(browser, url: str, script: str):
+    """Run `script` (a JS function of the static files' base path) on the harness page, alone."""
+    page = new_page(browser, url, [])
+    try:
+        page.goto(url + STATIC_PATH + "/ws-demo.html")
+        return page.evaluate(script, STATIC_PATH)
+    finally:
+        page.context.close()
 
 
 def wait_until(condition, timeout_s: float = 15.0) -> None:
@@ -245,13 +247,7 @@ OGG_ROUND_TRIP = """async (base) => {
 
 
 def test_ogg_pages_round_trip_packets_of_any_size_and_reject_a_corrupt_page(browser, served):
-    url, _ = served
-    page = new_page(browser, url, [])
-    try:
-        page.goto(url + STATIC_PATH + "/ws-demo.html")
-        result = page.evaluate(OGG_ROUND_TRIP, STATIC_PATH)
-    finally:
-        page.context.close()
+    result = on_demo_page(browser, served[0], OGG_ROUND_TRIP)
     assert result["same"] and result["head"]
     assert result["sequences"] == list(range(len(result["sequences"])))
     # 20 ms packets (960 at 48 kHz; the empty one counts none), four to an 80 ms page
@@ -275,13 +271,7 @@ PLAYER_FLOOD = """async (base) => {
 
 
 def test_the_player_drops_the_oldest_audio_when_fed_faster_than_real_time(browser, served):
-    url, _ = served
-    page = new_page(browser, url, [])
-    try:
-        page.goto(url + STATIC_PATH + "/ws-demo.html")
-        result = page.evaluate(PLAYER_FLOOD, STATIC_PATH)
-    finally:
-        page.context.close()
+    result = on_demo_page(browser, served[0], PLAYER_FLOOD)
     stats, rendered = result["queued"], np.array(result["rendered"], dtype=np.float32)
     assert stats["samplesReceived"] == 25 * 1920
     assert stats["maxQueuedSamples"] <= 7200  # never more than 300 ms queued
@@ -319,13 +309,7 @@ PLAYER_CATCH_UP = """async (base) => {
 
 
 def test_the_player_trims_a_backlog_it_does_not_need_back_to_its_slack(browser, served):
-    url, _ = served
-    page = new_page(browser, url, [])
-    try:
-        page.goto(url + STATIC_PATH + "/ws-demo.html")
-        snapshots = page.evaluate(PLAYER_CATCH_UP, STATIC_PATH)
-    finally:
-        page.context.close()
+    snapshots = on_demo_page(browser, served[0], PLAYER_CATCH_UP)
     queued_ms = [snapshot["queuedSamples"] / 24 for snapshot in snapshots]
     last = snapshots[-1]
     assert len(snapshots) == 49
@@ -352,13 +336,7 @@ MICROPHONE_AT_48K = """async (base) => {
 
 
 def test_the_microphone_comes_as_24_khz_frames_of_80_ms_from_a_context_at_another_rate(browser, served):
-    url, _ = served
-    page = new_page(browser, url, [])
-    try:
-        page.goto(url + STATIC_PATH + "/ws-demo.html")
-        result = page.evaluate(MICROPHONE_AT_48K, STATIC_PATH)
-    finally:
-        page.context.close()
+    result = on_demo_page(browser, served[0], MICROPHONE_AT_48K)
     assert result["lengths"] == [FRAME_SIZE]
     # 12.5 frames per second of the context's clock: 48 kHz in, 24 kHz out
     assert abs(result["count"] - result["elapsed"] * 12.5) <= 2

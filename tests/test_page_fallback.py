@@ -24,11 +24,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from playwright.sync_api import Page, sync_playwright  # noqa: E402
+from playwright.sync_api import Page  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
 from moshi_engine.audio import SAMPLE_RATE, rms, write_wav  # noqa: E402
-from moshi_engine.bench.browser import CHROMIUM, NO_WEBRTC_PATH, chromium_args  # noqa: E402
+from moshi_engine.bench.browser import NO_WEBRTC_PATH  # noqa: E402
 from moshi_engine.conversation import SessionLimits  # noqa: E402
 from moshi_engine.endings import LEFT_LINE_MESSAGE, Ending, duration_words, ending_message, line_message  # noqa: E402
 from moshi_engine.engine import load_engine  # noqa: E402
@@ -89,14 +89,6 @@ def served():
             yield url, app, engine
     finally:
         engine.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=chromium_args())
-        yield chromium
-        chromium.close()
 
 
 def visit(browser, url: str, query: str = "", *, webrtc: bool = True, talk: bool = True,
