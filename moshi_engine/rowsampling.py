@@ -21,19 +21,10 @@ candidates weigh nothing (LMGen's "probs / exponential noise, argmax").
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from moshi.models import LMGen, LMModel
 
 from .conversation import Sampling
-
-
-class _RowSettings(NamedTuple):
-    temp: float
-    top_k: int  # at most the audio card
-    temp_text: float
-    top_k_text: int  # at most the text card
 
 
 def sample_rows(logits: torch.Tensor, temp: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -67,12 +58,14 @@ class RowSamplingLMGen(LMGen):
         self.batch_size = batch_size
         self.row_temp = torch.zeros(batch_size, device=device)
         self.row_temp_text = torch.zeros(batch_size, device=device)
-        # What draw_noise() reads, kept in Python so that it never waits on the device.
-        self.row_settings = [_RowSettings(0.0, lm_model.card, 0.0, lm_model.text_card)] * batch_size
         self.generators = [torch.Generator(device) for _ in range(batch_size)]
         inf = float("inf")
         self.text_noise = torch.full((batch_size, lm_model.text_card), inf, device=device)
         self.audio_noise = torch.full((batch_size, lm_model.dep_q, lm_model.card), inf, device=device)
+        # Per row, the views of the noise buffers that draw_noise() fills, in LMGen's order
+        # (made once per conversation: a step then costs one call per view, and never waits
+        # on the device).
+        self.noise_views: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
 
     def configure_row(self, row: int, sampling: Sampling) -> None:
         """A new conversation on `row`: its sampling settings, and its generator seeded with
@@ -80,12 +73,13 @@ class RowSamplingLMGen(LMGen):
         lm = self.lm_model
         self.row_temp[row] = float(sampling.temp)
         self.row_temp_text[row] = float(sampling.temp_text)
-        self.row_settings[row] = _RowSettings(
-            float(sampling.temp), min(sampling.top_k, lm.card), float(sampling.temp_text),
-            min(sampling.top_k_text, lm.text_card),
-        )
         self.text_noise[row] = float("inf")
         self.audio_noise[row] = float("inf")
+        top_k, top_k_text = min(sampling.top_k, lm.card), min(sampling.top_k_text, lm.text_card)
+        views = [self.text_noise[row, :top_k_text]] if sampling.temp_text > 0 else []
+        if sampling.temp > 0:
+            views += [self.audio_noise[row, codebook, :top_k] for codebook in range(lm.dep_q)]
+        self.noise_views[row] = views
         generator = self.generators[row]
         if sampling.seed is None:
             generator.seed()
@@ -96,13 +90,9 @@ class RowSamplingLMGen(LMGen):
         """The exponential noise of this step for `rows`, in LMGen's order: text, then each
         audio codebook. Greedy rows (temperature 0) draw nothing, as in LMGen."""
         for row in rows:
-            settings = self.row_settings[row]
             generator = self.generators[row]
-            if settings.temp_text > 0:
-                self.text_noise[row, : settings.top_k_text].exponential_(1, generator=generator)
-            if settings.temp > 0:
-                for codebook in range(self.lm_model.dep_q):
-                    self.audio_noise[row, codebook, : settings.top_k].exponential_(1, generator=generator)
+            for noise in self.noise_views[row]:
+                noise.exponential_(1, generator=generator)
 
     def _sample_text(self, text_logits: torch.Tensor) -> None:
         """LMGen's text-logits hook, [B, 1, 1, text_card]: sample each row, then leave only
