@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import sentencepiece
 import torch
 from moshi.models import LMGen, LMModel, MimiModel
 
@@ -189,25 +190,24 @@ def choose_sessions(requested: int | str, device: torch.device, mimi: MimiModel,
     return explicit_sessions(requested)
 
 
-def load_engine(
-    model: str = DEFAULT_MODEL,
-    device: str = "auto",
-    sessions: int | str = AUTO,
-    warmup_frames: int = WARMUP_FRAMES,
-    gather_ms: float = 0.0,
-    queue: int = QUEUE_PLACES,
-    queue_timeout_s: float = QUEUE_TIMEOUT_S,
-) -> MoshiEngine:
-    """Load a checkpoint (HF repo id, checkpoint directory or `tiny`) as a warm engine with
-    `sessions` conversation slots (or "auto", see `choose_sessions`).
+@dataclass(frozen=True)
+class Weights:
+    """A loaded checkpoint: Mimi, the LM and the tokenizer on their device, which successive
+    engines can serve in turn (one at a time: close one before loading the next)."""
 
-    bf16 on CUDA, float32 on CPU. One copy of the weights: the slots are the batch
-    rows of one Mimi and one LMGen, all warmed up (and on CUDA graphed) before this
-    returns. `gather_ms` is the stepping policy (`model.BatchedMoshi`); `queue` places wait
-    at most `queue_timeout_s` each for a slot (`line.WaitingLine`). Process-wide
-    torch settings follow the device: torch.compile's stance, and on CPU a single
-    intra-op thread for small models.
-    """
+    model: str
+    device: torch.device
+    dtype: torch.dtype
+    mimi: MimiModel
+    lm: LMModel
+    tokenizer: sentencepiece.SentencePieceProcessor
+    lm_gen_config: dict
+    parameters: int
+
+
+def load_weights(model: str = DEFAULT_MODEL, device: str = "auto") -> Weights:
+    """Load a checkpoint (HF repo id, checkpoint directory or `tiny`): bf16 on CUDA, float32
+    on CPU, with the process-wide torch settings for that device (see `configure_torch`)."""
     torch_device = pick_device(device)
     dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
     checkpoint = resolve_checkpoint(model)
@@ -219,19 +219,46 @@ def load_engine(
     tokenizer = checkpoint.get_text_tokenizer()
     log.info("loaded %s on %s (%s) in %.1f s", model, torch_device, dtype, time.perf_counter() - started)
     parameters = configure_torch(torch_device, lm, mimi)
-    slots = choose_sessions(sessions, torch_device, mimi, lm, parameters)
+    return Weights(model, torch_device, dtype, mimi, lm, tokenizer, dict(checkpoint.lm_gen_config), parameters)
 
-    lm_gen_config = dict(checkpoint.lm_gen_config)
-    default_sampling = Sampling.from_config(lm_gen_config)
-    lm_gen_kwargs = {k: v for k, v in lm_gen_config.items() if not hasattr(default_sampling, k)}
-    batched = BatchedMoshi(mimi, lm, tokenizer, slots, StageTimings(), lm_gen_kwargs, gather_ms)
-    batched.warmup(warmup_frames)
+
+def load_engine(
+    model: str = DEFAULT_MODEL,
+    device: str = "auto",
+    sessions: int | str = AUTO,
+    warmup_frames: int = WARMUP_FRAMES,
+    gather_ms: float = 0.0,
+    queue: int = QUEUE_PLACES,
+    queue_timeout_s: float = QUEUE_TIMEOUT_S,
+    weights: Weights | None = None,
+) -> MoshiEngine:
+    """A warm engine with `sessions` conversation slots (or "auto", see `choose_sessions`) over
+    `weights`, or over the checkpoint `model` loaded on `device` (see `load_weights`).
+
+    One copy of the weights: the slots are the batch rows of one Mimi and one LMGen, all
+    warmed up (and on CUDA graphed) before this returns. `gather_ms` is the stepping policy
+    (`model.BatchedMoshi`); `queue` places wait at most `queue_timeout_s` each for a slot
+    (`line.WaitingLine`).
+    """
+    started = time.perf_counter()
+    if weights is None:
+        weights = load_weights(model, device)
+    slots = choose_sessions(sessions, weights.device, weights.mimi, weights.lm, weights.parameters)
+    default_sampling = Sampling.from_config(weights.lm_gen_config)
+    lm_gen_kwargs = {k: v for k, v in weights.lm_gen_config.items() if not hasattr(default_sampling, k)}
+    batched = BatchedMoshi(weights.mimi, weights.lm, weights.tokenizer, slots, StageTimings(), lm_gen_kwargs,
+                           gather_ms)
+    try:
+        batched.warmup(warmup_frames)
+    except BaseException:
+        batched.close()  # the weights stay usable by another engine
+        raise
     log.info("%d conversation slot(s) warm after %.1f s", slots, time.perf_counter() - started)
     freeze_garbage_collector()
     info = EngineInfo(
-        model=model,
-        device=str(torch_device),
-        dtype=str(dtype).removeprefix("torch."),
-        parameters=parameters,
+        model=weights.model,
+        device=str(weights.device),
+        dtype=str(weights.dtype).removeprefix("torch."),
+        parameters=weights.parameters,
     )
     return MoshiEngine(info, batched, default_sampling, queue, queue_timeout_s)

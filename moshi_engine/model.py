@@ -19,6 +19,7 @@ same whoever is in it, so waiting to gather more rows would only add latency.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -112,8 +113,14 @@ class BatchedMoshi:
         self._cond = threading.Condition()
         self._closing = False
         # All N rows exist from the start: CUDA graphs are captured for this batch shape.
-        self.mimi.streaming_forever(slots)
-        self.lm_gen.streaming_forever(slots)
+        # The modules stream until close(), which frees the rows for the next engine.
+        self._streaming = contextlib.ExitStack()
+        try:
+            self._streaming.enter_context(self.mimi.streaming(slots))
+            self._streaming.enter_context(self.lm_gen.streaming(slots))
+        except BaseException:  # out of memory, say: leave the modules as they were
+            self._streaming.close()
+            raise
         self._thread = threading.Thread(target=self._run, name="moshi-step", daemon=True)
         self._thread.start()
 
@@ -176,10 +183,13 @@ class BatchedMoshi:
         return future.result()
 
     def close(self) -> None:
+        """Stop stepping and end the modules' streaming: another BatchedMoshi may then serve
+        the same Mimi and LM. Leases still held get no more outputs."""
         with self._cond:
             self._closing = True
             self._cond.notify()
         self._thread.join()
+        self._streaming.close()
 
     # ## The stepping thread
 

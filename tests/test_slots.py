@@ -14,7 +14,8 @@ from moshi_engine.capacity import AUTO, CapacityError, fit_sessions
 from moshi_engine.client import exchange, websocket_url
 from moshi_engine.codec import OpusEncoder
 from moshi_engine.conversation import AudioOut, Sampling, TextOut
-from moshi_engine.engine import load_engine
+from moshi_engine.engine import load_engine, load_weights
+from moshi_engine.model import BatchedMoshi
 from moshi_engine.protocol import HANDSHAKE, CloseCode
 from moshi_engine.server import create_api
 from moshi_engine.session import MoshiSession
@@ -141,6 +142,35 @@ async def test_slots_are_leased_lowest_first_and_every_one_is_a_row_of_the_same_
     # one Mimi and one LM, each streaming with a batch of SLOTS rows
     assert engine.model.lm_gen._streaming_state.batch_size == SLOTS
     assert engine.model.mimi._streaming_state.batch_size == SLOTS
+
+
+async def test_engines_in_turn_over_one_loaded_checkpoint_each_start_fresh(engine, hello_pcm, music_pcm,
+                                                                           monkeypatch):
+    pcm = hello_pcm[:SAMPLE_RATE]
+    reference = await alone(engine, SEEDED, pcm)  # the module's engine, on weights of its own
+    weights = load_weights("tiny", device=DEVICE)
+    first = load_engine(sessions=2, weights=weights, warmup_frames=1)
+    talking = Talker(first.open_session(Sampling(seed=4)), music_pcm)
+    for _ in range(5):
+        await talking.say()
+    first.close()  # mid-conversation
+
+    def out_of_memory(self, frames):
+        raise RuntimeError("CUDA out of memory (as if)")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(BatchedMoshi, "warmup", out_of_memory)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            load_engine(sessions=3, weights=weights)
+    second = load_engine(sessions=SLOTS, weights=weights)
+    try:
+        assert second.model.mimi is weights.mimi and second.model.lm_gen.lm_model is weights.lm
+        again = await alone(second, SEEDED, pcm)
+    finally:
+        second.close()
+    assert len(again.audio) == len(reference.audio)
+    assert all(np.array_equal(a, b) for a, b in zip(again.audio, reference.audio, strict=True))
+    assert again.texts == reference.texts
 
 
 async def test_concurrent_conversations_over_api_chat_all_get_their_audio_and_text(engine, hello_pcm, music_pcm):

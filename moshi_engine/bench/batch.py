@@ -47,15 +47,13 @@ def _time_steps(model, frames: list[np.ndarray], stepped: list[int]) -> list[flo
 def step_times(bench: Bench) -> dict:
     """Step time of a B-slot engine stepping all its rows, and one row, for each B."""
     from ..audio import read_wav
-    from ..engine import load_engine
 
     config = bench.config
     speech = np.concatenate([read_wav(SPEECH_DIR / name) for name in SPEECH_FILES])
     rows = []
     for batch in (b for b in STEP_BATCHES if b <= config.max_sessions):
-        bench.release_engine()
         try:
-            engine = load_engine(config.model, device=config.device, sessions=batch)
+            engine = bench.load_engine(batch)
         except Exception as error:  # a batch that does not fit ends the series, with the reason
             rows.append({"batch": batch, "error": f"{type(error).__name__}: {str(error).splitlines()[-1]}"})
             break
@@ -73,15 +71,12 @@ def step_times(bench: Bench) -> dict:
 
 def policy(bench: Bench) -> dict:
     """k = 1, N/2, N real-time conversations on an N-slot engine, for each stepping policy."""
-    from ..engine import load_engine
-
     config = bench.config
     slots = config.batch_slots
     levels = sorted({1, max(1, slots // 2), slots})
     results = []
     for gather_ms in POLICIES_MS:
-        bench.release_engine()
-        engine = load_engine(config.model, device=config.device, sessions=slots, gather_ms=gather_ms)
+        engine = bench.load_engine(slots, gather_ms=gather_ms)
         try:
             for conversations in levels:
                 results.append({"gather_ms": gather_ms, "conversations": conversations,

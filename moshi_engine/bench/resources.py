@@ -110,6 +110,7 @@ class Bench:
         self.config = config
         self._pages: list[bytes] | None = None
         self._engine = None
+        self._weights = None
         self._servers: dict[str, tuple[contextlib.ExitStack, ServerProcess]] = {}
         self._runs: dict[tuple, StreamRun] = {}
         self.engine_info: dict | None = None  # model, device, dtype, parameters, once one loaded
@@ -121,26 +122,42 @@ class Bench:
             self._pages = speech_pages(self.config.frames)
         return self._pages
 
-    def engine(self, sessions: int = 1):
-        """An engine in this process with `sessions` conversation slots (reloaded if it has other)."""
-        if self._engine is not None and self._engine.capacity != sessions:
-            self.release_engine()
-        if self._engine is None:
-            from ..engine import load_engine
+    @property
+    def weights(self):
+        """The checkpoint loaded once in this process, for every in-process engine of the run
+        (a full-size model takes as long to load as a capacity level takes to run)."""
+        if self._weights is None:
+            from ..engine import load_weights
 
             self.stop_servers()  # their models would share the device's memory with this one
-            started = time.perf_counter()
-            self._engine = load_engine(self.config.model, device=self.config.device, sessions=sessions)
-            self.engine_info = dataclasses.asdict(self._engine.info)
-            log.info("engine with %d slot(s) ready in %.1f s", sessions, time.perf_counter() - started)
+            self._weights = load_weights(self.config.model, self.config.device)
+        return self._weights
+
+    def load_engine(self, sessions: int, **options):
+        """A new in-process engine with `sessions` slots over `weights`; the caller closes it."""
+        from ..engine import load_engine
+
+        self.release_engine()  # the weights serve one engine at a time
+        started = time.perf_counter()
+        engine = load_engine(sessions=sessions, weights=self.weights, **options)
+        self.engine_info = dataclasses.asdict(engine.info)
+        log.info("engine with %d slot(s) ready in %.1f s", sessions, time.perf_counter() - started)
+        return engine
+
+    def engine(self, sessions: int = 1):
+        """An engine in this process with `sessions` conversation slots (rebuilt if it has other)."""
+        if self._engine is None or self._engine.capacity != sessions:
+            self._engine = self.load_engine(sessions)
         return self._engine
 
-    def release_engine(self) -> None:
-        """Close the in-process engine and give its (GPU) memory back."""
+    def release_engine(self, weights: bool = False) -> None:
+        """Close the in-process engine (and with `weights`, drop the weights too) and give
+        their (GPU) memory back."""
         engine, self._engine = self._engine, None
-        if engine is None:
-            return
-        engine.close()
+        if engine is not None:
+            engine.close()
+        if weights:
+            self._weights = None
         del engine
         gc.collect()
         import torch
@@ -159,7 +176,7 @@ class Bench:
             held = None
         if held is None:
             if kind != ECHO:
-                self.release_engine()
+                self.release_engine(weights=True)
             stack = contextlib.ExitStack()
             process = stack.enter_context(server_process(kind, self.config.model, self.config.device, sessions, page))
             held = self._servers[kind] = (stack, process)
@@ -185,7 +202,7 @@ class Bench:
 
     def close(self) -> None:
         self.stop_servers()
-        self.release_engine()
+        self.release_engine(weights=True)
 
 
 __all__ = ["ECHO", "OURS", "REFERENCE", "Bench", "BenchConfig", "cpu_counters", "cpu_usage", "missing_packages"]
