@@ -8,6 +8,7 @@ import resource
 
 import numpy as np
 import pytest
+import torch
 from websockets.asyncio.client import connect
 
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE
@@ -16,7 +17,7 @@ from moshi_engine.client import exchange, websocket_url
 from moshi_engine.codec import OpusEncoder
 from moshi_engine.conversation import AudioOut, Sampling, TextOut
 from moshi_engine.engine import load_engine, load_weights
-from moshi_engine.model import BatchedMoshi
+from moshi_engine.model import BatchedMoshi, _ExpELU
 from moshi_engine.protocol import HANDSHAKE, CloseCode
 from moshi_engine.server import create_api
 from moshi_engine.session import MoshiSession
@@ -172,6 +173,14 @@ async def test_engines_in_turn_over_one_loaded_checkpoint_each_start_fresh(engin
     assert len(again.audio) == len(reference.audio)
     assert all(np.array_equal(a, b) for a, b in zip(again.audio, reference.audio, strict=True))
     assert again.texts == reference.texts
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_mimis_cpu_elu_is_elu_and_leaves_its_input_alone(alpha):
+    x = torch.linspace(-30, 30, 100_001).reshape(1, 1, -1)
+    before = x.clone()
+    torch.testing.assert_close(_ExpELU(alpha)(x), torch.nn.functional.elu(x, alpha), atol=1e-7, rtol=1e-6)
+    assert torch.equal(x, before)
 
 
 def test_warm_cpu_steps_reuse_the_memory_they_free_instead_of_faulting_it_in_again(hello_pcm):
