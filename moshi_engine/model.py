@@ -364,7 +364,7 @@ class _ExpELU(torch.nn.Module):
     portable kernel is about four times slower than this), and Mimi's SEANet applies ELU at the
     waveform's rate to every row. Measured in a 16-row step on an AMD EPYC (interleaved runs):
     34.8 ms against torch's 34.8 ms with AVX-512 kernels, 31.0 against 34.1 with AVX2 ones. Two
-    allocations and four in-place passes: an allocation of a megabyte costs as much as a pass.
+    allocations and five passes (six before): an allocation of a megabyte costs as much as a pass.
     exp(x) - 1 differs from expm1(x) by float32 rounding near 0, which an activation followed
     by convolutions does not notice.
     """
