@@ -48,14 +48,20 @@ def place(message: bytes) -> dict:
     return json.loads(message[1:])["queue"]
 
 
+async def take_the_only_slot(server: str):
+    """A connection holding the engine's one slot (its handshake received)."""
+    holder = await connect(chat_url(server))
+    assert await next_message(holder) == HANDSHAKE
+    return holder
+
+
 async def close_of(ws) -> tuple[int, str]:
     await asyncio.wait_for(ws.wait_closed(), 10)
     return ws.close_code, ws.close_reason
 
 
 async def test_conversations_are_served_in_the_order_they_came_and_hear_their_place(server, single_engine):
-    holder = await connect(chat_url(server))
-    assert await next_message(holder) == HANDSHAKE
+    holder = await take_the_only_slot(server)
     line = []
     for index in range(3):
         ws = await connect(chat_url(server, "?queue=1"))
@@ -79,8 +85,7 @@ async def test_conversations_are_served_in_the_order_they_came_and_hear_their_pl
 
 
 async def test_each_place_is_announced_as_the_line_grows_and_moves(server, single_engine):
-    holder = await connect(chat_url(server))
-    assert await next_message(holder) == HANDSHAKE
+    holder = await take_the_only_slot(server)
     first = await connect(chat_url(server, "?queue=1"))
     first_place = place(await next_message(first))
     assert first_place["position"] == first_place["waiting"] == 1 and first_place["eta_s"] >= 0
@@ -100,8 +105,7 @@ async def test_each_place_is_announced_as_the_line_grows_and_moves(server, singl
 
 async def test_a_full_line_refuses_the_newcomer_at_once_with_1013(server, single_engine, monkeypatch):
     monkeypatch.setattr(single_engine.line, "places", 1)
-    holder = await connect(chat_url(server))
-    assert await next_message(holder) == HANDSHAKE
+    holder = await take_the_only_slot(server)
     waiting = await connect(chat_url(server))
     await until(lambda: single_engine.line.waiting == 1)
     started = time.monotonic()
@@ -116,8 +120,7 @@ async def test_a_full_line_refuses_the_newcomer_at_once_with_1013(server, single
 
 async def test_a_wait_longer_than_the_timeout_ends_with_1013_and_a_reason(server, single_engine, monkeypatch):
     monkeypatch.setattr(single_engine.line, "timeout_s", 0.5)
-    holder = await connect(chat_url(server))
-    assert await next_message(holder) == HANDSHAKE
+    holder = await take_the_only_slot(server)
     waiting = await connect(chat_url(server))
     code, reason = await close_of(waiting)
     assert code == CloseCode.TRY_AGAIN_LATER and "no conversation slot freed up in 0.5 s" in reason
@@ -126,8 +129,7 @@ async def test_a_wait_longer_than_the_timeout_ends_with_1013_and_a_reason(server
 
 
 async def test_audio_sent_while_waiting_is_dropped_so_the_conversation_starts_fresh(server, single_engine, hello_pcm):
-    holder = await connect(chat_url(server))
-    assert await next_message(holder) == HANDSHAKE
+    holder = await take_the_only_slot(server)
     ws = await connect(websocket_url(server + "/ws") + "?queue=1")  # QuiLLMan's protocol: no handshake
     assert place(await next_message(ws))["position"] == 1
     encoder = OpusEncoder()
@@ -165,8 +167,7 @@ async def test_fifty_back_to_back_reconnects_are_never_refused(server, single_en
 
 
 async def test_the_client_waits_in_line_and_hears_its_place(server, single_engine, hello_pcm):
-    holder = await connect(chat_url(server))
-    assert await next_message(holder) == HANDSHAKE
+    holder = await take_the_only_slot(server)
     places = []
     talking = asyncio.create_task(exchange(chat_url(server), hello_pcm[:SAMPLE_RATE], realtime=False,
                                            on_position=places.append))
