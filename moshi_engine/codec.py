@@ -9,7 +9,7 @@ without end.
 The encoder is libopus through PyAV, which encodes without holding the GIL;
 sphn's writer holds it, for about 1.2 ms of every 80 ms frame. A server encodes
 every conversation's answer on its event loop while the model's stepping thread
-needs the interpreter too: at 16 conversations sphn's encoding was a quarter of
+needs the interpreter too: at 12 conversations sphn's encoding was a quarter of
 the server's interpreter time (py-spy), taken from the steps. Decoding stays
 with sphn (0.1 ms a frame).
 """
