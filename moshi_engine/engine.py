@@ -181,14 +181,16 @@ def keep_freed_memory() -> bool:
     activations at the waveform's rate, for every row). By default glibc serves the larger
     ones with fresh mappings or trims its heaps once they are freed, and every step faults
     the same pages in again: 100 to 2,500 page faults a step at 16 slots here, and steps up
-    to a third slower. Below a 64 MiB mapping threshold and a 128 MiB trim threshold the
+    to a third slower. Below a 32 MiB mapping threshold and a 128 MiB trim threshold the
     memory stays with the process and is reused (a handful of faults a step).
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 64 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 128 << 20))
+    # 32 MiB is the largest mapping threshold every 64-bit glibc accepts.
+    kept = [mallopt(option, value) for option, value in ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 128 << 20))]
+    return all(kept)
 
 
 def slot_bytes(mimi: MimiModel, lm: LMModel) -> int:
