@@ -134,7 +134,7 @@ class WaitingLine(Generic[T]):
         began = self._started.pop(id(conversation), None)
         if began is not None:
             self._durations.append(time.monotonic() - began)
-        while self._waiters:
+        while self._waiters and self._closed_reason is None:
             waiter = self._waiters[0]
             if waiter.future.done():  # timed out or cancelled, not yet out of the line
                 self._waiters.popleft()
@@ -149,12 +149,11 @@ class WaitingLine(Generic[T]):
             return
 
     def close(self, reason: Exception) -> None:
-        """Stop admitting: every waiter and every later caller gets `reason` raised."""
+        """Stop admitting: every waiter and every later caller gets `reason` raised. Callable
+        from any thread (the model's process may die while its server's loop is busy)."""
         self._closed_reason = reason
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.future.done():
-                waiter.future.set_exception(reason)
+        for waiter in list(self._waiters):
+            waiter.future.get_loop().call_soon_threadsafe(_fail, waiter.future, reason)
 
     # ## Telling waiters where they stand
 
@@ -175,3 +174,8 @@ class WaitingLine(Generic[T]):
         rounds, index = divmod(position - 1, max(self.capacity, 1))
         first_free = remaining[index] if index < len(remaining) else 0.0
         return LinePosition(position, len(self._waiters), first_free + rounds * typical)
+
+
+def _fail(future: asyncio.Future, reason: Exception) -> None:
+    if not future.done():
+        future.set_exception(reason)

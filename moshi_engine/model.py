@@ -51,6 +51,8 @@ class StepOutput:
 
 
 Delivery = Callable[[StepOutput | BaseException], None]
+# What the stepping thread hands on after each step: every stepped row's lease and its output.
+Sink = Callable[[list[tuple["Lease", StepOutput | BaseException]]], None]
 
 
 @dataclass(eq=False)
@@ -59,14 +61,16 @@ class Lease:
 
     `deliver` is called on `loop` (the loop that submits its frames), once per frame
     the conversation submitted, with that frame's StepOutput, or with the exception if
-    its step failed.
+    its step failed. `ident` names the conversation across a process boundary
+    (`modelprocess`).
     """
 
     slot: int
     sampling: Sampling
-    deliver: Delivery
+    deliver: Delivery | None
     loop: asyncio.AbstractEventLoop | None = None
     released: bool = False
+    ident: int = 0
 
 
 @dataclass(eq=False)
@@ -83,6 +87,8 @@ class BatchedMoshi:
     `gather_ms` > 0 makes a step wait up to that long after its first frame arrived for
     the other conversations' frames (fewer, fuller steps: less compute, more latency);
     0, the default, steps as soon as any frame is ready (see the module's docstring).
+    `sink` receives each step's outputs on the stepping thread; by default each goes to
+    its lease's `deliver` on the lease's event loop (`deliver_to_loops`).
     """
 
     def __init__(
@@ -105,6 +111,7 @@ class BatchedMoshi:
         self.tokenizer = tokenizer
         self.timings = timings
         self.gather_s = gather_ms / 1000.0
+        self.sink: Sink = deliver_to_loops
         self.rows_per_step: deque[int] = deque(maxlen=500)
         self._skip_ids = {lm.text_padding_token_id, lm.end_of_text_padding_id}
         self._warned_vocabulary = False
@@ -135,30 +142,33 @@ class BatchedMoshi:
 
     # ## Leases: called from the event loop
 
-    def lease(self, sampling: Sampling, deliver: Delivery) -> Lease:
-        """The lowest free slot for a conversation sampling with `sampling` (BusyError if none).
-        Its row is reset, and configured for `sampling`, before its first frame is stepped.
-        Thread-safe."""
+    def lease(self, sampling: Sampling, deliver: Delivery | None, slot: int | None = None, ident: int = 0) -> Lease:
+        """The lowest free slot (or slot `slot`) for a conversation sampling with `sampling`
+        (BusyError if none). Its row is reset, and configured for `sampling`, before its first
+        frame is stepped. Thread-safe."""
         with self._cond:
             if self._closing:
                 raise BusyError("Moshi is shutting down")
-            for index, slot in enumerate(self._slots):
-                if slot.lease is None:
-                    slot.lease = Lease(index, sampling, deliver)
-                    slot.needs_reset = True
-                    return slot.lease
-        raise BusyError(f"all {self.capacity} conversation slots are taken")
+            for index in range(self.capacity) if slot is None else [slot]:
+                chosen = self._slots[index]
+                if chosen.lease is None:
+                    chosen.lease = Lease(index, sampling, deliver, ident=ident)
+                    chosen.needs_reset = True
+                    return chosen.lease
+        raise BusyError(f"all {self.capacity} conversation slots are taken" if slot is None
+                        else f"slot {slot} is taken")
 
-    def submit(self, lease: Lease, frame: np.ndarray) -> None:
+    def submit(self, lease: Lease, frame: np.ndarray, arrived: float | None = None) -> None:
         """Queue one FRAME_SIZE pcm frame of `lease`'s conversation for stepping; call it
-        from the event loop that is to receive the outputs."""
-        if lease.loop is None:
+        from the event loop that is to receive the outputs (with the default sink).
+        `arrived`: when the frame was whole (time.perf_counter(), default now)."""
+        if lease.loop is None and self.sink is deliver_to_loops:
             lease.loop = asyncio.get_running_loop()
         with self._cond:
             slot = self._slots[lease.slot]
             if slot.lease is not lease:
                 raise SessionClosed("session is closed")
-            slot.frames.append((frame, time.perf_counter()))
+            slot.frames.append((frame, time.perf_counter() if arrived is None else arrived))
             self._cond.notify()
 
     def release(self, lease: Lease) -> None:
@@ -174,7 +184,7 @@ class BatchedMoshi:
                 self._cond.notify()
 
     def run(self, fn: Callable, *args):
-        """Run fn(*args) on the stepping thread between steps and wait for its result
+        """Run fn(self, *args) on the stepping thread between steps and wait for its result
         (set-up code, warm-up, tests)."""
         future: Future = Future()
         with self._cond:
@@ -210,7 +220,7 @@ class BatchedMoshi:
                 batch = self._take_frames()
             for fn, args, future in jobs:
                 try:
-                    future.set_result(fn(*args))
+                    future.set_result(fn(self, *args))
                 except BaseException as error:  # noqa: B036 - handed to the waiting caller
                     future.set_exception(error)
             try:
@@ -311,15 +321,10 @@ class BatchedMoshi:
         ]
 
     def _deliver(self, batch: list[tuple[Lease, np.ndarray, float]], outputs: list) -> None:
-        """Hand each output to its conversation's event loop: one wake-up per loop and step."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for (lease, _, _), out in zip(batch, outputs, strict=True):
-            by_loop.setdefault(lease.loop, []).append((lease, out))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver_all, items)
-            except RuntimeError:  # that loop is closed: its conversations are gone
-                pass
+        try:
+            self.sink([(lease, out) for (lease, _, _), out in zip(batch, outputs, strict=True)])
+        except Exception:
+            log.exception("handing on a step's outputs failed")
 
     def _detokenize(self, token: int) -> str | None:
         if token in self._skip_ids:
@@ -343,7 +348,7 @@ class BatchedMoshi:
         """Step every row through frames of silence so that lazy init, kernels and CUDA
         graphs happen now, not in a user's first seconds; then reset every row."""
 
-        def warm() -> None:
+        def warm(_: BatchedMoshi) -> None:
             rows = list(range(self.capacity))
             self._reset_rows([(row, Sampling()) for row in rows])
             silence = np.zeros(FRAME_SIZE, dtype=np.float32)
@@ -386,6 +391,19 @@ def _use_exp_elu(module: torch.nn.Module) -> None:
         for name, child in parent.named_children():
             if isinstance(child, torch.nn.ELU) and not child.inplace:
                 setattr(parent, name, _ExpELU(child.alpha))
+
+
+def deliver_to_loops(items: list[tuple[Lease, StepOutput | BaseException]]) -> None:
+    """Hand each output to its lease's `deliver` on the lease's event loop: one wake-up per
+    loop and step (callable from any thread)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for lease, out in items:
+        by_loop.setdefault(lease.loop, []).append((lease, out))
+    for loop, loop_items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver_all, loop_items)
+        except RuntimeError:  # that loop is closed: its conversations are gone
+            pass
 
 
 def _deliver_all(items: list[tuple[Lease, StepOutput | BaseException]]) -> None:

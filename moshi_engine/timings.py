@@ -26,10 +26,20 @@ class StageTimings:
     def __init__(self, window: int = 500) -> None:
         self._lock = threading.Lock()
         self._samples: dict[str, deque[float]] = {name: deque(maxlen=window) for name in SERIES}
+        self._journal: list[tuple[str, float]] | None = None
 
     def record(self, stage: str, seconds: float) -> None:
         with self._lock:
             self._samples[stage].append(seconds)
+            if self._journal is not None:
+                self._journal.append((stage, seconds))
+
+    def take_journal(self) -> list[tuple[str, float]]:
+        """Every (stage, seconds) recorded since the last call (the first call starts the
+        journal), for another process's copy of these timings."""
+        with self._lock:
+            journal, self._journal = self._journal or [], []
+        return journal
 
     def samples_ms(self, stage: str) -> np.ndarray:
         with self._lock:

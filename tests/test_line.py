@@ -35,6 +35,10 @@ def nobody_left(single_engine):
     assert single_engine.line.waiting == 0
 
 
+def _nothing(model) -> None:
+    return None
+
+
 def chat_url(base: str, query: str = "") -> str:
     return websocket_url(base + "/api/chat") + query
 
@@ -147,7 +151,7 @@ async def test_audio_sent_while_waiting_is_dropped_so_the_conversation_starts_fr
         if message[0] == KIND_AUDIO:
             answers.append(message)
     await asyncio.sleep(0.3)
-    assert single_engine.model.run(lambda: None) is None  # the stepping thread is idle: all stepped
+    assert single_engine.model.run(_nothing) is None  # the stepping thread is idle: all stepped
     with pytest.raises(TimeoutError):  # nothing else: the 10 frames sent in line were never stepped
         while True:
             message = await asyncio.wait_for(ws.recv(), 0.5)

@@ -208,7 +208,7 @@ def test_warm_cpu_steps_reuse_the_memory_they_free_instead_of_faulting_it_in_aga
     engine = load_engine("tiny", device="cpu", sessions=16, warmup_frames=1)
     rows = [(row, hello_pcm[row * FRAME_SIZE : (row + 1) * FRAME_SIZE], 0.0) for row in range(16)]
 
-    def page_faults_per_step() -> float:
+    def page_faults_per_step(_) -> float:
         """Of this (the stepping) thread, per step: the median of five windows of ten warm steps,
         so that a one-off burst elsewhere in the process does not count."""
         for _ in range(20):

@@ -59,8 +59,8 @@ def step_times(bench: Bench) -> dict:
             break
         try:
             frames = [speech[(i * FRAME_SIZE) % (speech.size - FRAME_SIZE):][:FRAME_SIZE] for i in range(batch)]
-            every_row = engine.model.run(_time_steps, engine.model, frames, list(range(batch)))
-            one_row = engine.model.run(_time_steps, engine.model, frames, [0])
+            every_row = engine.model.run(_time_steps, frames, list(range(batch)))
+            one_row = engine.model.run(_time_steps, frames, [0])
         finally:
             engine.close()
         rows.append({"batch": batch, "all_rows": summarize(every_row), "one_row": summarize(one_row)})
