@@ -272,6 +272,9 @@ def parse_args(argv=None):
                         help="conversations at once (slots of one batched Moshi), or 'auto': as many as fit "
                              "the GPU's free memory (up to 32); on a CPU 8 for the tiny model, else 1. "
                              "With --remote: sessions the page holds on the server")
+    parser.add_argument("--in-process", action="store_true",
+                        help="step the model in a thread of this process, not in a process of its own "
+                             "(slower under load: the web server's Python then competes with the step's)")
     parser.add_argument("--host", default="0.0.0.0" if on_space else "127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
@@ -316,7 +319,7 @@ def main(argv=None) -> int:
                         "to try the page", args.model)
         try:
             engine = load_engine(args.model, device=args.device, sessions=args.sessions, queue=args.queue,
-                                 queue_timeout_s=args.queue_timeout)
+                                 queue_timeout_s=args.queue_timeout, model_process=not args.in_process)
         except (ModelUnavailableError, CapacityError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -28,9 +28,10 @@ from moshi.models import LMGen, LMModel, MimiModel
 
 from .capacity import AUTO, AUTO_CPU_SESSIONS, explicit_sessions, fit_sessions
 from .checkpoint import DEFAULT_MODEL, ModelUnavailableError, resolve_checkpoint
-from .conversation import Sampling
+from .conversation import BusyError, Sampling
 from .line import QUEUE_PLACES, QUEUE_TIMEOUT_S, LinePosition, WaitingLine
 from .model import BatchedMoshi
+from .modelprocess import ModelProcess
 from .session import MAX_OUTPUT_FRAMES, MAX_PENDING_FRAMES, MoshiSession
 from .timings import STEP, STEP_WAIT, StageTimings
 
@@ -54,7 +55,7 @@ class EngineInfo:
 class MoshiEngine:
     """One loaded Moshi with N conversation slots (batch rows), leased one per session."""
 
-    def __init__(self, info: EngineInfo, model: BatchedMoshi, default_sampling: Sampling,
+    def __init__(self, info: EngineInfo, model: BatchedMoshi | ModelProcess, default_sampling: Sampling,
                  queue: int = QUEUE_PLACES, queue_timeout_s: float = QUEUE_TIMEOUT_S) -> None:
         self.info = info
         self.model = model
@@ -63,6 +64,8 @@ class MoshiEngine:
         self.started_at = time.time()
         self.line: WaitingLine[MoshiSession] = WaitingLine(queue, queue_timeout_s, model.capacity,
                                                            give_back=MoshiSession.release)
+        if isinstance(model, ModelProcess):
+            model.on_stop = lambda reason: self.line.close(BusyError(reason))
 
     @property
     def capacity(self) -> int:
@@ -251,24 +254,16 @@ def load_weights(model: str = DEFAULT_MODEL, device: str = "auto") -> Weights:
     return Weights(model, torch_device, dtype, mimi, lm, tokenizer, dict(checkpoint.lm_gen_config), parameters)
 
 
-def load_engine(
+def load_slots(
     model: str = DEFAULT_MODEL,
     device: str = "auto",
     sessions: int | str = AUTO,
     warmup_frames: int = WARMUP_FRAMES,
     gather_ms: float = 0.0,
-    queue: int = QUEUE_PLACES,
-    queue_timeout_s: float = QUEUE_TIMEOUT_S,
     weights: Weights | None = None,
-) -> MoshiEngine:
-    """A warm engine with `sessions` conversation slots (or "auto", see `choose_sessions`) over
-    `weights`, or over the checkpoint `model` loaded on `device` (see `load_weights`).
-
-    One copy of the weights: the slots are the batch rows of one Mimi and one LMGen, all
-    warmed up (and on CUDA graphed) before this returns. `gather_ms` is the stepping policy
-    (`model.BatchedMoshi`); `queue` places wait at most `queue_timeout_s` each for a slot
-    (`line.WaitingLine`).
-    """
+) -> tuple[BatchedMoshi, EngineInfo, Sampling]:
+    """Warm batched slots over `weights` (or over the checkpoint `model` loaded on `device`),
+    what they serve, and the checkpoint's default sampling; see `load_engine`."""
     started = time.perf_counter()
     if weights is None:
         weights = load_weights(model, device)
@@ -283,11 +278,40 @@ def load_engine(
         batched.close()  # the weights stay usable by another engine
         raise
     log.info("%d conversation slot(s) warm after %.1f s", slots, time.perf_counter() - started)
-    freeze_garbage_collector()
     info = EngineInfo(
         model=weights.model,
         device=str(weights.device),
         dtype=str(weights.dtype).removeprefix("torch."),
         parameters=weights.parameters,
     )
-    return MoshiEngine(info, batched, default_sampling, queue, queue_timeout_s)
+    return batched, info, default_sampling
+
+
+def load_engine(
+    model: str = DEFAULT_MODEL,
+    device: str = "auto",
+    sessions: int | str = AUTO,
+    warmup_frames: int = WARMUP_FRAMES,
+    gather_ms: float = 0.0,
+    queue: int = QUEUE_PLACES,
+    queue_timeout_s: float = QUEUE_TIMEOUT_S,
+    weights: Weights | None = None,
+    model_process: bool = True,
+) -> MoshiEngine:
+    """A warm engine with `sessions` conversation slots (or "auto", see `choose_sessions`) over
+    `weights`, or over the checkpoint `model` loaded on `device` (see `load_weights`).
+
+    One copy of the weights: the slots are the batch rows of one Mimi and one LMGen, all
+    warmed up (and on CUDA graphed) before this returns. With `model_process` (the default,
+    unless `weights` are given: those live in this process) they are loaded and stepped in a
+    process of their own (`modelprocess`), else by a thread of this one. `gather_ms` is the
+    stepping policy (`model.BatchedMoshi`); `queue` places wait at most `queue_timeout_s`
+    each for a slot (`line.WaitingLine`).
+    """
+    if model_process and weights is None:
+        slots = ModelProcess.start(model, device, sessions, warmup_frames, gather_ms)
+        info, default_sampling = slots.info, slots.default_sampling
+    else:
+        slots, info, default_sampling = load_slots(model, device, sessions, warmup_frames, gather_ms, weights)
+    freeze_garbage_collector()
+    return MoshiEngine(info, slots, default_sampling, queue, queue_timeout_s)

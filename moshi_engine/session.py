@@ -32,6 +32,7 @@ from .conversation import (
     TextOut,
 )
 from .model import BatchedMoshi, StepOutput
+from .modelprocess import ModelProcess
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class MoshiSession(OutputIteration):
 
     def __init__(
         self,
-        model: BatchedMoshi,
+        model: BatchedMoshi | ModelProcess,
         sampling: Sampling,
         max_pending_frames: int = MAX_PENDING_FRAMES,
         max_output_frames: int = MAX_OUTPUT_FRAMES,

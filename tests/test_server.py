@@ -224,7 +224,7 @@ async def test_session_and_idle_limits_close_with_their_codes_and_reasons(tiny_e
 
 
 async def test_a_model_failure_closes_with_1011_and_the_slot_serves_the_next_session(hello_pcm, monkeypatch):
-    engine = load_engine("tiny", device=DEVICE, sessions=1, warmup_frames=1)
+    engine = load_engine("tiny", device=DEVICE, sessions=1, warmup_frames=1, model_process=False)
     real_step = engine.model._step
     calls = 0
 

@@ -34,7 +34,7 @@ SEEDED = Sampling(temp=0.9, top_k=50, temp_text=0.8, top_k_text=20, seed=77)
 
 @pytest.fixture(scope="module")
 def engine():
-    engine = load_engine("tiny", device=DEVICE, sessions=SLOTS)
+    engine = load_engine("tiny", device=DEVICE, sessions=SLOTS, model_process=False)
     yield engine
     engine.close()
 
@@ -205,7 +205,7 @@ def test_memory_kept_by_malloc_is_reused_without_faulting_its_pages_in_again():
 
 
 def test_warm_cpu_steps_reuse_the_memory_they_free_instead_of_faulting_it_in_again(hello_pcm):
-    engine = load_engine("tiny", device="cpu", sessions=16, warmup_frames=1)
+    engine = load_engine("tiny", device="cpu", sessions=16, warmup_frames=1, model_process=False)
     rows = [(row, hello_pcm[row * FRAME_SIZE : (row + 1) * FRAME_SIZE], 0.0) for row in range(16)]
 
     def page_faults_per_step(_) -> float:

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="capacity: ... and its median latency grows by at most this over the run")
     parser.add_argument("--compare-rounds", type=int, default=defaults.compare_rounds,
                         help="ours against moshi's server: rounds of both, alternating which goes first")
+    parser.add_argument("--in-process", action="store_true",
+                        help="our server steps its model in a thread of its own process, not in a process of "
+                             "its own (to compare the two)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--report", type=Path, help="write the markdown report here (its plot beside it)")
     parser.add_argument("--plot", type=Path, help="the plot's path (default: benchmarks.png beside the report)")
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         config = BenchConfig(
             model=args.model, device=args.device, frames=args.frames, transport=args.transport,
             max_sessions=args.max_sessions, batch_slots=args.batch_slots, idle_s=args.idle_seconds,
-            compare_rounds=args.compare_rounds,
+            compare_rounds=args.compare_rounds, in_process=args.in_process,
             criterion=RealTimeCriterion(args.p95_bound_ms, args.drift_bound_ms),
         )
 

@@ -117,6 +117,9 @@ def _runs_table(documents: list[dict]) -> list[str]:
         row("software", lambda d: f"Python {d['machine']['python']}, torch {d['machine']['torch']} "
             f"({d['machine']['torch_threads']} threads), moshi {d['machine']['moshi']}"),
         row("model", model),
+        # Runs before the model process had only the thread (and no such key).
+        row("our server steps its model", lambda d: "in a thread of its process"
+            if d["config"].get("in_process", True) else "in a process of its own"),
         row("frames per stream", lambda d: f"{d['config']['frames']} ({d['config']['frames'] * FRAME_MS / 1000:g} s)"),
         row("sections", lambda d: ", ".join(d["config"]["sections"])),
         row("started (UTC)", lambda d: d["started"]),

@@ -55,6 +55,7 @@ class BenchConfig:
     idle_s: float = 3.0  # each idle CPU window
     tail_s: float = 2.0  # how long a client waits for the next answer before giving up
     compare_rounds: int = 4  # ours against moshi's server: alternating rounds (small machines are noisy)
+    in_process: bool = False  # our server steps its model in a thread of its own process (to compare)
     criterion: RealTimeCriterion = field(default_factory=RealTimeCriterion)
 
     def capacity_transports(self) -> tuple[str, ...]:
@@ -68,7 +69,8 @@ class BenchConfig:
 
 
 def cpu_counters(pid: int | None = None) -> tuple[float, float, int | None]:
-    """(wall s, CPU s of all the process's threads, context switches of all its threads).
+    """(wall s, CPU s of all the threads of the process and of its children (our server's
+    model process), context switches of all those threads).
 
     On Linux both come from /proc/PID/task/*: schedstat's run time in nanoseconds
     (psutil's CPU times tick in 10 ms, too coarse for an idle process over a few
@@ -79,18 +81,24 @@ def cpu_counters(pid: int | None = None) -> tuple[float, float, int | None]:
     """
     import psutil
 
-    process = psutil.Process(pid)
-    tasks = Path(f"/proc/{process.pid}/task")
-    if not (tasks / str(process.pid) / "schedstat").is_file():
-        times = process.cpu_times()
-        return time.perf_counter(), times.user + times.system, None
+    root = psutil.Process(pid)
+    processes = [root, *root.children(recursive=True)] if pid is not None else [root]
+    if not Path(f"/proc/{root.pid}/task/{root.pid}/schedstat").is_file():
+        cpu = 0.0
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                cpu += times.user + times.system
+        return time.perf_counter(), cpu, None
     run_ns = switches = 0
-    for task in tasks.iterdir():
-        with contextlib.suppress(OSError, ValueError):  # a thread may end while we read
-            run_ns += int((task / "schedstat").read_text().split()[0])
-            for line in (task / "status").read_text().splitlines():
-                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                    switches += int(line.split()[1])
+    for process in processes:
+        with contextlib.suppress(OSError):  # a child may end while we read
+            for task in Path(f"/proc/{process.pid}/task").iterdir():
+                with contextlib.suppress(OSError, ValueError):  # a thread may end while we read
+                    run_ns += int((task / "schedstat").read_text().split()[0])
+                    for line in (task / "status").read_text().splitlines():
+                        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                            switches += int(line.split()[1])
     return time.perf_counter(), run_ns / 1e9, switches
 
 
@@ -178,7 +186,8 @@ class Bench:
             if kind != ECHO:
                 self.release_engine(weights=True)
             stack = contextlib.ExitStack()
-            process = stack.enter_context(server_process(kind, self.config.model, self.config.device, sessions, page))
+            process = stack.enter_context(server_process(kind, self.config.model, self.config.device, sessions, page,
+                                                         model_process=not self.config.in_process))
             held = self._servers[kind] = (stack, process)
             if kind == OURS:
                 self.engine_info = process.engine_info

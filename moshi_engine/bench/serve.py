@@ -182,11 +182,12 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def server_process(kind: str, model: str, device: str, sessions: int = 1, page: bool = False,
-                   queue: int | None = None, start_timeout_s: float = 900.0):
+                   queue: int | None = None, start_timeout_s: float = 900.0, model_process: bool = True):
     """Run our API (`kind="ours"`, `sessions` conversation slots, and the page with its WebRTC
     route when `page`), moshi's reference server (`kind="reference"`, one conversation at a
     time by design) over `model`, or `echo_app` (`kind="echo"`, no model) in a child process.
-    `queue` sets our waiting line's places (None: the engine's default).
+    `queue` sets our waiting line's places (None: the engine's default); `model_process=False`
+    steps our model in a thread of the server's process instead of a process of its own.
 
     Yields a ServerProcess once the model is loaded, warm and listening on loopback;
     stops the child on exit. The child's stdout goes to /dev/null: moshi's server
@@ -197,7 +198,7 @@ def server_process(kind: str, model: str, device: str, sessions: int = 1, page: 
     process = context.Process(
         target=_serve_in_child,
         # the child's routine INFO lines (every session's end, aiohttp's access log) are noise here
-        args=(kind, model, device, sessions, page, queue, child_conn,
+        args=(kind, model, device, sessions, page, queue, model_process, child_conn,
               logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING),
         name=f"bench-{kind}-server",
         daemon=True,
@@ -226,7 +227,7 @@ def server_process(kind: str, model: str, device: str, sessions: int = 1, page: 
 
 
 def _serve_in_child(kind: str, model: str, device: str, sessions: int, page: bool, queue: int | None,
-                    conn: Connection, level: int) -> None:
+                    model_process: bool, conn: Connection, level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     ready = False
@@ -236,7 +237,7 @@ def _serve_in_child(kind: str, model: str, device: str, sessions: int, page: boo
             from ..engine import load_engine
             from ..server import create_api
 
-            engine = load_engine(model, device=device, sessions=sessions,
+            engine = load_engine(model, device=device, sessions=sessions, model_process=model_process,
                                  **({} if queue is None else {"queue": queue}))
             if page:
                 from ..web import create_app

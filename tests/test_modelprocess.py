@@ -1,0 +1,124 @@
+"""The slots stepped in a process of their own: the same conversations as in process, the
+server's bookkeeping across the pipe, and what happens when that process dies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE
+from moshi_engine.checkpoint import ModelUnavailableError
+from moshi_engine.conversation import BusyError, Sampling, SessionError
+from moshi_engine.engine import load_engine
+from moshi_engine.model import BatchedMoshi
+from moshi_engine.modelprocess import ModelProcess
+
+from .conftest import DEVICE, converse, until
+
+GREEDY = Sampling(temp=0.0, temp_text=0.0)
+SEEDED = Sampling(temp=0.9, top_k=50, temp_text=0.8, top_k_text=20, seed=5)
+
+
+@pytest.fixture(scope="module")
+def process_engine():
+    engine = load_engine("tiny", device=DEVICE, sessions=2, warmup_frames=1)
+    assert isinstance(engine.model, ModelProcess)
+    yield engine
+    engine.close()
+
+
+def _where(model: BatchedMoshi) -> tuple[int, int]:
+    return os.getpid(), model.capacity
+
+
+def _fails(model: BatchedMoshi) -> None:
+    raise ValueError("asked to fail")
+
+
+async def test_conversations_in_the_model_process_answer_exactly_as_in_process(process_engine, hello_pcm,
+                                                                                music_pcm):
+    speeches = [hello_pcm[: 2 * SAMPLE_RATE], music_pcm[: 2 * SAMPLE_RATE]]
+    samplings = [GREEDY, SEEDED]
+
+    async def both(engine):
+        async def one(sampling, pcm):
+            async with engine.session(sampling) as session:
+                return await converse(session, pcm)
+
+        return await asyncio.gather(*(one(sampling, pcm) for sampling, pcm in zip(samplings, speeches, strict=True)))
+
+    in_thread = load_engine("tiny", device=DEVICE, sessions=2, warmup_frames=1, model_process=False)
+    try:
+        expected = await both(in_thread)
+    finally:
+        in_thread.close()
+    answers = await both(process_engine)
+    for (audio, texts), (expected_audio, expected_texts) in zip(answers, expected, strict=True):
+        assert texts == expected_texts
+        assert np.array_equal(audio, expected_audio)
+
+
+async def test_a_late_output_of_an_ended_conversation_never_reaches_the_next_on_its_slot(process_engine,
+                                                                                       hello_pcm):
+    frames = hello_pcm[: 20 * FRAME_SIZE]
+    for _ in range(3):
+        first = await process_engine.acquire(GREEDY)
+        slot = first.slot
+        await first.send_pcm(frames)  # 20 frames in flight...
+        await first.close()  # ...and the conversation gone at once
+        second = await process_engine.acquire(GREEDY)
+        assert second.slot == slot
+        await second.send_pcm(frames[: 3 * FRAME_SIZE])
+        await until(lambda: second.frames_in == 3)  # noqa: B023
+        await asyncio.sleep(0.3)  # room for anything stray to arrive
+        assert second.frames_in == 3 and first.frames_in < 20
+        await second.close()
+
+
+async def test_the_status_counts_the_steps_made_in_the_model_process(process_engine, hello_pcm):
+    async with process_engine.session(GREEDY) as session:
+        await converse(session, hello_pcm[:SAMPLE_RATE])
+    batch = process_engine.status()["batch"]
+    assert batch["step"]["count"] >= SAMPLE_RATE // FRAME_SIZE
+    assert batch["rows_per_step_mean"] >= 1 and batch["step"]["p50_ms"] > 0
+
+
+def test_a_job_runs_on_the_stepping_thread_of_the_model_process_and_its_error_comes_back(process_engine):
+    pid, capacity = process_engine.model.run(_where)
+    assert pid == process_engine.model.pid != os.getpid()
+    assert capacity == 2
+    with pytest.raises(ValueError, match="asked to fail"):
+        process_engine.model.run(_fails)
+
+
+def test_a_checkpoint_that_cannot_load_raises_its_error_in_the_server(tmp_path):
+    with pytest.raises(ModelUnavailableError):
+        load_engine(str(tmp_path / "nothing-here"), device=DEVICE)
+
+
+async def test_when_the_model_process_dies_every_conversation_ends_and_new_ones_hear_why(hello_pcm):
+    engine = load_engine("tiny", device=DEVICE, sessions=2, warmup_frames=1)
+    try:
+        session = await engine.acquire(GREEDY)
+        await session.send_pcm(hello_pcm[: 2 * FRAME_SIZE])
+        await until(lambda: session.frames_in == 2)
+        os.kill(engine.model.pid, signal.SIGKILL)
+        with pytest.raises(SessionError, match="model process stopped"):
+            while True:
+                await asyncio.wait_for(session.receive(), timeout=30)
+        with pytest.raises(BusyError, match="model process stopped"):
+            await engine.acquire(GREEDY)
+        assert engine.active == 0
+    finally:
+        engine.close()
+
+
+def test_closing_ends_the_model_process():
+    engine = load_engine("tiny", device=DEVICE, sessions=1, warmup_frames=1)
+    process = engine.model._process
+    engine.close()
+    assert process.returncode == 0
