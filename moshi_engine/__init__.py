@@ -7,7 +7,8 @@ Leaves first, transports last:
 - `checkpoint` (HF repo, directory or `tiny` -> moshi's CheckpointInfo), `tiny` (the
   offline checkpoint's builder), `rowsampling` (LMGen sampling each batch row on its own),
   `model` (N conversation slots as rows of one batched Moshi, and the thread that steps
-  them), `session` (a conversation on a leased slot), `engine` (`load_engine`)
+  them), `modelprocess` (the same slots stepped in a process of their own, over a pipe),
+  `session` (a conversation on a leased slot), `engine` (`load_engine`)
 - transports: `server` (/status, /ws, /api/chat), `client` (RemoteSession, CLI),
   `rtc` + `ice` + `recording` (the FastRTC handler), `ui` (the Gradio page),
   `web` (the one app factory), `reference` (moshi's own server), `bench`

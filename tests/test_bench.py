@@ -19,10 +19,11 @@ from moshi_engine.timings import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAMES = 8
-SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "page", "compare")
+SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "page", "compare", "stepping")
 REPORT_HEADINGS = ("# Benchmarks", "## Runs", "## Targets", "## Frame budget", "## End to end over loopback",
                    "## Idle session", "## Batched steps", "## Capacity", "## The door", "## The page's two paths",
-                   "## Side by side with moshi's reference server", "## GPU: the full-size architecture")
+                   "## Side by side with moshi's reference server", "## Where the model steps",
+                   "## GPU: the full-size architecture")
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +147,19 @@ def test_compare_runs_ours_and_moshis_server_on_the_same_load(bench_run):
         assert compare[name]["answered"] == compare[name]["fast_answered"] == FRAMES - 1
         assert compare[name]["throughput_fps"] > 0
     assert set(compare["ratios"]) == {"latency_p50", "latency_p95", "throughput"}
+
+
+def test_stepping_runs_the_same_conversations_against_a_model_process_and_a_thread(bench_run):
+    doc, out = bench_run
+    stepping = doc["sections"]["stepping"]
+    assert stepping["conversations"] == 2  # --batch-slots
+    for way in ("process", "thread"):
+        (only_round,) = stepping["rounds"][way]  # --compare-rounds 1
+        assert only_round["answered"] == only_round["expected"] == 2 * (FRAMES - 1)
+        assert only_round["step"]["count"] > 0 and only_round["server_cpu_percent"] > 0
+        assert stepping["pooled"][way]["n"] == 2 * (FRAMES - 1)
+    assert stepping["rounds"]["process"][0]["first"] and not stepping["rounds"]["thread"][0]["first"]
+    assert "| run 1 | pooled | 2 |" in (out / "BENCHMARKS.md").read_text()
 
 
 def test_the_report_renders_every_section_and_says_the_gpu_was_not_measured(bench_run):

@@ -40,14 +40,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-sessions", type=int, default=defaults.max_sessions,
                         help="capacity ramp ceiling, and the largest batch the step-time series tries")
     parser.add_argument("--batch-slots", type=int, default=defaults.batch_slots,
-                        help="slots of the engine on which the stepping policies are compared")
+                        help="slots of the engine on which the stepping policies are compared, and the "
+                             "conversations of the stepping section")
     parser.add_argument("--idle-seconds", type=float, default=defaults.idle_s, help="each idle CPU window")
     parser.add_argument("--p95-bound-ms", type=float, default=criterion.p95_bound_ms,
                         help="capacity: a level keeps real time while its p95 latency is at most this")
     parser.add_argument("--drift-bound-ms", type=float, default=criterion.drift_bound_ms,
                         help="capacity: ... and its median latency grows by at most this over the run")
     parser.add_argument("--compare-rounds", type=int, default=defaults.compare_rounds,
-                        help="ours against moshi's server: rounds of both, alternating which goes first")
+                        help="ours against moshi's server, and the model process against the thread: rounds "
+                             "of both, alternating which goes first")
     parser.add_argument("--in-process", action="store_true",
                         help="our server steps its model in a thread of its own process, not in a process of "
                              "its own (to compare the two)")

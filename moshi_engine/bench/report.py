@@ -28,6 +28,7 @@ from .documents import (
 )
 from .plot import GPU_FRAME_TARGET_MS, draw_plot
 from .stats import OTHER
+from .stepping import stepping_section
 
 OVERHEAD_TARGET_MS = 1.0  # per frame on CPU, outside the model and the codec
 IDLE_CPU_TARGET_PERCENT = 1.0  # "near 0 %": below 1 % of one core
@@ -51,7 +52,7 @@ def render_report(documents: list[dict], path: Path, plot_path: Path | None = No
     lines = _intro(documents, plot_link)
     for part in (_runs_table, _targets, tables.frame_budget_section, tables.end_to_end_section, tables.idle_section,
                  tables.batch_section, tables.capacity_section, tables.door_section, tables.page_section,
-                 tables.compare_section, _gpu):
+                 tables.compare_section, stepping_section, _gpu):
         lines += part(documents)
     path.write_text("\n".join(lines).rstrip() + "\n")
     return plot_path

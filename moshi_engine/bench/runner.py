@@ -19,14 +19,14 @@ import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from . import batch, browser, capacity, door, sections
+from . import batch, browser, capacity, door, sections, stepping
 from .machine import describe_machine, load_average
 from .resources import BROWSER_STACK, PAGE_STACK, REFERENCE_STACK, WEB_STACK, Bench, BenchConfig, missing_packages
 
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
-SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "page", "compare")
+SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "page", "compare", "stepping")
 
 
 def _attempt(name: str, measure: Callable[[], dict]) -> dict:
@@ -131,6 +131,11 @@ def run_benchmark(config: BenchConfig, chosen: tuple[str, ...] = SECTIONS,
                 results["compare"] = {"skipped": no_reference}
             else:
                 part("compare", "ours against moshi's server", lambda: sections.compare(bench))
+        if "stepping" in results:
+            if no_web:
+                results["stepping"] = {"skipped": no_web}
+            else:
+                part("stepping", "the model process against the thread", lambda: stepping.stepping(bench))
         for transport in ("websocket", "webrtc"):
             if "capacity" in results and transport in transports:
                 missing = no_web or (missing_packages(PAGE_STACK) if transport == "webrtc" else None)

@@ -1,0 +1,118 @@
+"""Where our server steps its model: in a process of its own (the default) or in a thread of the
+server's process (`--in-process`), under the same load.
+
+N = `batch_slots` real-time conversations over `/api/chat`, each at its own phase of the
+80 ms frame, against two servers with N slots each, one per way, both started before anything
+is timed (an idle server costs no CPU). Each of `compare_rounds` rounds runs both back to
+back, alternating which goes first, so that the machine's drift from minute to minute hits
+both alike; a single capacity ramp of each, minutes apart, says less than these pairs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import numpy as np
+
+from ..audio import FRAME_SECONDS
+from ..protocol import Protocol
+from .resources import OURS, Bench, cpu_counters, cpu_usage
+from .sections import websocket_url
+from .serve import server_process
+from .stats import summarize
+from .streams import stream_websocket
+
+log = logging.getLogger(__name__)
+
+WAYS = {"process": True, "thread": False}  # name -> model_process
+
+
+def stepping(bench: Bench) -> dict:
+    config = bench.config
+    conversations = config.batch_slots
+    offsets = [index * FRAME_SECONDS / conversations for index in range(conversations)]
+    bench.stop_servers()
+    bench.release_engine(weights=True)
+    rounds: dict[str, list[dict]] = {name: [] for name in WAYS}
+    latencies: dict[str, list[np.ndarray]] = {name: [] for name in WAYS}
+    with contextlib.ExitStack() as stack:
+        servers = {name: stack.enter_context(server_process(OURS, config.model, config.device, conversations,
+                                                            model_process=flag))
+                   for name, flag in WAYS.items()}
+        for round_index in range(config.compare_rounds):
+            order = list(WAYS) if round_index % 2 == 0 else list(reversed(WAYS))
+            for name in order:
+                server = servers[name]
+                server.wait_idle()
+                server.clear_timings()
+                url = websocket_url(server, Protocol.MOSHI.path)
+
+                async def together(url: str = url, pid: int = server.pid) -> tuple[list, dict]:
+                    before = cpu_counters(pid)
+                    runs = await asyncio.gather(*(stream_websocket(url, bench.pages, True, offset_s=offset,
+                                                                   tail_s=config.tail_s) for offset in offsets))
+                    return runs, cpu_usage(before, cpu_counters(pid))
+
+                runs, usage = asyncio.run(together())
+                ms = np.concatenate([run.latencies_ms() for run in runs])
+                latencies[name].append(ms)
+                batch = server.status()["batch"]
+                rounds[name].append({
+                    "first": name == order[0],
+                    "latency": summarize(ms),
+                    "answered": sum(len(run.answered_at) for run in runs),
+                    "expected": sum(run.frames - 1 for run in runs),
+                    "server_cpu_percent": usage["cpu_percent"],
+                    "step": batch["step"],
+                    "rows_per_step_mean": batch["rows_per_step_mean"],
+                })
+                log.info("stepping in a %s, round %d: p50 %.1f, p95 %.1f ms", name, round_index + 1,
+                         rounds[name][-1]["latency"]["p50_ms"], rounds[name][-1]["latency"]["p95_ms"])
+    return {
+        "conversations": conversations,
+        "path": Protocol.MOSHI.path,
+        "rounds": rounds,
+        "pooled": {name: summarize(np.concatenate(latencies[name])) for name in WAYS},
+    }
+
+
+def stepping_section(documents: list[dict]) -> list[str]:
+    """The report's table: each round's latency and CPU of both ways, and the rounds pooled."""
+    from .documents import fmt_ms, markdown_table, measured, not_measured
+
+    lines = [
+        "## Where the model steps: its own process or the server's",
+        "",
+        "Our server steps the model in a process of its own by default; `--in-process` steps it in a",
+        "thread of the server's process, where it shares the interpreter lock with the event loop that",
+        "handles the websockets, Opus and sessions. N real-time conversations over `/api/chat` (each at",
+        "its own phase) against a server of each kind with N slots, both started before anything is",
+        "timed; each round runs both back to back, alternating which goes first. Latency is per frame,",
+        "from leaving the client to the first byte of its answer; CPU is the server's, its model",
+        "process's included, in % of one core.",
+        "",
+    ]
+    rows, notes = [], []
+    for index, doc in enumerate(documents):
+        result = measured(doc, "stepping")
+        if result is None:
+            notes.append(f"Run {index + 1}: {not_measured(doc, 'stepping')}.")
+            continue
+        rounds = result["rounds"]
+        for number, pair in enumerate(zip(rounds["process"], rounds["thread"], strict=True), start=1):
+            process, thread = pair
+            rows.append([f"run {index + 1}", f"{number} ({'process' if process['first'] else 'thread'} first)",
+                         str(result["conversations"]),
+                         *(f"p50 {fmt_ms(way['latency']['p50_ms'])}, p95 {fmt_ms(way['latency']['p95_ms'])} ms; "
+                           f"{way['answered']}/{way['expected']}; step p50 {fmt_ms(way['step']['p50_ms'])} ms; "
+                           f"{way['server_cpu_percent']:.0f} %" for way in (process, thread))])
+        pooled = result["pooled"]
+        rows.append([f"run {index + 1}", "pooled", str(result["conversations"]),
+                     *(f"p50 {fmt_ms(pooled[way]['p50_ms'])}, p95 {fmt_ms(pooled[way]['p95_ms'])} ms"
+                       for way in ("process", "thread"))])
+    lines += markdown_table(["run", "round", "conversations", "model process (default)", "thread (`--in-process`)"],
+                            rows)
+    lines += [note for item in notes for note in (item, "")]
+    return lines
