@@ -55,7 +55,8 @@ def frame_budget_section(documents: list[dict]) -> list[str]:
         "  process: nothing shared but the machine. The **bare websocket echo** row is the same stream",
         "  through the same web stack (Starlette on uvicorn, same client) to an endpoint that echoes each",
         "  frame back at once with no model: the part of \"everything else\" that is the websocket round",
-        "  trip itself; the rest is our queues, tasks and thread hand-offs.",
+        "  trip itself; the rest is our queues, tasks and thread hand-offs, and the hop to the model",
+        "  process and back (a socket pair, a message each way).",
         "",
     ]
     for index, doc in enumerate(documents):
