@@ -163,12 +163,16 @@ def stop_app(process: subprocess.Popen) -> str:
 
 
 def test_python_app_py_serves_the_page_and_sessions_and_stops_cleanly_on_sigint(hello_pcm):
+    import psutil
+
     process, base = start_app("--model", "tiny", "--device", "cpu")
     try:
         assert_serves_page_status_and_a_session(base, hello_pcm)
+        (model_process,) = psutil.Process(process.pid).children()  # the model steps in its own process
     finally:
         output = stop_app(process)
     assert "Traceback" not in output
+    assert not model_process.is_running()  # and it stopped with the app
 
 
 def test_without_network_the_default_model_fails_fast_naming_tiny(tmp_path):
