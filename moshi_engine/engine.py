@@ -17,6 +17,7 @@ import ctypes
 import functools
 import gc
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -302,13 +303,13 @@ def load_engine(
     `weights`, or over the checkpoint `model` loaded on `device` (see `load_weights`).
 
     One copy of the weights: the slots are the batch rows of one Mimi and one LMGen, all
-    warmed up (and on CUDA graphed) before this returns. With `model_process` (the default,
-    unless `weights` are given: those live in this process) they are loaded and stepped in a
-    process of their own (`modelprocess`), else by a thread of this one. `gather_ms` is the
+    warmed up (and on CUDA graphed) before this returns. With `model_process` (the default on
+    POSIX, unless `weights` are given: those live in this process) they are loaded and stepped
+    in a process of their own (`modelprocess`), else by a thread of this one. `gather_ms` is the
     stepping policy (`model.BatchedMoshi`); `queue` places wait at most `queue_timeout_s`
     each for a slot (`line.WaitingLine`).
     """
-    if model_process and weights is None:
+    if model_process and weights is None and os.name == "posix":  # the child's pipe is an inherited fd
         slots = ModelProcess.start(model, device, sessions, warmup_frames, gather_ms)
         info, default_sampling = slots.info, slots.default_sampling
     else:
