@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .conversation import BusyError, Sampling, SessionClosed
-from .model import Delivery, Lease, StepOutput, deliver_to_loops
+from .model import BatchedMoshi, Delivery, Lease, StepOutput, deliver_to_loops
 from .timings import STEP, StageTimings
 
 if TYPE_CHECKING:
@@ -288,32 +288,44 @@ def serve(fd: int) -> None:
                 message = conn.recv()
             except (EOFError, OSError):
                 break  # the server is gone
-            kind = message[0]
-            if kind == _FRAME:
-                lease = leases.get(message[1])
-                if lease is not None:
-                    batched.submit(lease, message[2], message[3])
-            elif kind == _LEASE:
-                _, slot, ident, sampling = message
-                try:
-                    leases[ident] = batched.lease(sampling, None, slot=slot, ident=ident)
-                except BusyError:  # cannot happen while the server keeps the order; say so if it does
-                    log.exception("conversation %d cannot have slot %d", ident, slot)
-            elif kind == _RELEASE:
-                lease = leases.pop(message[1], None)
-                if lease is not None:
-                    batched.release(lease)
-            elif kind == _RUN:
-                _, job, fn, args = message
-                try:
-                    send((_RESULT, job, True, batched.run(fn, *args)))
-                except Exception as error:  # noqa: BLE001 - handed to the caller
-                    send((_RESULT, job, False, _picklable(error)))
-            elif kind == _CLOSE:
+            except Exception:  # noqa: BLE001 - a message that does not unpickle here: skip it
+                log.exception("a message from the server could not be read")
+                continue
+            if message[0] == _CLOSE:
                 break
+            try:
+                _handle(message, batched, leases, send)
+            except Exception:  # noqa: BLE001 - one bad message must not stop every conversation
+                log.exception("handling %r from the server failed", message[0])
     finally:
         batched.close()
         conn.close()
+
+
+def _handle(message: tuple, batched: BatchedMoshi, leases: dict[int, Lease], send: Callable[[tuple], None]) -> None:
+    """One message from the server, in the child."""
+    kind = message[0]
+    if kind == _FRAME:
+        lease = leases.get(message[1])
+        if lease is not None:  # else it has ended since
+            batched.submit(lease, message[2], message[3])
+    elif kind == _LEASE:
+        _, slot, ident, sampling = message
+        leases[ident] = batched.lease(sampling, None, slot=slot, ident=ident)
+    elif kind == _RELEASE:
+        lease = leases.pop(message[1], None)
+        if lease is not None:
+            batched.release(lease)
+    elif kind == _RUN:
+        _, job, fn, args = message
+        try:
+            result = (_RESULT, job, True, batched.run(fn, *args))
+        except Exception as error:  # noqa: BLE001 - handed to the caller
+            result = (_RESULT, job, False, _picklable(error))
+        try:
+            send(result)
+        except Exception as error:  # noqa: BLE001 - e.g. a result that does not pickle
+            send((_RESULT, job, False, _picklable(error)))
 
 
 def _picklable(error: BaseException) -> BaseException:

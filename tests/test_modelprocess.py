@@ -39,6 +39,10 @@ def _fails(model: BatchedMoshi) -> None:
     raise ValueError("asked to fail")
 
 
+def _unpicklable(model: BatchedMoshi):
+    return lambda: None
+
+
 async def test_conversations_in_the_model_process_answer_exactly_as_in_process(process_engine, hello_pcm,
                                                                                 music_pcm):
     speeches = [hello_pcm[: 2 * SAMPLE_RATE], music_pcm[: 2 * SAMPLE_RATE]]
@@ -93,6 +97,9 @@ def test_a_job_runs_on_the_stepping_thread_of_the_model_process_and_its_error_co
     assert capacity == 2
     with pytest.raises(ValueError, match="asked to fail"):
         process_engine.model.run(_fails)
+    with pytest.raises(Exception, match="pickle"):  # a result that cannot come back says so...
+        process_engine.model.run(_unpicklable)
+    assert process_engine.model.run(_where)[0] == pid  # ...and the process goes on
 
 
 def test_a_checkpoint_that_cannot_load_raises_its_error_in_the_server(tmp_path):
