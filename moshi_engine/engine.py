@@ -262,9 +262,11 @@ def load_slots(
     warmup_frames: int = WARMUP_FRAMES,
     gather_ms: float = 0.0,
     weights: Weights | None = None,
+    thread: bool = True,
 ) -> tuple[BatchedMoshi, EngineInfo, Sampling]:
     """Warm batched slots over `weights` (or over the checkpoint `model` loaded on `device`),
-    what they serve, and the checkpoint's default sampling; see `load_engine`."""
+    what they serve, and the checkpoint's default sampling; see `load_engine`. `thread=False`:
+    the caller steps them (`BatchedMoshi.step_when_due`)."""
     started = time.perf_counter()
     if weights is None:
         weights = load_weights(model, device)
@@ -272,7 +274,7 @@ def load_slots(
     default_sampling = Sampling.from_config(weights.lm_gen_config)
     lm_gen_kwargs = {k: v for k, v in weights.lm_gen_config.items() if not hasattr(default_sampling, k)}
     batched = BatchedMoshi(weights.mimi, weights.lm, weights.tokenizer, slots, StageTimings(), lm_gen_kwargs,
-                           gather_ms)
+                           gather_ms, thread)
     try:
         batched.warmup(warmup_frames)
     except BaseException:

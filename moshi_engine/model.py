@@ -88,7 +88,9 @@ class BatchedMoshi:
     the other conversations' frames (fewer, fuller steps: less compute, more latency);
     0, the default, steps as soon as any frame is ready (see the module's docstring).
     `sink` receives each step's outputs on the stepping thread; by default each goes to
-    its lease's `deliver` on the lease's event loop (`deliver_to_loops`).
+    its lease's `deliver` on the lease's event loop (`deliver_to_loops`). With
+    `thread=False` no thread is started: the caller steps with `step_when_due`, from the
+    one thread that touches the modules (the model process does, between its messages).
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class BatchedMoshi:
         timings: StageTimings,
         lm_gen_kwargs: dict | None = None,
         gather_ms: float = 0.0,
+        thread: bool = True,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
@@ -128,8 +131,9 @@ class BatchedMoshi:
         except BaseException:  # out of memory, say: leave the modules as they were
             self._streaming.close()
             raise
-        self._thread = threading.Thread(target=self._run, name="moshi-step", daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._run, name="moshi-step", daemon=True) if thread else None
+        if self._thread is not None:
+            self._thread.start()
 
     @property
     def capacity(self) -> int:
@@ -185,7 +189,10 @@ class BatchedMoshi:
 
     def run(self, fn: Callable, *args):
         """Run fn(self, *args) on the stepping thread between steps and wait for its result
-        (set-up code, warm-up, tests)."""
+        (set-up code, warm-up, tests); without a thread, here and now."""
+        if self._thread is None:
+            with torch.no_grad():
+                return fn(self, *args)
         future: Future = Future()
         with self._cond:
             self._jobs.append((fn, args, future))
@@ -198,56 +205,71 @@ class BatchedMoshi:
         with self._cond:
             self._closing = True
             self._cond.notify()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         self._streaming.close()
 
     # ## The stepping thread
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)  # grad mode is per thread
-        while True:
-            with self._cond:
-                while not (self._closing or self._jobs or self._has_work()):
-                    self._cond.wait()
-                if self.gather_s > 0:
-                    self._gather()
-                if self._closing:
-                    for _, _, future in self._jobs:
-                        future.cancel()
-                    return
-                jobs, self._jobs = list(self._jobs), deque()
-                resets = self._take_resets()
-                batch = self._take_frames()
-            for fn, args, future in jobs:
-                try:
-                    future.set_result(fn(self, *args))
-                except BaseException as error:  # noqa: B036 - handed to the waiting caller
-                    future.set_exception(error)
+        while self.step_when_due(wait=True):
+            pass
+
+    def step_when_due(self, wait: bool = False) -> bool:
+        """Run what is due: jobs, row resets, and a step of the ready frames. With `wait`,
+        first wait until something is due; without, return at once if nothing is. False once
+        closing. The stepping thread's loop; a caller that steps without one (`thread=False`)
+        calls it itself."""
+        with self._cond:
+            while (due := self._due_in()) != 0:
+                if not wait:
+                    return not self._closing
+                self._cond.wait(due)
+            if self._closing:
+                for _, _, future in self._jobs:
+                    future.cancel()
+                return False
+            jobs, self._jobs = list(self._jobs), deque()
+            resets = self._take_resets()
+            batch = self._take_frames()
+        for fn, args, future in jobs:
             try:
+                future.set_result(fn(self, *args))
+            except BaseException as error:  # noqa: B036 - handed to the waiting caller
+                future.set_exception(error)
+        try:
+            with torch.no_grad():
                 if resets:
                     self._reset_rows(resets)
                 if batch:
                     self._deliver(batch, self._step([(lease.slot, frame, arrived) for lease, frame, arrived in batch]))
-            except Exception as error:
-                log.exception("a batched step failed; the rows in it are reset")
-                with self._cond:
-                    for lease, _, _ in batch:
-                        self._slots[lease.slot].needs_reset = True
-                self._deliver(batch, [error] * len(batch))
+        except Exception as error:
+            log.exception("a batched step failed; the rows in it are reset")
+            with self._cond:
+                for lease, _, _ in batch:
+                    self._slots[lease.slot].needs_reset = True
+            self._deliver(batch, [error] * len(batch))
+        return True
 
-    def _gather(self) -> None:
-        """Under the lock: wait, at most `gather_s` after the oldest ready frame arrived, for
-        every conversation to have its frame ready, so that one step serves them all."""
-        while not (self._closing or self._jobs):
-            arrivals = [slot.frames[0][1] for slot in self._slots if slot.lease is not None and slot.frames]
+    def due_in(self) -> float | None:
+        """Seconds until `step_when_due` has something to do (0: now), None while nothing is
+        pending. Thread-safe."""
+        with self._cond:
+            return self._due_in()
+
+    def _due_in(self) -> float | None:
+        """Under the lock. A ready frame is due at once, or with `gather_s` > 0 once every
+        conversation has its frame ready or the oldest has waited `gather_s`."""
+        if self._closing or self._jobs:
+            return 0.0
+        arrivals = [slot.frames[0][1] for slot in self._slots if slot.lease is not None and slot.frames]
+        if arrivals:
             leased = sum(slot.lease is not None for slot in self._slots)
-            remaining = min(arrivals, default=0.0) + self.gather_s - time.perf_counter()
-            if not arrivals or len(arrivals) == leased or remaining <= 0:
-                return
-            self._cond.wait(remaining)
-
-    def _has_work(self) -> bool:
-        return any(slot.needs_reset or (slot.lease is not None and slot.frames) for slot in self._slots)
+            if self.gather_s <= 0 or len(arrivals) == leased:
+                return 0.0
+            return max(0.0, min(arrivals) + self.gather_s - time.perf_counter())
+        return 0.0 if any(slot.needs_reset for slot in self._slots) else None
 
     def _take_resets(self) -> list[tuple[int, Sampling | None]]:
         resets = []

@@ -7,7 +7,7 @@ each giving the lock up and waiting to get it back). Measured on a 2-core machin
 conversations, the step held the lock about half of the time and the loop the other
 half. As in vLLM's engine-core process, the model runs in a child process (spawned, so
 CUDA works there; its own interpreter, so nothing of the server's `__main__` runs there)
-with only its own stepping thread, and the server keeps a
+where one thread reads the server's messages between steps and steps, and the server keeps a
 `ModelProcess`: the same slots interface as `model.BatchedMoshi` (`lease`, `submit`,
 `release`, `run`, `close`), over a pipe.
 
@@ -259,44 +259,50 @@ def serve(fd: int) -> None:
     conn = Connection(fd)
     model, device, sessions, warmup_frames, gather_ms, log_level = conn.recv()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+
     from .engine import freeze_garbage_collector, load_slots
 
+    torch.set_grad_enabled(False)
     try:
-        batched, info, default_sampling = load_slots(model, device, sessions, warmup_frames, gather_ms)
+        batched, info, default_sampling = load_slots(model, device, sessions, warmup_frames, gather_ms, thread=False)
     except BaseException as error:  # noqa: BLE001 - handed to the parent, which raises it
         conn.send((_FAILED, _picklable(error)))
         return
-    send_lock = threading.Lock()
-
-    def send(message: tuple) -> None:
-        with send_lock:
-            conn.send(message)
 
     def sink(items: list[tuple[Lease, StepOutput | BaseException]]) -> None:
         outputs = [(lease.ident, None, None, f"{type(out).__name__}: {out}") if isinstance(out, BaseException)
                    else (lease.ident, out.pcm, out.text, None) for lease, out in items]
-        send((_STEP, outputs, batched.timings.take_journal()))
+        conn.send((_STEP, outputs, batched.timings.take_journal()))
 
     batched.timings.take_journal()  # from now on, every step's timings go to the parent
     batched.sink = sink
     leases: dict[int, Lease] = {}
     freeze_garbage_collector()
-    send((_READY, info, default_sampling, batched.capacity))
+    conn.send((_READY, info, default_sampling, batched.capacity))
     try:
+        # One thread does everything: it waits on the socket only while no step is due, reads
+        # every message that has come, then steps. Frames only count at a step's start, so
+        # reading them between steps delays nothing, and nothing else wants the interpreter.
         while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                break  # the server is gone
-            except Exception:  # noqa: BLE001 - a message that does not unpickle here: skip it
-                log.exception("a message from the server could not be read")
-                continue
-            if message[0] == _CLOSE:
-                break
-            try:
-                _handle(message, batched, leases, send)
-            except Exception:  # noqa: BLE001 - one bad message must not stop every conversation
-                log.exception("handling %r from the server failed", message[0])
+            due = batched.due_in()
+            if due != 0:
+                conn.poll(due)  # a message, or a gathering step falling due, wakes it
+            while conn.poll(0):
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):
+                    return  # the server is gone
+                except Exception:  # noqa: BLE001 - a message that does not unpickle here: skip it
+                    log.exception("a message from the server could not be read")
+                    continue
+                if message[0] == _CLOSE:
+                    return
+                try:
+                    _handle(message, batched, leases, conn.send)
+                except Exception:  # noqa: BLE001 - one bad message must not stop every conversation
+                    log.exception("handling %r from the server failed", message[0])
+            batched.step_when_due()
     finally:
         batched.close()
         conn.close()

@@ -129,3 +129,23 @@ def test_closing_ends_the_model_process():
     process = engine.model._process
     engine.close()
     assert process.returncode == 0
+
+
+async def test_with_a_gather_time_the_model_process_waits_for_every_conversation_then_steps_them_together(
+        hello_pcm):
+    engine = load_engine("tiny", device=DEVICE, sessions=2, warmup_frames=1, gather_ms=1500)
+    try:
+        first, second = await engine.acquire(GREEDY), await engine.acquire(GREEDY)
+        await first.send_pcm(hello_pcm[:FRAME_SIZE])
+        await asyncio.sleep(0.3)
+        assert first.frames_in == 0  # held for the other conversation's frame
+        await second.send_pcm(hello_pcm[FRAME_SIZE : 2 * FRAME_SIZE])
+        await until(lambda: first.frames_in == second.frames_in == 1)
+        assert list(engine.model.rows_per_step) == [2]  # one step served both
+        await first.send_pcm(hello_pcm[:FRAME_SIZE])  # alone this time: stepped once the time is up
+        await until(lambda: first.frames_in == 2)
+        assert list(engine.model.rows_per_step) == [2, 1] and second.frames_in == 1
+        await first.close()
+        await second.close()
+    finally:
+        engine.close()
