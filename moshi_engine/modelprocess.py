@@ -21,6 +21,7 @@ dies, every conversation ends with an error and new ones are refused with the re
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -151,8 +152,6 @@ class ModelProcess:
         """Queue one FRAME_SIZE pcm frame of `lease`'s conversation; call it from the event loop
         that is to receive the outputs."""
         if lease.loop is None:
-            import asyncio
-
             lease.loop = asyncio.get_running_loop()
         if lease.released or self._slots[lease.slot] is not lease:
             raise SessionClosed("session is closed")
@@ -170,15 +169,20 @@ class ModelProcess:
             self._send((_RELEASE, lease.ident))
 
     def run(self, fn: Callable, *args):
-        """Run fn(model, *args) in the child on its stepping thread, `model` being its
-        BatchedMoshi, and wait for the result; fn and args must pickle (a module's function)."""
+        """Run fn(model, *args) in the child between its steps, `model` being its BatchedMoshi,
+        and wait for the result; fn and args must pickle (a module's function)."""
         future: Future = Future()
         with self._lock:
             if self._stopped is not None:
                 raise RuntimeError(self._stopped)
             job = next(self._idents)
             self._jobs[job] = future
-        self._send((_RUN, job, fn, args))
+        try:
+            self._send((_RUN, job, fn, args))
+        except Exception:  # e.g. a function that does not pickle: nothing was sent
+            with self._lock:
+                self._jobs.pop(job, None)
+            raise
         return future.result()
 
     def close(self) -> None:
@@ -215,7 +219,10 @@ class ModelProcess:
                 _, job, ok, value = message
                 with self._lock:
                     future = self._jobs.pop(job)
-                future.set_result(value) if ok else future.set_exception(value)
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
         try:
             self._process.wait(CLOSE_TIMEOUT_S)
         except subprocess.TimeoutExpired:  # its end of the pipe closed, yet it runs: end it

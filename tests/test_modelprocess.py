@@ -97,7 +97,9 @@ def test_a_job_runs_on_the_stepping_thread_of_the_model_process_and_its_error_co
     assert capacity == 2
     with pytest.raises(ValueError, match="asked to fail"):
         process_engine.model.run(_fails)
-    with pytest.raises(Exception, match="pickle"):  # a result that cannot come back says so...
+    with pytest.raises(Exception, match="pickle"):  # a job that cannot go there says so...
+        process_engine.model.run(lambda model: None)
+    with pytest.raises(Exception, match="pickle"):  # ...as does a result that cannot come back...
         process_engine.model.run(_unpicklable)
     assert process_engine.model.run(_where)[0] == pid  # ...and the process goes on
 
