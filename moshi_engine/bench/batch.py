@@ -15,15 +15,15 @@ policy adds to a frame's latency at 1, N/2 and N conversations.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 import time
 
 import numpy as np
 
-from ..audio import FRAME_SECONDS, FRAME_SIZE
+from ..audio import FRAME_SIZE
 from ..timings import STEP, STEP_WAIT
-from .resources import Bench, cpu_counters, cpu_usage
+from .resources import Bench, staggered_streams
 from .stats import summarize
 from .streams import SPEECH_DIR, SPEECH_FILES, stream_session
 
@@ -93,14 +93,8 @@ def policy(bench: Bench) -> dict:
 def _policy_level(engine, pages: list[bytes], conversations: int, tail_s: float) -> dict:
     engine.timings.clear()
     engine.model.rows_per_step.clear()
-    offsets = [index * FRAME_SECONDS / conversations for index in range(conversations)]
-
-    async def together():
-        before = cpu_counters()
-        runs = await asyncio.gather(*(stream_session(engine, pages, True, offset, tail_s) for offset in offsets))
-        return runs, cpu_usage(before, cpu_counters())
-
-    runs, usage = asyncio.run(together())
+    runs, usage = staggered_streams(functools.partial(stream_session, engine, pages, True, tail_s=tail_s),
+                                    conversations)
     latencies = np.concatenate([run.latencies_ms() for run in runs])
     rows = np.asarray(engine.model.rows_per_step, dtype=np.float64)
     return {

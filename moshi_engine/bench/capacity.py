@@ -22,13 +22,12 @@ the reason; it does not crash the benchmark.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 
 from ..audio import FRAME_SECONDS
 from ..protocol import Protocol
-from .resources import OURS, Bench, cpu_counters, cpu_usage
+from .resources import OURS, Bench, staggered_streams
 from .sections import websocket_url
 from .streams import stream_session, stream_websocket
 from .webrtc import WebRTCCriterion, stream_webrtc
@@ -48,7 +47,6 @@ def _is_out_of_memory(error: BaseException) -> bool:
 def run_level(bench: Bench, sessions: int, transport: str) -> dict:
     """k = `sessions` concurrent real-time clients on k slots, judged by the transport's criterion."""
     config = bench.config
-    offsets = [index * FRAME_SECONDS / sessions for index in range(sessions)]
     make_stream = status = None
     criterion = WebRTCCriterion() if transport == "webrtc" else config.criterion
     try:
@@ -78,13 +76,8 @@ def run_level(bench: Bench, sessions: int, transport: str) -> dict:
         return {"sessions": sessions, "keeps_real_time": False,
                 "failures": [f"{sessions} conversation slots do not fit in memory"]}
 
-    async def together() -> tuple[list, dict]:
-        before = cpu_counters(pid)
-        runs = await asyncio.gather(*(make_stream(offset_s=offset) for offset in offsets))
-        return runs, cpu_usage(before, cpu_counters(pid))
-
-    runs, usage = asyncio.run(together())
-    level = criterion.judge(list(runs))
+    runs, usage = staggered_streams(make_stream, sessions, pid)
+    level = criterion.judge(runs)
     level["server_cpu_percent"] = usage["cpu_percent"]
     level["server_cpu_percent_per_session"] = round(usage["cpu_percent"] / sessions, 2)
     level["batch"] = status()["batch"]

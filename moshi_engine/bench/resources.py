@@ -9,12 +9,14 @@ full-size model on one GPU cannot hold the in-process engine and a server's at o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import gc
 import importlib.util
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +111,23 @@ def cpu_usage(before: tuple, after: tuple) -> dict:
     usage = {"seconds": round(wall, 2), "cpu_percent": round(100.0 * cpu / wall, 3)}
     usage["wakeups_per_s"] = None if before[2] is None else round((after[2] - before[2]) / wall, 1)
     return usage
+
+
+def staggered_streams(make_stream: Callable[..., Awaitable], conversations: int,
+                      pid: int | None = None) -> tuple[list, dict]:
+    """Run `conversations` streams at once, `make_stream(offset_s=...)` each, started
+    FRAME_SECONDS / conversations apart as independent users would rather than all on the
+    same beat; returns their runs and the CPU of process `pid` (None: this one) meanwhile
+    (`cpu_usage`)."""
+    from ..audio import FRAME_SECONDS
+
+    async def together() -> tuple[list, dict]:
+        before = cpu_counters(pid)
+        runs = await asyncio.gather(*(make_stream(offset_s=index * FRAME_SECONDS / conversations)
+                                      for index in range(conversations)))
+        return list(runs), cpu_usage(before, cpu_counters(pid))
+
+    return asyncio.run(together())
 
 
 class Bench:
@@ -214,4 +233,5 @@ class Bench:
         self.release_engine(weights=True)
 
 
-__all__ = ["ECHO", "OURS", "REFERENCE", "Bench", "BenchConfig", "cpu_counters", "cpu_usage", "missing_packages"]
+__all__ = ["ECHO", "OURS", "REFERENCE", "Bench", "BenchConfig", "cpu_counters", "cpu_usage", "missing_packages",
+           "staggered_streams"]

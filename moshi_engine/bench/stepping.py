@@ -10,15 +10,14 @@ both alike; a single capacity ramp of each, minutes apart, says less than these 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import functools
 import logging
 
 import numpy as np
 
-from ..audio import FRAME_SECONDS
 from ..protocol import Protocol
-from .resources import OURS, Bench, cpu_counters, cpu_usage
+from .resources import OURS, Bench, staggered_streams
 from .sections import websocket_url
 from .serve import server_process
 from .stats import summarize
@@ -32,7 +31,6 @@ WAYS = {"process": True, "thread": False}  # name -> model_process
 def stepping(bench: Bench) -> dict:
     config = bench.config
     conversations = config.batch_slots
-    offsets = [index * FRAME_SECONDS / conversations for index in range(conversations)]
     bench.stop_servers()
     bench.release_engine(weights=True)
     rounds: dict[str, list[dict]] = {name: [] for name in WAYS}
@@ -47,15 +45,9 @@ def stepping(bench: Bench) -> dict:
                 server = servers[name]
                 server.wait_idle()
                 server.clear_timings()
-                url = websocket_url(server, Protocol.MOSHI.path)
-
-                async def together(url: str = url, pid: int = server.pid) -> tuple[list, dict]:
-                    before = cpu_counters(pid)
-                    runs = await asyncio.gather(*(stream_websocket(url, bench.pages, True, offset_s=offset,
-                                                                   tail_s=config.tail_s) for offset in offsets))
-                    return runs, cpu_usage(before, cpu_counters(pid))
-
-                runs, usage = asyncio.run(together())
+                make_stream = functools.partial(stream_websocket, websocket_url(server, Protocol.MOSHI.path),
+                                                bench.pages, True, tail_s=config.tail_s)
+                runs, usage = staggered_streams(make_stream, conversations, server.pid)
                 ms = np.concatenate([run.latencies_ms() for run in runs])
                 latencies[name].append(ms)
                 batch = server.status()["batch"]
@@ -63,7 +55,7 @@ def stepping(bench: Bench) -> dict:
                     "first": name == order[0],
                     "latency": summarize(ms),
                     "answered": sum(len(run.answered_at) for run in runs),
-                    "expected": sum(run.frames - 1 for run in runs),
+                    "expected": sum(run.expected_answers for run in runs),
                     "server_cpu_percent": usage["cpu_percent"],
                     "step": batch["step"],
                     "rows_per_step_mean": batch["rows_per_step_mean"],
