@@ -37,11 +37,12 @@ def door(bench: Bench) -> dict:
     bench.release_engine()
     config = bench.config
     results = {}
-    with server_process(OURS, config.model, config.device, sessions=1, queue=0) as server:
+    in_thread = {"model_process": not config.in_process}
+    with server_process(OURS, config.model, config.device, sessions=1, queue=0, **in_thread) as server:
         url = websocket_url(server, Protocol.MOSHI.path)
         results["refusal"] = asyncio.run(_refusals(url))
         results["back_to_back_without_line"] = asyncio.run(_back_to_back(url, bench.pages))
-    with server_process(OURS, config.model, config.device, sessions=1) as server:
+    with server_process(OURS, config.model, config.device, sessions=1, **in_thread) as server:
         url = websocket_url(server, Protocol.MOSHI.path)
         results["back_to_back_with_line"] = asyncio.run(_back_to_back(url, bench.pages))
         results["hand_over"] = asyncio.run(_hand_overs(url))
