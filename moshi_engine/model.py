@@ -212,7 +212,6 @@ class BatchedMoshi:
     # ## The stepping thread
 
     def _run(self) -> None:
-        torch.set_grad_enabled(False)  # grad mode is per thread
         while self.step_when_due(wait=True):
             pass
 
@@ -233,23 +232,23 @@ class BatchedMoshi:
             jobs, self._jobs = list(self._jobs), deque()
             resets = self._take_resets()
             batch = self._take_frames()
-        for fn, args, future in jobs:
+        with torch.no_grad():  # grad mode is per thread: whichever thread steps, none is recorded
+            for fn, args, future in jobs:
+                try:
+                    future.set_result(fn(self, *args))
+                except BaseException as error:  # noqa: B036 - handed to the waiting caller
+                    future.set_exception(error)
             try:
-                future.set_result(fn(self, *args))
-            except BaseException as error:  # noqa: B036 - handed to the waiting caller
-                future.set_exception(error)
-        try:
-            with torch.no_grad():
                 if resets:
                     self._reset_rows(resets)
                 if batch:
                     self._deliver(batch, self._step([(lease.slot, frame, arrived) for lease, frame, arrived in batch]))
-        except Exception as error:
-            log.exception("a batched step failed; the rows in it are reset")
-            with self._cond:
-                for lease, _, _ in batch:
-                    self._slots[lease.slot].needs_reset = True
-            self._deliver(batch, [error] * len(batch))
+            except Exception as error:
+                log.exception("a batched step failed; the rows in it are reset")
+                with self._cond:
+                    for lease, _, _ in batch:
+                        self._slots[lease.slot].needs_reset = True
+                self._deliver(batch, [error] * len(batch))
         return True
 
     def due_in(self) -> float | None:

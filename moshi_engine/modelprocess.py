@@ -266,11 +266,8 @@ def serve(fd: int) -> None:
     conn = Connection(fd)
     model, device, sessions, warmup_frames, gather_ms, log_level = conn.recv()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import torch
-
     from .engine import freeze_garbage_collector, load_slots
 
-    torch.set_grad_enabled(False)
     try:
         batched, info, default_sampling = load_slots(model, device, sessions, warmup_frames, gather_ms, thread=False)
     except BaseException as error:  # noqa: BLE001 - handed to the parent, which raises it
