@@ -151,7 +151,7 @@ async def test_audio_sent_while_waiting_is_dropped_so_the_conversation_starts_fr
         if message[0] == KIND_AUDIO:
             answers.append(message)
     await asyncio.sleep(0.3)
-    assert single_engine.model.run(_nothing) is None  # the stepping thread is idle: all stepped
+    assert single_engine.model.run(_nothing) is None  # a barrier: every frame sent so far has reached the model
     with pytest.raises(TimeoutError):  # nothing else: the 10 frames sent in line were never stepped
         while True:
             message = await asyncio.wait_for(ws.recv(), 0.5)
