@@ -35,6 +35,7 @@ from moshi.models import LMModel, MimiModel
 
 from .audio import FRAME_SIZE
 from .conversation import BusyError, Sampling, SessionClosed
+from .cpukernels import use_cpu_kernels
 from .rowsampling import RowSamplingLMGen
 from .timings import LM_STEP, MIMI_DECODE, MIMI_ENCODE, STEP, STEP_WAIT, StageTimings
 
@@ -108,7 +109,7 @@ class BatchedMoshi:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.device = lm.device
         if self.device.type == "cpu":
-            _use_exp_elu(mimi)
+            use_cpu_kernels(mimi)
         self.mimi = mimi
         self.lm_gen = RowSamplingLMGen(lm, slots, **(lm_gen_kwargs or {}))
         self.tokenizer = tokenizer
@@ -381,37 +382,6 @@ class BatchedMoshi:
             self.rows_per_step.clear()
 
         self.run(warm)
-
-
-class _ExpELU(torch.nn.Module):
-    """ELU as max(x, 0) + alpha * (exp(min(x, 0)) - 1): the same function from exp, in place.
-
-    torch's CPU ELU computes expm1, which only its AVX2 and AVX-512 kernels vectorise (its
-    portable kernel is about four times slower than this), and Mimi's SEANet applies ELU at the
-    waveform's rate to every row. Measured in a 16-row step on an AMD EPYC (interleaved runs):
-    34.8 ms against torch's 34.8 ms with AVX-512 kernels, 31.0 against 34.1 with AVX2 ones. Two
-    allocations and five passes (six before): an allocation of a megabyte costs as much as a pass.
-    exp(x) - 1 differs from expm1(x) by float32 rounding near 0, which an activation followed
-    by convolutions does not notice.
-    """
-
-    def __init__(self, alpha: float) -> None:
-        super().__init__()
-        self.alpha = alpha
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        negative = torch.clamp(x, max=0).exp_().sub_(1)
-        if self.alpha != 1.0:
-            negative.mul_(self.alpha)
-        return negative.add_(torch.clamp(x, min=0))
-
-
-def _use_exp_elu(module: torch.nn.Module) -> None:
-    """Swap every nn.ELU inside `module` for `_ExpELU` (for CPU serving)."""
-    for parent in module.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, torch.nn.ELU) and not child.inplace:
-                setattr(parent, name, _ExpELU(child.alpha))
 
 
 def deliver_to_loops(items: list[tuple[Lease, StepOutput | BaseException]]) -> None:

@@ -18,8 +18,9 @@ from moshi_engine.capacity import AUTO, CapacityError, fit_sessions
 from moshi_engine.client import exchange, websocket_url
 from moshi_engine.codec import OpusEncoder
 from moshi_engine.conversation import AudioOut, Sampling, TextOut
+from moshi_engine.cpukernels import ExpELU, PointwiseConv1d, use_cpu_kernels
 from moshi_engine.engine import load_engine, load_weights
-from moshi_engine.model import BatchedMoshi, _ExpELU
+from moshi_engine.model import BatchedMoshi
 from moshi_engine.protocol import HANDSHAKE, CloseCode
 from moshi_engine.server import create_api
 from moshi_engine.session import MoshiSession
@@ -181,8 +182,44 @@ async def test_engines_in_turn_over_one_loaded_checkpoint_each_start_fresh(engin
 def test_mimis_cpu_elu_is_elu_and_leaves_its_input_alone(alpha):
     x = torch.linspace(-30, 30, 100_001).reshape(1, 1, -1)
     before = x.clone()
-    torch.testing.assert_close(_ExpELU(alpha)(x), torch.nn.functional.elu(x, alpha), atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(ExpELU(alpha)(x), torch.nn.functional.elu(x, alpha), atol=1e-7, rtol=1e-6)
     assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(16, 4, 1920), (1, 4, 1920), (4, 32, 7), (4, 1920)])
+def test_pointwise_conv_is_the_convolution(shape, bias):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(shape[-2], 8, kernel_size=1, bias=bias)
+    x = torch.randn(*shape)
+    expected = conv(x)
+    conv.__class__ = PointwiseConv1d
+    torch.testing.assert_close(conv(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_kernels_swap_mimis_elus_and_pointwise_convs_and_keep_what_it_computes(hello_pcm):
+    mimi = load_weights("tiny", device="cpu").mimi  # fresh modules: engines swap theirs
+    state = {name: tensor.clone() for name, tensor in mimi.state_dict().items()}
+    frames = torch.from_numpy(hello_pcm[: 4 * FRAME_SIZE].copy()).reshape(4, 1, FRAME_SIZE)
+
+    def encode_decode() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), mimi.streaming(4):
+            codes = mimi.encode(frames)
+            return codes, mimi.decode(codes)
+
+    codes, decoded = encode_decode()
+    swapped = use_cpu_kernels(mimi)
+    codes_swapped, decoded_swapped = encode_decode()
+
+    kinds = [type(module) for module in mimi.modules()]
+    assert torch.nn.ELU not in kinds and kinds.count(ExpELU) > 0
+    assert not any(type(m) is torch.nn.Conv1d and m.kernel_size == (1,) for m in mimi.modules())
+    assert swapped == kinds.count(ExpELU) + kinds.count(PointwiseConv1d) > kinds.count(ExpELU)
+    assert use_cpu_kernels(mimi) == 0  # once is all
+    assert mimi.state_dict().keys() == state.keys()
+    assert all(torch.equal(tensor, state[name]) for name, tensor in mimi.state_dict().items())
+    assert torch.equal(codes_swapped, codes)
+    torch.testing.assert_close(decoded_swapped, decoded, atol=1e-4, rtol=1e-4)
 
 
 # In a fresh process (where glibc's adaptive thresholds have seen nothing yet): a 16 MiB block
