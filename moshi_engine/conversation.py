@@ -120,6 +120,10 @@ class ServerRestarting(SessionClosed):
     """The server is restarting (a redeploy, a scale-down, Ctrl+C): connect again in a minute."""
 
 
+class ModelRestarting(ServerRestarting):
+    """The model's process died and another is starting: connect again in a minute."""
+
+
 class SessionError(RuntimeError):
     """The model failed during this session (its slot was released and is reset)."""
 

@@ -29,7 +29,7 @@ from moshi.models import LMGen, LMModel, MimiModel
 
 from .capacity import AUTO, AUTO_CPU_SESSIONS, explicit_sessions, fit_sessions
 from .checkpoint import DEFAULT_MODEL, ModelUnavailableError, resolve_checkpoint
-from .conversation import BusyError, Sampling
+from .conversation import BusyError, ModelRestarting, Sampling
 from .line import QUEUE_PLACES, QUEUE_TIMEOUT_S, LinePosition, WaitingLine
 from .model import BatchedMoshi
 from .modelprocess import ModelProcess
@@ -66,7 +66,18 @@ class MoshiEngine:
         self.line: WaitingLine[MoshiSession] = WaitingLine(queue, queue_timeout_s, model.capacity,
                                                            give_back=MoshiSession.release)
         if isinstance(model, ModelProcess):
-            model.on_stop = lambda reason: self.line.close(BusyError(reason))
+            model.on_stop = self._model_stopped
+            model.on_restart = self._model_restarted
+        self._stopped_reason: BusyError | ModelRestarting | None = None
+
+    def _model_stopped(self, reason: str, restarting: bool) -> None:
+        """The model process died (nobody is admitted until another is ready), or was closed."""
+        self._stopped_reason = ModelRestarting(reason) if restarting else BusyError(reason)
+        self.line.close(self._stopped_reason)
+
+    def _model_restarted(self) -> None:
+        if self._stopped_reason is not None:
+            self.line.reopen(self._stopped_reason)
 
     @property
     def capacity(self) -> int:
@@ -75,6 +86,12 @@ class MoshiEngine:
     @property
     def active(self) -> int:
         return self.model.active
+
+    @property
+    def stopped(self) -> str | None:
+        """Why no conversation can start now (the model process died and another is warming
+        up), else None."""
+        return self.model.stopped
 
     def open_session(
         self,
@@ -123,6 +140,8 @@ class MoshiEngine:
                 "fill": round(float(rows.mean()) / self.capacity, 3) if rows.size else 0.0,
             },
             "timings": timings.summary(),
+            "unavailable": self.stopped,  # why nobody is admitted now (None: they are)
+            "model_restarts": self.model.restarts,
             "uptime_s": round(time.time() - self.started_at, 1),
         }
 

@@ -155,6 +155,12 @@ class WaitingLine(Generic[T]):
         for waiter in list(self._waiters):
             waiter.future.get_loop().call_soon_threadsafe(_fail, waiter.future, reason)
 
+    def reopen(self, reason: Exception) -> None:
+        """Admit again after `close(reason)` (the model is back); a line closed since for
+        another reason (the server is restarting) stays closed. Callable from any thread."""
+        if self._closed_reason is reason:
+            self._closed_reason = None
+
     # ## Telling waiters where they stand
 
     def _announce(self) -> None:

@@ -117,6 +117,7 @@ class BatchedMoshi:
         self.gather_s = gather_ms / 1000.0
         self.sink: Sink = deliver_to_loops
         self.rows_per_step: deque[int] = deque(maxlen=500)
+        self.restarts = 0  # as `ModelProcess.restarts`: this one steps in this process, and never restarts
         self._skip_ids = {lm.text_padding_token_id, lm.end_of_text_padding_id}
         self._warned_vocabulary = False
         self._slots = [_Slot() for _ in range(slots)]
@@ -144,6 +145,11 @@ class BatchedMoshi:
     def active(self) -> int:
         with self._cond:
             return sum(slot.lease is not None for slot in self._slots)
+
+    @property
+    def stopped(self) -> str | None:
+        """Why no conversation can lease a slot now, else None (as `ModelProcess.stopped`)."""
+        return "Moshi is shutting down" if self._closing else None
 
     # ## Leases: called from the event loop
 

@@ -15,18 +15,25 @@ The server decides who holds which slot, so a lease is answered at once (BusyErr
 none is free); the child is told in order: "lease slot s as conversation c", c's frames,
 "release s". Each step's outputs come back in one message, tagged with the conversation,
 so that a late output of a conversation that has ended is dropped, not handed to the
-next one on its slot. A step's stage timings come with it, for `/status`. If the child
-dies, every conversation ends with an error and new ones are refused with the reason.
+next one on its slot. A step's stage timings come with it, for `/status`.
+
+If the child dies (the kernel's OOM killer, a crash in native code) or gives up on its model
+(a CUDA error, or steps failing in a row: `modelchild`, the child's side), every conversation
+on it ends with an error, new ones are refused with the reason, and another child like it is
+started and warmed up; once it is ready, conversations are admitted again. vLLM leaves that
+to its orchestrator; here the server does it, so that a demo left running on a Space or a
+Modal container comes back by itself. A child that dies soon after its start is started
+again after a growing wait (`restart_delay`), not in a loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import itertools
 import logging
 import os
-import pickle
-import signal
 import socket
 import subprocess
 import sys
@@ -42,7 +49,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .conversation import BusyError, Sampling, SessionClosed
-from .model import BatchedMoshi, Delivery, Lease, StepOutput, deliver_to_loops
+from .model import Delivery, Lease, StepOutput, deliver_to_loops
+from .modelchild import _CLOSE, _FAILED, _FRAME, _LEASE, _RELEASE, _RESULT, _RUN, _STEP
 from .timings import STEP, StageTimings
 
 if TYPE_CHECKING:
@@ -54,53 +62,45 @@ PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # where `import moshi_e
 
 START_TIMEOUT_S = 1800.0  # a first start downloads ~15 GB of weights
 CLOSE_TIMEOUT_S = 30.0
-
-# Messages, as tuples whose first item says what they are. To the child:
-_LEASE, _FRAME, _RELEASE, _RUN, _CLOSE = "lease", "frame", "release", "run", "close"
-# ...and from it:
-_READY, _FAILED, _STEP, _RESULT = "ready", "failed", "step", "result"
+RESTART_STABLE_S = 60.0  # a child that ran this long is restarted at once when it dies
+RESTART_DELAYS_S = (1.0, 300.0)  # else the first wait before starting another, and the longest
 
 
-class ModelProcess:
-    """A child process stepping N conversation slots of one Moshi; see the module's docstring.
+def restart_delay(lived_s: float, previous_s: float) -> float:
+    """Seconds to wait before starting another child, after one that ran `lived_s` died when the
+    wait before it was `previous_s` (0 for a first restart): none after a child that ran
+    RESTART_STABLE_S, else twice the last wait, from RESTART_DELAYS_S[0] up to RESTART_DELAYS_S[1]."""
+    first, longest = RESTART_DELAYS_S
+    if lived_s >= RESTART_STABLE_S:
+        return 0.0
+    return min(max(2 * previous_s, first), longest)
 
-    Start it with `ModelProcess.start(...)`; `info`, `default_sampling` and `capacity` are
-    then what the child loaded.
-    """
 
-    def __init__(self, process: subprocess.Popen, conn: Connection, info: EngineInfo, default_sampling: Sampling,
-                 capacity: int) -> None:
-        self.info = info
-        self.default_sampling = default_sampling
-        self.timings = StageTimings()
-        self.rows_per_step: deque[int] = deque(maxlen=500)
-        self._process = process
-        self._conn = conn
-        self._send_lock = threading.Lock()
-        self._lock = threading.Lock()
-        self._slots: list[Lease | None] = [None] * capacity
-        self._conversations: dict[int, Lease] = {}
-        self._idents = itertools.count(1)
-        self._jobs: dict[int, Future] = {}
-        self._stopped: str | None = None  # why the child is gone, once it is
-        self.on_stop: Callable[[str], None] | None = None  # told why, from the reader thread
-        self._reader = threading.Thread(target=self._read, name="moshi-model-process", daemon=True)
-        self._reader.start()
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """What a child is started with; `run` starts one and returns it once it is ready."""
 
-    @classmethod
-    def start(cls, model: str, device: str, sessions: int | str, warmup_frames: int,
-              gather_ms: float) -> ModelProcess:
-        """Start the child, which loads `model` on `device` with `sessions` slots and warms them
-        up (`engine.load_slots`); returns once it is ready, or raises what it raised."""
+    model: str
+    device: str
+    sessions: int | str
+    warmup_frames: int
+    gather_ms: float
+
+    def run(self, on_spawn: Callable[[subprocess.Popen], None] | None = None) -> tuple:
+        """(process, connection, (info, default_sampling, capacity)) of a ready child, or raises
+        what it raised while loading. `on_spawn` hears of the process as soon as it exists."""
         ours, theirs = socket.socketpair()
         path = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))
         process = subprocess.Popen(
-            [sys.executable, "-c", f"from moshi_engine.modelprocess import serve; serve({theirs.fileno()})"],
+            [sys.executable, "-c", f"from moshi_engine.modelchild import serve; serve({theirs.fileno()})"],
             pass_fds=[theirs.fileno()], env={**os.environ, "PYTHONPATH": path})
         theirs.close()
         conn = Connection(ours.detach())
         try:
-            conn.send((model, device, sessions, warmup_frames, gather_ms, logging.getLogger().getEffectiveLevel()))
+            if on_spawn is not None:
+                on_spawn(process)
+            conn.send((self.model, self.device, self.sessions, self.warmup_frames, self.gather_ms,
+                       logging.getLogger().getEffectiveLevel()))
             if not conn.poll(START_TIMEOUT_S):
                 raise TimeoutError(f"the model process did not start in {START_TIMEOUT_S:.0f} s")
             message = conn.recv()
@@ -115,9 +115,57 @@ class ModelProcess:
             process.wait(CLOSE_TIMEOUT_S)
             conn.close()
             raise message[1]
-        _, info, default_sampling, capacity = message
-        log.info("model process %d serves %d slot(s)", process.pid, capacity)
-        return cls(process, conn, info, default_sampling, capacity)
+        log.info("model process %d serves %d slot(s)", process.pid, message[3])
+        return process, conn, message[1:]
+
+
+class ModelProcess:
+    """A child process stepping N conversation slots of one Moshi; see the module's docstring.
+
+    Start it with `ModelProcess.start(...)`; `info`, `default_sampling` and `capacity` are
+    then what the child loaded. `stopped` says why conversations are refused while a child
+    that died is replaced (None while one serves); `restarts` counts the replacements.
+    """
+
+    def __init__(self, launch: _Launch, process: subprocess.Popen, conn: Connection, info: EngineInfo,
+                 default_sampling: Sampling, capacity: int) -> None:
+        self.info = info
+        self.default_sampling = default_sampling
+        self.timings = StageTimings()
+        self.rows_per_step: deque[int] = deque(maxlen=500)
+        self._process = process
+        self._conn = conn
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._slots: list[Lease | None] = [None] * capacity
+        self._conversations: dict[int, Lease] = {}
+        self._idents = itertools.count(1)
+        self._jobs: dict[int, Future] = {}
+        self._stopped: str | None = None  # why the child is gone, until another is ready
+        self.on_stop: Callable[[str, bool], None] | None = None  # told why, and whether another starts
+        self.on_restart: Callable[[], None] | None = None  # told when another child is ready
+        self.restarts = 0
+        self._launch = launch  # another child is started the same way, with as many slots
+        self._started_at = time.monotonic()
+        self._restart_delay_s = 0.0
+        self._starting: subprocess.Popen | None = None  # a replacement child, while it loads
+        self._closing = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="moshi-model-process", daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def start(cls, model: str, device: str, sessions: int | str, warmup_frames: int,
+              gather_ms: float) -> ModelProcess:
+        """Start the child, which loads `model` on `device` with `sessions` slots and warms them
+        up (`engine.load_slots`); returns once it is ready, or raises what it raised."""
+        launch = _Launch(model, device, sessions, warmup_frames, gather_ms)
+        process, conn, (info, default_sampling, capacity) = launch.run()
+        return cls(dataclasses.replace(launch, sessions=capacity), process, conn, info, default_sampling, capacity)
+
+    @property
+    def stopped(self) -> str | None:
+        """Why conversations are refused (the child died and another is starting), else None."""
+        return self._stopped
 
     @property
     def capacity(self) -> int:
@@ -186,14 +234,20 @@ class ModelProcess:
         return future.result()
 
     def close(self) -> None:
-        """Stop the child (its slots' conversations get no more outputs) and wait for it."""
+        """Stop the child (its slots' conversations get no more outputs) and wait for it; a
+        replacement that is still loading is killed."""
+        with self._lock:
+            self._closing.set()  # from here on no replacement is installed: these are the last
+            process, starting = self._process, self._starting
         self._send((_CLOSE,))
+        if starting is not None:
+            starting.kill()
         try:
-            self._process.wait(CLOSE_TIMEOUT_S)
+            process.wait(CLOSE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             log.warning("the model process did not stop in %.0f s; killing it", CLOSE_TIMEOUT_S)
-            self._process.kill()
-            self._process.wait()
+            process.kill()
+            process.wait()
         self._reader.join(CLOSE_TIMEOUT_S)
         self._conn.close()
 
@@ -207,10 +261,22 @@ class ModelProcess:
                 pass
 
     def _read(self) -> None:
-        """The reader thread: hands each step's outputs to their conversations' loops."""
+        """The reader thread: hands each step's outputs to their conversations' loops and, when
+        the child dies, ends its conversations and starts another."""
+        while True:
+            self._read_child()
+            if self._closing.is_set():
+                return
+            if not self._restart():  # closed while another child was starting
+                self._stop("Moshi's model process was closed", restarting=False, expected=True)
+                return
+
+    def _read_child(self) -> None:
+        """Until the current child is gone; then end its conversations and jobs (`_stop`)."""
+        conn, process = self._conn, self._process
         while True:
             try:
-                message = self._conn.recv()
+                message = conn.recv()
             except (EOFError, OSError):
                 break
             if message[0] == _STEP:
@@ -224,11 +290,63 @@ class ModelProcess:
                 else:
                     future.set_exception(value)
         try:
-            self._process.wait(CLOSE_TIMEOUT_S)
+            process.wait(CLOSE_TIMEOUT_S)
         except subprocess.TimeoutExpired:  # its end of the pipe closed, yet it runs: end it
-            self._process.kill()
-            self._process.wait()
-        self._stop(f"Moshi's model process stopped (exit code {self._process.returncode})")
+            process.kill()
+            process.wait()
+        closing = self._closing.is_set()
+        reason = f"Moshi's model process stopped (exit code {process.returncode})"
+        if not closing:
+            reason += "; it is restarting, try again in a minute"
+        self._stop(reason, restarting=not closing, expected=closing and process.returncode == 0)
+
+    def _restart(self) -> bool:
+        """Start children like the one that died until one is ready (waiting `restart_delay`
+        between tries) and serve its slots; False if closed meanwhile."""
+        self._restart_delay_s = restart_delay(time.monotonic() - self._started_at, self._restart_delay_s)
+        while not self._closing.wait(self._restart_delay_s):
+            log.warning("starting another model process%s",
+                        f" after {self._restart_delay_s:g} s" if self._restart_delay_s else "")
+            try:
+                process, conn, (_, _, capacity) = self._launch.run(on_spawn=self._spawned)
+            except Exception as error:  # noqa: BLE001 - logged, and tried again
+                if self._closing.is_set():
+                    return False  # killed by close() while it loaded
+                self._restart_delay_s = restart_delay(0.0, self._restart_delay_s)
+                log.error("the new model process failed to start (%s: %s); next try in %g s",
+                          type(error).__name__, error, self._restart_delay_s)
+                continue
+            finally:
+                with self._lock:
+                    self._starting = None
+            with self._send_lock, self._lock:
+                serving = not self._closing.is_set()
+                if serving:
+                    old, self._conn, self._process = self._conn, conn, process
+                    self._slots = [None] * capacity  # every lease of the old child has ended
+                    self._conversations.clear()
+                    self._stopped = None
+                    self._started_at = time.monotonic()
+                    self.restarts += 1
+            if not serving:  # closed in the moment it became ready: it never served
+                with contextlib.suppress(OSError):
+                    conn.send((_CLOSE,))
+                process.wait(CLOSE_TIMEOUT_S)
+                conn.close()
+                return False
+            old.close()
+            log.warning("model process %d serves %d slot(s) again (restart %d)", process.pid, capacity,
+                        self.restarts)
+            if self.on_restart is not None:
+                self.on_restart()
+            return True
+        return False
+
+    def _spawned(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._starting = process
+        if self._closing.is_set():  # close() came before it could see this process
+            process.kill()
 
     def _hand_on(self, outputs: list[tuple], journal: list[tuple[str, float]]) -> None:
         for stage, seconds in journal:
@@ -243,10 +361,9 @@ class ModelProcess:
                     items.append((lease, StepOutput(pcm, text) if error is None else RuntimeError(error)))
         deliver_to_loops(items)
 
-    def _stop(self, reason: str) -> None:
+    def _stop(self, reason: str, restarting: bool, expected: bool) -> None:
         """The child is gone: end every conversation and job with `reason`, refuse new ones."""
         with self._lock:
-            expected = self._stopped is None and self._process.returncode == 0
             self._stopped = reason
             leases = [lease for lease in self._slots if lease is not None]
             jobs, self._jobs = list(self._jobs.values()), {}
@@ -256,92 +373,4 @@ class ModelProcess:
         for future in jobs:
             future.set_exception(RuntimeError(reason))
         if self.on_stop is not None:
-            self.on_stop(reason)
-
-
-def serve(fd: int) -> None:
-    """The child, on its end `fd` of the socket pair: load and warm the slots as the first message
-    says, then take messages until told to close (or until the server is gone: the pipe ends)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server closes us
-    conn = Connection(fd)
-    model, device, sessions, warmup_frames, gather_ms, log_level = conn.recv()
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .engine import freeze_garbage_collector, load_slots
-
-    try:
-        batched, info, default_sampling = load_slots(model, device, sessions, warmup_frames, gather_ms, thread=False)
-    except BaseException as error:  # noqa: BLE001 - handed to the parent, which raises it
-        conn.send((_FAILED, _picklable(error)))
-        return
-
-    def sink(items: list[tuple[Lease, StepOutput | BaseException]]) -> None:
-        outputs = [(lease.ident, None, None, f"{type(out).__name__}: {out}") if isinstance(out, BaseException)
-                   else (lease.ident, out.pcm, out.text, None) for lease, out in items]
-        conn.send((_STEP, outputs, batched.timings.take_journal()))
-
-    batched.timings.take_journal()  # from now on, every step's timings go to the parent
-    batched.sink = sink
-    leases: dict[int, Lease] = {}
-    freeze_garbage_collector()
-    conn.send((_READY, info, default_sampling, batched.capacity))
-    try:
-        # One thread does everything: it waits on the socket only while no step is due, reads
-        # every message that has come, then steps. Frames only count at a step's start, so
-        # reading them between steps delays nothing, and nothing else wants the interpreter.
-        while True:
-            due = batched.due_in()
-            if due != 0:
-                conn.poll(due)  # a message, or a gathering step falling due, wakes it
-            while conn.poll(0):
-                try:
-                    message = conn.recv()
-                except (EOFError, OSError):
-                    return  # the server is gone
-                except Exception:  # noqa: BLE001 - a message that does not unpickle here: skip it
-                    log.exception("a message from the server could not be read")
-                    continue
-                if message[0] == _CLOSE:
-                    return
-                try:
-                    _handle(message, batched, leases, conn.send)
-                except Exception:  # noqa: BLE001 - one bad message must not stop every conversation
-                    log.exception("handling %r from the server failed", message[0])
-            batched.step_when_due()
-    finally:
-        batched.close()
-        conn.close()
-
-
-def _handle(message: tuple, batched: BatchedMoshi, leases: dict[int, Lease], send: Callable[[tuple], None]) -> None:
-    """One message from the server, in the child."""
-    kind = message[0]
-    if kind == _FRAME:
-        lease = leases.get(message[1])
-        if lease is not None:  # else it has ended since
-            batched.submit(lease, message[2], message[3])
-    elif kind == _LEASE:
-        _, slot, ident, sampling = message
-        leases[ident] = batched.lease(sampling, None, slot=slot, ident=ident)
-    elif kind == _RELEASE:
-        lease = leases.pop(message[1], None)
-        if lease is not None:
-            batched.release(lease)
-    elif kind == _RUN:
-        _, job, fn, args = message
-        try:
-            result = (_RESULT, job, True, batched.run(fn, *args))
-        except Exception as error:  # noqa: BLE001 - handed to the caller
-            result = (_RESULT, job, False, _picklable(error))
-        try:
-            send(result)
-        except Exception as error:  # noqa: BLE001 - e.g. a result that does not pickle
-            send((_RESULT, job, False, _picklable(error)))
-
-
-def _picklable(error: BaseException) -> BaseException:
-    """`error` itself if it pickles (our typed errors do), else a RuntimeError saying it."""
-    try:
-        pickle.loads(pickle.dumps(error))
-    except Exception:  # noqa: BLE001
-        return RuntimeError(f"{type(error).__name__}: {error}")
-    return error
+            self.on_stop(reason, restarting)

@@ -72,9 +72,10 @@ class MoshiServer:
     def status(self) -> tuple[int, dict]:
         if self.engine is None:
             return 503, {"status": "loading"}
-        return 200, {
-            "status": "restarting" if self.restarting else "ready",
-            **self.engine.status(),
+        engine = self.engine.status()
+        return 503 if engine["unavailable"] else 200, {
+            "status": "restarting" if self.restarting else "unavailable" if engine["unavailable"] else "ready",
+            **engine,
             "dropped_audio_frames": self.dropped_audio_frames,
             "connections_served": self.connections_served,
             "limits": {"max_session_s": self.limits.max_session_s, "idle_s": self.limits.idle_s},

@@ -112,6 +112,8 @@ def status_line(status: dict | None, remote: str | None = None) -> str:
     """One line of Markdown from a /status-like dict: model, device, free slots, frame time."""
     if not status:
         return f"Moshi runs at `{remote}`." if remote else "Moshi's status is not available right now."
+    if status.get("unavailable"):
+        return f"Moshi is unavailable right now: {status['unavailable']}."
     parts = [f"Model `{status.get('model', '?')}`"]
     if "device" in status:
         parts.append(f"on {status['device']}" + (f" ({status['dtype']})" if status.get("dtype") else ""))

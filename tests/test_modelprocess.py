@@ -1,5 +1,6 @@
 """The slots stepped in a process of their own: the same conversations as in process, the
-server's bookkeeping across the pipe, and what happens when that process dies."""
+server's bookkeeping across the pipe, and what happens when that process dies: its
+conversations end, and another process serves."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import os
 import signal
 
 import numpy as np
+import psutil
 import pytest
 
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE
 from moshi_engine.checkpoint import ModelUnavailableError
-from moshi_engine.conversation import BusyError, Sampling, SessionError
+from moshi_engine.conversation import BusyError, ModelRestarting, Sampling, SessionError
 from moshi_engine.engine import load_engine
 from moshi_engine.model import BatchedMoshi
-from moshi_engine.modelprocess import ModelProcess
+from moshi_engine.modelchild import FAILED_STEPS_TO_EXIT
+from moshi_engine.modelprocess import RESTART_DELAYS_S, RESTART_STABLE_S, ModelProcess, restart_delay
 
 from .conftest import DEVICE, converse, until
 
@@ -109,21 +112,84 @@ def test_a_checkpoint_that_cannot_load_raises_its_error_in_the_server(tmp_path):
         load_engine(str(tmp_path / "nothing-here"), device=DEVICE)
 
 
-async def test_when_the_model_process_dies_every_conversation_ends_and_new_ones_hear_why(hello_pcm):
+async def test_when_the_model_process_dies_its_conversations_end_and_another_serves_from_fresh_rows(hello_pcm):
     engine = load_engine("tiny", device=DEVICE, sessions=2, warmup_frames=1)
     try:
-        session = await engine.acquire(GREEDY)
-        await session.send_pcm(hello_pcm[: 2 * FRAME_SIZE])
-        await until(lambda: session.frames_in == 2)
-        os.kill(engine.model.pid, signal.SIGKILL)
+        speech = hello_pcm[: 2 * SAMPLE_RATE]
+        async with engine.session(GREEDY) as session:
+            before = await converse(session, speech)
+        dying = await engine.acquire(GREEDY)
+        await dying.send_pcm(hello_pcm[: 2 * FRAME_SIZE])
+        await until(lambda: dying.frames_in == 2)
+        first_pid = engine.model.pid
+        os.kill(first_pid, signal.SIGKILL)
         with pytest.raises(SessionError, match="model process stopped"):
             while True:
-                await asyncio.wait_for(session.receive(), timeout=30)
-        with pytest.raises(BusyError, match="model process stopped"):
+                await asyncio.wait_for(dying.receive(), timeout=30)
+        with pytest.raises(ModelRestarting, match="model process stopped .*restarting"):
             await engine.acquire(GREEDY)
-        assert engine.active == 0
+        assert engine.stopped is not None and engine.active == 0
+
+        await until(lambda: engine.stopped is None, timeout=300)  # a fresh child loads and warms up
+        assert engine.model.pid != first_pid and engine.status()["model_restarts"] == 1
+        async with engine.session(GREEDY) as session:
+            after = await converse(session, speech)
+        assert after[1] == before[1] and np.array_equal(after[0], before[0])  # as from a fresh start
     finally:
         engine.close()
+
+
+def _fail_every_step(model: BatchedMoshi) -> None:
+    def failing_step(batch):
+        raise ValueError("a step that fails")
+
+    model._step = failing_step
+
+
+async def test_a_failed_step_ends_its_conversations_and_steps_failing_in_a_row_replace_the_process(hello_pcm):
+    engine = load_engine("tiny", device=DEVICE, sessions=1, warmup_frames=1)
+    try:
+        engine.model.run(_fail_every_step)
+        broken_pid = engine.model.pid
+        for _ in range(FAILED_STEPS_TO_EXIT):
+            assert engine.model.pid == broken_pid  # a failed step alone does not stop it
+            session = await engine.acquire(GREEDY)
+            await session.send_pcm(hello_pcm[:FRAME_SIZE])
+            with pytest.raises(SessionError, match="a step that fails"):
+                await asyncio.wait_for(session.receive(), timeout=30)
+        await until(lambda: engine.model.pid != broken_pid and engine.stopped is None, timeout=300)
+        async with engine.session(GREEDY) as session:
+            audio, _ = await converse(session, hello_pcm[: 2 * SAMPLE_RATE])
+        assert audio.size > 0
+    finally:
+        engine.close()
+
+
+async def test_closing_while_a_new_model_process_loads_leaves_no_process_behind():
+    others = {child.pid for child in psutil.Process().children()}  # other tests' model processes
+    engine = load_engine("tiny", device=DEVICE, sessions=1, warmup_frames=1)
+
+    def ours() -> set[int]:
+        return {child.pid for child in psutil.Process().children()} - others
+
+    first = engine.model.pid
+    os.kill(first, signal.SIGKILL)
+    await until(lambda: ours() and first not in ours(), timeout=30)  # the replacement exists
+    engine.close()  # the replacement is loading: it is killed, not waited for
+    assert ours() == set() and engine.model.restarts == 0
+    with pytest.raises(BusyError):
+        await engine.acquire(GREEDY)
+
+
+def test_a_model_process_that_keeps_dying_is_restarted_after_a_growing_wait():
+    first, longest = RESTART_DELAYS_S
+    assert restart_delay(lived_s=RESTART_STABLE_S, previous_s=0.0) == 0.0  # a crash after a long run
+    assert restart_delay(lived_s=RESTART_STABLE_S + 3600, previous_s=longest) == 0.0
+    waits = [0.0]
+    for _ in range(12):
+        waits.append(restart_delay(lived_s=1.0, previous_s=waits[-1]))
+    assert waits[1] == first and all(b == min(2 * a, longest) for a, b in zip(waits[1:], waits[2:], strict=False))
+    assert waits[-1] == longest
 
 
 def test_closing_ends_the_model_process():

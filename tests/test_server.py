@@ -23,6 +23,7 @@ from moshi_engine.conversation import BusyError, Sampling, SessionLimits
 from moshi_engine.engine import load_engine
 from moshi_engine.protocol import HANDSHAKE, MAX_MESSAGE_BYTES, CloseCode, Protocol
 from moshi_engine.server import create_api
+from moshi_engine.ui import status_line
 
 from .conftest import DEVICE, until
 from .live import serve_asgi
@@ -244,6 +245,47 @@ async def test_a_model_failure_closes_with_1011_and_the_slot_serves_the_next_ses
             code, reason = await close_of(ws)
             assert code == CloseCode.INTERNAL_ERROR and "illegal memory access" in reason
             await until(lambda: engine.active == 0)
+            result = await exchange(ws_url(base, Protocol.MOSHI), hello_pcm[:SAMPLE_RATE], realtime=False)
+            assert result.close_code == CloseCode.NORMAL and result.pcm.size > 0
+    finally:
+        engine.close()
+
+
+def _fail_every_step_as_a_cuda_error_would(model) -> None:
+    """Run in the model process: from now on its steps raise what torch raises on a GPU whose
+    context an illegal memory access has poisoned."""
+
+    def failing_step(batch):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    model._step = failing_step
+
+
+async def test_a_model_process_broken_by_a_cuda_error_is_replaced_and_the_server_serves_again(hello_pcm):
+    engine = load_engine("tiny", device=DEVICE, sessions=1, warmup_frames=1)
+    try:
+        with serve_asgi(create_api(engine)) as base:
+            engine.model.run(_fail_every_step_as_a_cuda_error_would)
+            broken_pid = engine.model.pid
+            ws = await open_chat(base, Protocol.MOSHI)
+            for page in ogg_frames(hello_pcm[: 5 * FRAME_SIZE]):
+                await ws.send(b"\x01" + page)
+            code, reason = await close_of(ws)
+            assert code == CloseCode.INTERNAL_ERROR and "illegal memory access" in reason
+            await until(lambda: engine.stopped is not None, timeout=30)  # that process gave up at once
+
+            code, body = get_json(base + "/status")  # while another process loads and warms up
+            assert code == 503 and body["status"] == "unavailable" and "restarting" in body["unavailable"]
+            assert "restarting" in status_line(body)  # the page's status line says it too
+            refused = await connect(ws_url(base, Protocol.QUILLMAN))
+            code, reason = await close_of(refused)
+            assert code == CloseCode.SERVICE_RESTART and "restarting" in reason  # the page: "in a minute"
+
+            await until(lambda: engine.stopped is None, timeout=300)
+            code, body = get_json(base + "/status")
+            assert code == 200 and body["status"] == "ready" and body["model_restarts"] == 1
+            assert body["unavailable"] is None
+            assert engine.model.pid != broken_pid
             result = await exchange(ws_url(base, Protocol.MOSHI), hello_pcm[:SAMPLE_RATE], realtime=False)
             assert result.close_code == CloseCode.NORMAL and result.pcm.size > 0
     finally:

@@ -65,6 +65,8 @@ export function describeClose(code, reason = "") {
       return `The server ended the conversation${why}.`;
     case 1011:
       return `Moshi failed${why}. Try again.`;
+    case 1012:
+      return `Moshi is restarting${why}. Try again in a minute.`;
     case 1013:
       return `Moshi is busy${why}. Try again in a moment.`;
     default:
