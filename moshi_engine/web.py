@@ -68,7 +68,9 @@ def create_app(
         try:
             async with httpx.AsyncClient(timeout=2.0) as client:
                 response = await client.get(status_url)
-            return response.json() if response.status_code == 200 else None
+            body = response.json()
+            # 503 with a reason: the remote's model process is being replaced (the page says why)
+            return body if response.status_code == 200 or (isinstance(body, dict) and body.get("unavailable")) else None
         except (httpx.HTTPError, ValueError):
             return None
 

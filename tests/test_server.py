@@ -24,6 +24,7 @@ from moshi_engine.engine import load_engine
 from moshi_engine.protocol import HANDSHAKE, MAX_MESSAGE_BYTES, CloseCode, Protocol
 from moshi_engine.server import create_api
 from moshi_engine.ui import status_line
+from moshi_engine.web import create_app
 
 from .conftest import DEVICE, until
 from .live import serve_asgi
@@ -277,6 +278,8 @@ async def test_a_model_process_broken_by_a_cuda_error_is_replaced_and_the_server
             code, body = get_json(base + "/status")  # while another process loads and warms up
             assert code == 503 and body["status"] == "unavailable" and "restarting" in body["unavailable"]
             assert "restarting" in status_line(body)  # the page's status line says it too
+            with serve_asgi(create_app(remote=ws_url(base, Protocol.MOSHI))) as page_only:  # --remote
+                assert "restarting" in get_json(page_only + "/status")[1]["remote_status"]["unavailable"]
             refused = await connect(ws_url(base, Protocol.QUILLMAN))
             code, reason = await close_of(refused)
             assert code == CloseCode.SERVICE_RESTART and "restarting" in reason  # the page: "in a minute"
