@@ -9,6 +9,7 @@ do better: then this process exits (EXIT_BROKEN), and the server starts a fresh 
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import signal
 from collections.abc import Callable
@@ -87,7 +88,8 @@ def serve(fd: int) -> None:
                 # exit, and the server starts a fresh process.
                 log.error("giving up on this model after %d failed step(s) in a row (last: %s); exiting",
                           len(failed_steps), failed_steps[-1])
-                raise SystemExit(EXIT_BROKEN)
+                conn.close()  # the server hears of it at once,
+                os._exit(EXIT_BROKEN)  # and nothing more runs on a device that may not answer
     finally:
         batched.close()
         conn.close()
