@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -24,10 +25,11 @@ from fastapi import FastAPI  # noqa: E402
 from moshi_engine.audio import SAMPLE_RATE, rms  # noqa: E402
 from moshi_engine.conversation import SessionLimits  # noqa: E402
 from moshi_engine.endings import Ending, ending_message, line_message  # noqa: E402
+from moshi_engine.engine import load_engine  # noqa: E402
 from moshi_engine.server import create_api  # noqa: E402
 from moshi_engine.ui import MoshiPage, mount_ui  # noqa: E402
 
-from .conftest import HELLO_WAV, until  # noqa: E402
+from .conftest import DEVICE, HELLO_WAV, until  # noqa: E402
 
 PAGE_INPUTS = [0.8, 250, 0.7, 25, 42]  # audio temp, audio top-k, text temp, text top-k, seed
 
@@ -201,6 +203,32 @@ async def test_the_time_limit_ends_the_stream_with_its_message_and_releases_the_
     assert end["data"].startswith("Time is up: a conversation lasts at most 2 s.")
     record = page.conversations.get("long-talk")
     assert record.ending is Ending.TIME_LIMIT and record.recording.exists()
+
+
+async def test_a_call_whose_model_process_dies_ends_saying_why_and_later_calls_are_served():
+    engine = load_engine("tiny", device=DEVICE, sessions=1, warmup_frames=1)
+    try:
+        async with page_server(engine) as (page, http):
+            talking = Peer(page, "talking")
+            await talking.offer(http)
+            await until(lambda: talking.received_seconds() > 0.5, timeout=30)
+            dead_pid = engine.model.pid
+            os.kill(dead_pid, signal.SIGKILL)
+            await until(lambda: "end_stream" in talking.types(), timeout=30)
+            await talking.close()
+            end = next(message for message in talking.messages if message["type"] == "end_stream")
+            assert "model process stopped" in end["data"] and "restarting" in end["data"]
+            assert page.conversations.get("talking").ending is Ending.ERROR
+
+            await until(lambda: engine.stopped is None, timeout=300)  # another model process is warm
+            later = Peer(page, "later")
+            await later.offer(http)
+            await until(lambda: later.received_seconds() > 0.5, timeout=30)
+            assert engine.model.pid != dead_pid and engine.active == 1
+            await later.close()
+            await until(lambda: engine.active == 0, timeout=15)
+    finally:
+        engine.close()
 
 
 @contextlib.asynccontextmanager
