@@ -127,11 +127,18 @@ REQUEST_TIMEOUT_S = SESSION_LIMIT_S + 5 * MINUTES
 
 def load_warm_engine():
     """Download (first start only) and load Moshi, then step it a few frames so that CUDA
-    graphs and kernels are ready before the first person speaks."""
+    graphs and kernels are ready before the first person speaks.
+
+    If Moshi's model process dies, the engine starts another; if none will start (a GPU gone
+    bad), this container stops taking inputs and exits once the live ones end, and Modal
+    starts the next conversation's container on another GPU."""
+    import modal.experimental
+
     from moshi_engine.engine import load_engine
 
     engine = load_engine(MODEL, sessions=SESSIONS if not SCALE_OUT else SLOTS, queue=QUEUE,
                          queue_timeout_s=QUEUE_TIMEOUT_S)
+    engine.on_model_lost = lambda reason: modal.experimental.stop_fetching_inputs()
     hf_cache.commit()  # persist a fresh download for the next container
     return engine
 
@@ -332,7 +339,7 @@ def main(argv=None) -> int:
     finally:
         if engine is not None:
             engine.close()
-    return 0
+    return 1 if engine is not None and engine.lost else 0  # lost: serve() stopped for it
 
 
 def open_share_link(host: str, port: int, log) -> str | None:

@@ -68,7 +68,13 @@ class MoshiEngine:
         if isinstance(model, ModelProcess):
             model.on_stop = self._model_stopped
             model.on_restart = self._model_restarted
+            model.on_lost = self._model_lost
         self._stopped_reason: BusyError | ModelRestarting | None = None
+        self.lost: str | None = None  # why the model is gone for good, once it is
+        # Told (from another thread) why, once the model is gone for good: no replacement of a
+        # model process that died would start. Whoever serves the engine decides what then
+        # (`web.serve` stops the server; on Modal the container stops taking inputs).
+        self.on_model_lost: Callable[[str], None] | None = None
 
     def _model_stopped(self, reason: str, restarting: bool) -> None:
         """The model process died (nobody is admitted until another is ready), or was closed."""
@@ -78,6 +84,11 @@ class MoshiEngine:
     def _model_restarted(self) -> None:
         if self._stopped_reason is not None:
             self.line.reopen(self._stopped_reason)
+
+    def _model_lost(self, reason: str) -> None:
+        self.lost = reason
+        if self.on_model_lost is not None:
+            self.on_model_lost(reason)
 
     @property
     def capacity(self) -> int:

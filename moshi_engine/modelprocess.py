@@ -64,6 +64,7 @@ START_TIMEOUT_S = 1800.0  # a first start downloads ~15 GB of weights
 CLOSE_TIMEOUT_S = 30.0
 RESTART_STABLE_S = 60.0  # a child that ran this long is restarted at once when it dies
 RESTART_DELAYS_S = (1.0, 300.0)  # else the first wait before starting another, and the longest
+RESTART_TRIES = 5  # replacements failing to start in a row, after which the model is lost for good
 
 
 def restart_delay(lived_s: float, previous_s: float) -> float:
@@ -144,6 +145,7 @@ class ModelProcess:
         self._stopped: str | None = None  # why the child is gone, until another is ready
         self.on_stop: Callable[[str, bool], None] | None = None  # told why, and whether another starts
         self.on_restart: Callable[[], None] | None = None  # told when another child is ready
+        self.on_lost: Callable[[str], None] | None = None  # told why, if none will be (RESTART_TRIES)
         self.restarts = 0
         self._launch = launch  # another child is started the same way, with as many slots
         self._started_at = time.monotonic()
@@ -265,10 +267,7 @@ class ModelProcess:
         the child dies, ends its conversations and starts another."""
         while True:
             self._read_child()
-            if self._closing.is_set():
-                return
-            if not self._restart():  # closed while another child was starting
-                self._stop("Moshi's model process was closed", restarting=False, expected=True)
+            if self._closing.is_set() or not self._restart():
                 return
 
     def _read_child(self) -> None:
@@ -302,8 +301,10 @@ class ModelProcess:
 
     def _restart(self) -> bool:
         """Start children like the one that died until one is ready (waiting `restart_delay`
-        between tries) and serve its slots; False if closed meanwhile."""
+        between tries) and serve its slots. False, everyone told why, if closed meanwhile or
+        if RESTART_TRIES children in a row failed to start (then `on_lost` hears it too)."""
         self._restart_delay_s = restart_delay(time.monotonic() - self._started_at, self._restart_delay_s)
+        failed = 0
         while not self._closing.wait(self._restart_delay_s):
             log.warning("starting another model process%s",
                         f" after {self._restart_delay_s:g} s" if self._restart_delay_s else "")
@@ -311,7 +312,16 @@ class ModelProcess:
                 process, conn, (_, _, capacity) = self._launch.run(on_spawn=self._spawned)
             except Exception as error:  # noqa: BLE001 - logged, and tried again
                 if self._closing.is_set():
-                    return False  # killed by close() while it loaded
+                    break  # killed by close() while it loaded
+                failed += 1
+                if failed >= RESTART_TRIES:  # a device gone bad, weights gone: no try will do better
+                    reason = (f"Moshi's model process could not be restarted ({failed} tries, the last: "
+                              f"{type(error).__name__}: {error})")
+                    log.critical("%s; giving up", reason)
+                    self._stop(reason, restarting=False, expected=False)
+                    if self.on_lost is not None:
+                        self.on_lost(reason)
+                    return False
                 self._restart_delay_s = restart_delay(0.0, self._restart_delay_s)
                 log.error("the new model process failed to start (%s: %s); next try in %g s",
                           type(error).__name__, error, self._restart_delay_s)
@@ -333,13 +343,14 @@ class ModelProcess:
                     conn.send((_CLOSE,))
                 process.wait(CLOSE_TIMEOUT_S)
                 conn.close()
-                return False
+                break
             old.close()
             log.warning("model process %d serves %d slot(s) again (restart %d)", process.pid, capacity,
                         self.restarts)
             if self.on_restart is not None:
                 self.on_restart()
             return True
+        self._stop("Moshi's model process was closed", restarting=False, expected=True)
         return False
 
     def _spawned(self, process: subprocess.Popen) -> None:

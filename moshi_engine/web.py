@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 import httpx
@@ -136,8 +137,19 @@ def drain_from_thread(app: FastAPI, reason: str = RESTART_REASON, timeout_s: flo
 
 def serve(app: FastAPI, host: str, port: int) -> None:
     """Serve `app` with uvicorn until SIGTERM or SIGINT, draining it first (`drain`): every
-    conversation is told why it ends before the server stops. A second signal stops at once."""
+    conversation is told why it ends before the server stops. A second signal stops at once.
+    If the app's model is lost for good (`MoshiEngine.on_model_lost`) the server stops the same
+    way, so that whatever supervises it (a Space, systemd, docker) can start it afresh."""
     import uvicorn
+
+    server: MoshiServer | None = getattr(app.state, "moshi", None)
+    if server is not None and server.engine is not None:
+
+        def stop_serving(reason: str) -> None:
+            log.critical("stopping the server: %s", reason)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        server.engine.on_model_lost = stop_serving
 
     class DrainingServer(uvicorn.Server):
         draining = False

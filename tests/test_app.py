@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import modal
 
 from moshi_engine.audio import SAMPLE_RATE
+from moshi_engine.checkpoint import TINY_DIR
 from moshi_engine.client import exchange
 from moshi_engine.protocol import CloseCode
 
@@ -173,6 +175,23 @@ def test_python_app_py_serves_the_page_and_sessions_and_stops_cleanly_on_sigint(
         output = stop_app(process)
     assert "Traceback" not in output
     assert not model_process.is_running()  # and it stopped with the app
+
+
+def test_python_app_py_stops_with_status_1_when_its_model_cannot_be_restarted(tmp_path):
+    import psutil
+
+    checkpoint = tmp_path / "tiny-moshi"
+    shutil.copytree(TINY_DIR, checkpoint)
+    process, base = start_app("--model", str(checkpoint), "--device", "cpu")
+    try:
+        (model_process,) = psutil.Process(process.pid).children()
+        shutil.rmtree(checkpoint)  # the weights are gone: no new model process can load them
+        model_process.kill()
+        output, _ = process.communicate(timeout=300)  # five tries, 1 + 2 + 4 + 8 s apart
+    finally:
+        process.kill()
+    assert process.returncode == 1, output
+    assert "could not be restarted (5 tries" in output and "stopping the server" in output
 
 
 def test_without_network_the_default_model_fails_fast_naming_tiny(tmp_path):

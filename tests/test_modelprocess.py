@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 
 import numpy as np
 import psutil
 import pytest
 
+from moshi_engine import modelprocess
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE
-from moshi_engine.checkpoint import ModelUnavailableError
+from moshi_engine.checkpoint import TINY_DIR, ModelUnavailableError
 from moshi_engine.conversation import BusyError, ModelRestarting, Sampling, SessionError
 from moshi_engine.engine import load_engine
 from moshi_engine.model import BatchedMoshi
@@ -161,6 +163,27 @@ async def test_a_failed_step_ends_its_conversations_and_steps_failing_in_a_row_r
         async with engine.session(GREEDY) as session:
             audio, _ = await converse(session, hello_pcm[: 2 * SAMPLE_RATE])
         assert audio.size > 0
+    finally:
+        engine.close()
+
+
+async def test_when_no_new_model_process_will_start_the_engine_says_the_model_is_lost(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "tiny-moshi"
+    shutil.copytree(TINY_DIR, checkpoint)
+    monkeypatch.setattr(modelprocess, "RESTART_DELAYS_S", (0.01, 0.01))
+    monkeypatch.setattr(modelprocess, "RESTART_TRIES", 2)
+    engine = load_engine(str(checkpoint), device=DEVICE, sessions=1, warmup_frames=1)
+    told: list[str] = []
+    engine.on_model_lost = told.append
+    try:
+        shutil.rmtree(checkpoint)  # the volume with the weights is gone: no new process can load them
+        os.kill(engine.model.pid, signal.SIGKILL)
+        await until(lambda: told, timeout=120)
+        assert "could not be restarted (2 tries" in told[0] and "ModelUnavailableError" in told[0]
+        assert engine.lost == told[0] == engine.stopped and engine.model.restarts == 0
+        with pytest.raises(BusyError, match="could not be restarted") as refused:
+            await engine.acquire(GREEDY)
+        assert not isinstance(refused.value, ModelRestarting)  # no "try again in a minute" now
     finally:
         engine.close()
 
