@@ -101,3 +101,13 @@ async def converse(session: MoshiSession, pcm: np.ndarray, chunk: int = 1920) ->
     finally:
         feeder.cancel()
     return np.concatenate(frames), texts
+
+
+def fail_every_step(model, error: Exception) -> None:
+    """Run on the stepping thread (`engine.model.run(fail_every_step, error)`, in the model
+    process too): from now on every step of `model` raises `error`."""
+
+    def failing_step(batch):
+        raise error
+
+    model._step = failing_step

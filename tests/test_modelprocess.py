@@ -22,7 +22,7 @@ from moshi_engine.model import BatchedMoshi
 from moshi_engine.modelchild import FAILED_STEPS_TO_EXIT
 from moshi_engine.modelprocess import RESTART_DELAYS_S, RESTART_STABLE_S, ModelProcess, restart_delay
 
-from .conftest import DEVICE, converse, until
+from .conftest import DEVICE, converse, fail_every_step, until
 
 GREEDY = Sampling(temp=0.0, temp_text=0.0)
 SEEDED = Sampling(temp=0.9, top_k=50, temp_text=0.8, top_k_text=20, seed=5)
@@ -141,17 +141,10 @@ async def test_when_the_model_process_dies_its_conversations_end_and_another_ser
         engine.close()
 
 
-def _fail_every_step(model: BatchedMoshi) -> None:
-    def failing_step(batch):
-        raise ValueError("a step that fails")
-
-    model._step = failing_step
-
-
 async def test_a_failed_step_ends_its_conversations_and_steps_failing_in_a_row_replace_the_process(hello_pcm):
     engine = load_engine("tiny", device=DEVICE, sessions=1, warmup_frames=1)
     try:
-        engine.model.run(_fail_every_step)
+        engine.model.run(fail_every_step, ValueError("a step that fails"))
         broken_pid = engine.model.pid
         for _ in range(FAILED_STEPS_TO_EXIT):
             assert engine.model.pid == broken_pid  # a failed step alone does not stop it

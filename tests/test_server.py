@@ -26,7 +26,7 @@ from moshi_engine.server import create_api
 from moshi_engine.ui import status_line
 from moshi_engine.web import create_app
 
-from .conftest import DEVICE, until
+from .conftest import DEVICE, fail_every_step, until
 from .live import serve_asgi
 
 PROTOCOLS = [Protocol.QUILLMAN, Protocol.MOSHI]
@@ -252,21 +252,12 @@ async def test_a_model_failure_closes_with_1011_and_the_slot_serves_the_next_ses
         engine.close()
 
 
-def _fail_every_step_as_a_cuda_error_would(model) -> None:
-    """Run in the model process: from now on its steps raise what torch raises on a GPU whose
-    context an illegal memory access has poisoned."""
-
-    def failing_step(batch):
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-    model._step = failing_step
-
-
 async def test_a_model_process_broken_by_a_cuda_error_is_replaced_and_the_server_serves_again(hello_pcm):
     engine = load_engine("tiny", device=DEVICE, sessions=1, warmup_frames=1)
     try:
         with serve_asgi(create_api(engine)) as base:
-            engine.model.run(_fail_every_step_as_a_cuda_error_would)
+            # what torch raises on a GPU whose context an illegal memory access has poisoned
+            engine.model.run(fail_every_step, RuntimeError("CUDA error: an illegal memory access was encountered"))
             broken_pid = engine.model.pid
             ws = await open_chat(base, Protocol.MOSHI)
             for page in ogg_frames(hello_pcm[: 5 * FRAME_SIZE]):
