@@ -187,7 +187,7 @@ def test_python_app_py_stops_with_status_1_when_its_model_cannot_be_restarted(tm
         (model_process,) = psutil.Process(process.pid).children()
         shutil.rmtree(checkpoint)  # the weights are gone: no new model process can load them
         model_process.kill()
-        output, _ = process.communicate(timeout=300)  # five tries, 1 + 2 + 4 + 8 s apart
+        output, _ = process.communicate(timeout=300)  # five tries, after waits of 1, 2, 4, 8 and 16 s
     finally:
         process.kill()
     assert process.returncode == 1, output
