@@ -108,7 +108,9 @@ def _capacity_panel(ax, documents: list[dict], labels: list[str]) -> None:
             transform=ax.get_yaxis_transform())
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.xaxis.set_major_locator(FixedLocator(sorted(tried)))
+    # the ramp's powers of two (and the top level tried): the bisected levels in between would overlap
+    ticks = {k for k in tried if k & (k - 1) == 0} | {max(tried)}
+    ax.xaxis.set_major_locator(FixedLocator(sorted(ticks)))
     ax.xaxis.set_major_formatter(FormatStrFormatter("%d"))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
@@ -126,6 +128,7 @@ def _capacity_line(ax, xs: list[int], ys: list[float], levels: list[dict], label
 
 
 def _compare_panel(ax, documents: list[dict]) -> None:
+    """Per metric, each run's ours / moshi's server (1 = as fast), a bar per run."""
     title = "Ours vs moshi's server, same checkpoint"
     groups = []
     for index, doc in enumerate(documents):
@@ -135,27 +138,24 @@ def _compare_panel(ax, documents: list[dict]) -> None:
     if not groups:
         _empty(ax, title, "comparison not measured")
         return
-    metrics = (("latency p50", lambda r: r["latency"]["p50_ms"], "ms"),
-               ("latency p95", lambda r: r["latency"]["p95_ms"], "ms"),
-               ("throughput", lambda r: r["throughput_fps"], "frames/s"))
-    width = 0.38
-    ticks, names = [], []
+    metrics = (("latency p50", lambda r: r["latency"]["p50_ms"]),
+               ("latency p95", lambda r: r["latency"]["p95_ms"]),
+               ("throughput", lambda r: r["throughput_fps"]))
+    width = 0.8 / len(groups)
+    top = 1.0
     for slot, (index, result) in enumerate(groups):
-        for position, (name, value, unit) in enumerate(metrics):
-            x = slot * (len(metrics) + 1) + position
-            ours, reference = value(result["ours"]), value(result["reference"])
-            # each pair on its own scale: ours relative to moshi's server (= 1)
-            ax.bar(x - width / 2, ours / reference if reference else 0, width, color="#1f77b4",
-                   label="ours" if (slot, position) == (0, 0) else None)
-            ax.bar(x + width / 2, 1.0, width, color="#999999", label="moshi's server" if (slot, position) == (0, 0)
-                   else None)
-            ax.text(x - width / 2, ours / reference if reference else 0, f"{ours:.1f}", ha="center", va="bottom",
-                    fontsize=7)
-            ax.text(x + width / 2, 1.0, f"{reference:.1f}", ha="center", va="bottom", fontsize=7)
-            ticks.append(x)
-            names.append(f"{name}\n({unit})" + (f"\nrun {index + 1}" if len(groups) > 1 else ""))
+        xs, ratios = [], []
+        for position, (_, value) in enumerate(metrics):
+            reference = value(result["reference"])
+            xs.append(position + (slot - (len(groups) - 1) / 2) * width)
+            ratios.append(value(result["ours"]) / reference if reference else 0.0)
+        ax.bar(xs, ratios, width * 0.9, color=f"C{index}", label=f"run {index + 1}")
+        top = max(top, *ratios)
+        for x, ratio in zip(xs, ratios, strict=True):
+            ax.text(x, ratio, f"{ratio:.2f}", ha="center", va="bottom", fontsize=7)
     ax.axhline(1.0, color="#333333", linewidth=0.8)
-    ax.set_xticks(ticks, names, fontsize=8)
-    ax.set_ylabel("relative to moshi's server (bars labelled with values)")
+    ax.set_ylim(0, top * 1.3)
+    ax.set_xticks(range(len(metrics)), [name for name, _ in metrics], fontsize=8)
+    ax.set_ylabel("ours / moshi's server (1: the same)")
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", ncol=len(groups), frameon=False)
