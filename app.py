@@ -25,7 +25,7 @@ from pathlib import Path
 
 import modal
 
-from moshi_engine.capacity import AUTO, MAX_AUTO_SESSIONS, explicit_sessions, fit_sessions
+from moshi_engine.model.sizing import AUTO, MAX_AUTO_SESSIONS, explicit_sessions, fit_sessions
 
 # ## Configuration
 
@@ -300,10 +300,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from moshi_engine.capacity import CapacityError
-    from moshi_engine.checkpoint import ModelUnavailableError
     from moshi_engine.conversation import SessionLimits
-    from moshi_engine.engine import load_engine, pick_device
+    from moshi_engine.engine import load_engine
+    from moshi_engine.model.checkpoint import ModelUnavailableError
+    from moshi_engine.model.loading import pick_device
+    from moshi_engine.model.sizing import CapacityError
     from moshi_engine.web import create_app, serve
 
     args = parse_args(argv)

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from .audio import FRAME_SIZE
-from .checkpoint import resolve_checkpoint
-from .engine import configure_torch, pick_device
+from .model.checkpoint import resolve_checkpoint
+from .model.loading import configure_torch, pick_device
 
 
 def reference_server_module() -> types.ModuleType:

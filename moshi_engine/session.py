@@ -31,8 +31,8 @@ from .conversation import (
     SessionError,
     TextOut,
 )
-from .model import BatchedMoshi, StepOutput
-from .modelprocess import ModelProcess
+from .model.batched import BatchedMoshi, StepOutput
+from .model.process import ModelProcess
 
 log = logging.getLogger(__name__)
 

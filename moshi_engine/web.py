@@ -19,7 +19,8 @@ from fastapi.responses import JSONResponse
 from .access import TokenGate
 from .client import websocket_url
 from .conversation import SessionLimits
-from .engine import MoshiEngine, freeze_garbage_collector
+from .engine import MoshiEngine
+from .model.loading import freeze_garbage_collector
 from .protocol import Protocol
 from .relay import relay
 from .server import RESTART_REASON, MoshiServer, create_api

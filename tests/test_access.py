@@ -18,8 +18,7 @@ from moshi_engine.audio import SAMPLE_RATE  # noqa: E402
 from moshi_engine.client import exchange  # noqa: E402
 from moshi_engine.protocol import HANDSHAKE, CloseCode  # noqa: E402
 from moshi_engine.web import create_app  # noqa: E402
-
-from .live import serve_asgi  # noqa: E402
+from tests.live import serve_asgi  # noqa: E402
 
 TOKEN = "correct horse battery staple"
 WRONG = "hunter2"

@@ -17,12 +17,11 @@ from pathlib import Path
 import modal
 
 from moshi_engine.audio import SAMPLE_RATE
-from moshi_engine.checkpoint import TINY_DIR
 from moshi_engine.client import exchange
+from moshi_engine.model.checkpoint import TINY_DIR
 from moshi_engine.protocol import CloseCode
-
-from .conftest import PROXY_VARIABLES
-from .live import serve_asgi
+from tests.conftest import PROXY_VARIABLES
+from tests.live import serve_asgi
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -230,8 +229,7 @@ def test_remote_mode_page_carries_a_browser_conversation_to_a_second_server():
     from playwright.sync_api import sync_playwright
 
     from moshi_engine.bench.browser import STOP_BUTTON
-
-    from .test_browser import CHROMIUM, CHROMIUM_ARGS, INBOUND_AUDIO, TALK_BUTTON, TOKEN, open_page
+    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, INBOUND_AUDIO, TALK_BUTTON, TOKEN, open_page
 
     moshi, moshi_url = start_app("--model", "tiny", "--device", "cpu")
     page_only = None

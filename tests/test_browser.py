@@ -27,9 +27,8 @@ from moshi_engine.endings import LEFT_LINE_MESSAGE, Ending  # noqa: E402
 from moshi_engine.engine import load_engine  # noqa: E402
 from moshi_engine.records import ConversationRecord  # noqa: E402
 from moshi_engine.web import create_app  # noqa: E402
-
-from .conftest import HELLO_WAV  # noqa: E402
-from .live import serve_asgi  # noqa: E402
+from tests.conftest import HELLO_WAV  # noqa: E402
+from tests.live import serve_asgi  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

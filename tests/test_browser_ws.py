@@ -27,8 +27,7 @@ from moshi_engine.codec import OpusDecoder
 from moshi_engine.protocol import CloseCode
 from moshi_engine.server import create_api
 from moshi_engine.timings import STEP
-
-from .live import serve_asgi
+from tests.live import serve_asgi
 
 CONVERSATION_S = 4.0
 TIMEOUT_MS = 30_000

@@ -19,9 +19,8 @@ from moshi_engine.codec import OpusEncoder
 from moshi_engine.engine import load_engine
 from moshi_engine.protocol import HANDSHAKE
 from moshi_engine.server import create_api
-
-from .conftest import DEVICE
-from .live import serve_asgi
+from tests.conftest import DEVICE
+from tests.live import serve_asgi
 
 CONVERSATIONS = 120
 AT_ONCE = 6  # more than the slots: some wait in line

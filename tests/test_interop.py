@@ -20,9 +20,8 @@ from moshi_engine.conversation import SessionLimits
 from moshi_engine.protocol import HANDSHAKE, CloseCode
 from moshi_engine.reference import reference_app
 from moshi_engine.server import create_api
-
-from .conftest import HELLO_WAV
-from .live import serve_aiohttp, serve_asgi
+from tests.conftest import HELLO_WAV
+from tests.live import serve_aiohttp, serve_asgi
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,8 @@ from moshi_engine.endings import line_message
 from moshi_engine.line import DEFAULT_CONVERSATION_S, LinePosition, WaitingLine
 from moshi_engine.protocol import HANDSHAKE, KIND_AUDIO, KIND_METADATA, CloseCode
 from moshi_engine.server import create_api
-
-from .conftest import until
-from .live import serve_asgi
+from tests.conftest import until
+from tests.live import serve_asgi
 
 
 @pytest.fixture(scope="module")

@@ -37,8 +37,7 @@ from moshi_engine.pagescript import RECORDING_READY  # noqa: E402
 from moshi_engine.protocol import HANDSHAKE  # noqa: E402
 from moshi_engine.recording import Recording  # noqa: E402
 from moshi_engine.web import create_app  # noqa: E402
-
-from .live import serve_asgi  # noqa: E402
+from tests.live import serve_asgi  # noqa: E402
 
 TOKEN = "fallback-test-token"
 TALK = "#moshi-webrtc button[aria-label='start stream']"

@@ -21,8 +21,7 @@ from moshi_engine.recording import Recording
 from moshi_engine.records import ConversationLog
 from moshi_engine.rtc import MoshiHandler
 from moshi_engine.ui import sampling_from_inputs
-
-from .conftest import converse
+from tests.conftest import converse
 
 CHUNK = 960  # what FastRTC hands receive() at 24 kHz: 40 ms of int16 [1, n]
 

@@ -25,9 +25,8 @@ from moshi_engine.protocol import HANDSHAKE, MAX_MESSAGE_BYTES, CloseCode, Proto
 from moshi_engine.server import create_api
 from moshi_engine.ui import status_line
 from moshi_engine.web import create_app
-
-from .conftest import DEVICE, fail_every_step, until
-from .live import serve_asgi
+from tests.conftest import DEVICE, fail_every_step, until
+from tests.live import serve_asgi
 
 PROTOCOLS = [Protocol.QUILLMAN, Protocol.MOSHI]
 

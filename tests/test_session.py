@@ -10,8 +10,7 @@ import pytest
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE
 from moshi_engine.conversation import AudioOut, BusyError, Sampling, SessionClosed
 from moshi_engine.engine import load_engine
-
-from .conftest import DEVICE, converse
+from tests.conftest import DEVICE, converse
 
 
 async def test_three_seconds_of_speech_give_three_seconds_of_frames_and_text(tiny_engine, hello_pcm):

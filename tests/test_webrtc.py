@@ -28,8 +28,7 @@ from moshi_engine.endings import Ending, ending_message, line_message  # noqa: E
 from moshi_engine.engine import load_engine  # noqa: E402
 from moshi_engine.server import create_api  # noqa: E402
 from moshi_engine.ui import MoshiPage, mount_ui  # noqa: E402
-
-from .conftest import DEVICE, HELLO_WAV, until  # noqa: E402
+from tests.conftest import DEVICE, HELLO_WAV, until  # noqa: E402
 
 PAGE_INPUTS = [0.8, 250, 0.7, 25, 42]  # audio temp, audio top-k, text temp, text top-k, seed
 

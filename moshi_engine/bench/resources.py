@@ -154,7 +154,7 @@ class Bench:
         """The checkpoint loaded once in this process, for every in-process engine of the run
         (a full-size model takes as long to load as a capacity level takes to run)."""
         if self._weights is None:
-            from ..engine import load_weights
+            from ..model.loading import load_weights
 
             self.stop_servers()  # their models would share the device's memory with this one
             self._weights = load_weights(self.config.model, self.config.device)

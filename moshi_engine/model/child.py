@@ -1,4 +1,4 @@
-"""The model process's side of `modelprocess`: load and warm the slots, then read the server's
+"""The model process's side of `process`: load and warm the slots, then read the server's
 messages between steps and step, until told to close, or until the model is broken.
 
 A step that fails ends the conversations in it (their rows are reset) and the process goes on.
@@ -15,7 +15,8 @@ import signal
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-from .model import BatchedMoshi, Lease, StepOutput
+from .batched import BatchedMoshi, Lease, StepOutput
+from .loading import freeze_garbage_collector, load_slots
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,6 @@ def serve(fd: int) -> None:
     conn = Connection(fd)
     model, device, sessions, warmup_frames, gather_ms, log_level = conn.recv()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .engine import freeze_garbage_collector, load_slots
-
     try:
         batched, info, default_sampling = load_slots(model, device, sessions, warmup_frames, gather_ms, thread=False)
     except BaseException as error:  # noqa: BLE001 - handed to the parent, which raises it

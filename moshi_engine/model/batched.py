@@ -33,11 +33,11 @@ import sentencepiece
 import torch
 from moshi.models import LMModel, MimiModel
 
-from .audio import FRAME_SIZE
-from .conversation import BusyError, Sampling, SessionClosed
+from ..audio import FRAME_SIZE
+from ..conversation import BusyError, Sampling, SessionClosed
+from ..timings import LM_STEP, MIMI_DECODE, MIMI_ENCODE, STEP, STEP_WAIT, StageTimings
 from .cpukernels import use_cpu_kernels
 from .rowsampling import RowSamplingLMGen
-from .timings import LM_STEP, MIMI_DECODE, MIMI_ENCODE, STEP, STEP_WAIT, StageTimings
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Lease:
     `deliver` is called on `loop` (the loop that submits its frames), once per frame
     the conversation submitted, with that frame's StepOutput, or with the exception if
     its step failed. `ident` names the conversation across a process boundary
-    (`modelprocess`).
+    (`process`).
     """
 
     slot: int

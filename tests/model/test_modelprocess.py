@@ -13,16 +13,15 @@ import numpy as np
 import psutil
 import pytest
 
-from moshi_engine import modelprocess
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE
-from moshi_engine.checkpoint import TINY_DIR, ModelUnavailableError
 from moshi_engine.conversation import BusyError, ModelRestarting, Sampling, SessionError
 from moshi_engine.engine import load_engine
-from moshi_engine.model import BatchedMoshi
-from moshi_engine.modelchild import FAILED_STEPS_TO_EXIT
-from moshi_engine.modelprocess import RESTART_DELAYS_S, RESTART_STABLE_S, ModelProcess, restart_delay
-
-from .conftest import DEVICE, converse, fail_every_step, until
+from moshi_engine.model import process as model_process
+from moshi_engine.model.batched import BatchedMoshi
+from moshi_engine.model.checkpoint import TINY_DIR, ModelUnavailableError
+from moshi_engine.model.child import FAILED_STEPS_TO_EXIT
+from moshi_engine.model.process import RESTART_DELAYS_S, RESTART_STABLE_S, ModelProcess, restart_delay
+from tests.conftest import DEVICE, converse, fail_every_step, until
 
 GREEDY = Sampling(temp=0.0, temp_text=0.0)
 SEEDED = Sampling(temp=0.9, top_k=50, temp_text=0.8, top_k_text=20, seed=5)
@@ -163,8 +162,8 @@ async def test_a_failed_step_ends_its_conversations_and_steps_failing_in_a_row_r
 async def test_when_no_new_model_process_will_start_the_engine_says_the_model_is_lost(tmp_path, monkeypatch):
     checkpoint = tmp_path / "tiny-moshi"
     shutil.copytree(TINY_DIR, checkpoint)
-    monkeypatch.setattr(modelprocess, "RESTART_DELAYS_S", (0.01, 0.01))
-    monkeypatch.setattr(modelprocess, "RESTART_TRIES", 2)
+    monkeypatch.setattr(model_process, "RESTART_DELAYS_S", (0.01, 0.01))
+    monkeypatch.setattr(model_process, "RESTART_TRIES", 2)
     engine = load_engine(str(checkpoint), device=DEVICE, sessions=1, warmup_frames=1)
     told: list[str] = []
     engine.on_model_lost = told.append

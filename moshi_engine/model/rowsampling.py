@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from moshi.models import LMGen, LMModel
 
-from .conversation import Sampling
+from ..conversation import Sampling
 
 
 def sample_rows(logits: torch.Tensor, temp: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -17,14 +17,13 @@ import torch
 from moshi.models import loaders
 from safetensors.torch import load_file
 
-from moshi_engine import tiny
-from moshi_engine.checkpoint import TINY_DIR, ModelUnavailableError, resolve_checkpoint
 from moshi_engine.conversation import Sampling
 from moshi_engine.engine import load_engine
+from moshi_engine.model import tiny
+from moshi_engine.model.checkpoint import TINY_DIR, ModelUnavailableError, resolve_checkpoint
+from tests.conftest import DEVICE, PROXY_VARIABLES, converse
 
-from .conftest import DEVICE, PROXY_VARIABLES, converse
-
-REPOSITORY = Path(__file__).resolve().parent.parent
+REPOSITORY = Path(__file__).resolve().parents[2]
 # Other x86-64 CPUs, as far as each library's own switch can make this one behave like
 # them: torch's kernels (ATen), oneDNN, MKL (MKL_CBWR: its vendor-neutral path), numpy
 # and glibc's libm (FMA or not). Features a CPU lacks are ignored. The core count needs
@@ -61,7 +60,7 @@ def built_elsewhere(tmp_path_factory):
     root = tmp_path_factory.mktemp("built-elsewhere")
     builds = {}
     for name, restrictions in {THIS_CPU: {}, **OTHER_CPUS}.items():
-        command = [sys.executable, "-m", "moshi_engine.tiny", "--out", str(root / name)]
+        command = [sys.executable, "-m", "moshi_engine.model.tiny", "--out", str(root / name)]
         env = os.environ | restrictions
         process = subprocess.Popen(command, cwd=REPOSITORY, env=env, stderr=subprocess.PIPE, text=True)
         builds[name] = (process, root / name)

@@ -6,11 +6,10 @@ import pytest
 import torch
 from moshi.models import LMGen
 
-from moshi_engine.checkpoint import resolve_checkpoint
 from moshi_engine.conversation import Sampling
-from moshi_engine.rowsampling import RowSamplingLMGen
-
-from .conftest import DEVICE
+from moshi_engine.model.checkpoint import resolve_checkpoint
+from moshi_engine.model.rowsampling import RowSamplingLMGen
+from tests.conftest import DEVICE
 
 STEPS = 40
 

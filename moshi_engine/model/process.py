@@ -8,7 +8,7 @@ conversations, the step held the lock about half of the time and the loop the ot
 half. As in vLLM's engine-core process, the model runs in a child process (spawned, so
 CUDA works there; its own interpreter, so nothing of the server's `__main__` runs there)
 where one thread reads the server's messages between steps and steps, and the server keeps a
-`ModelProcess`: the same slots interface as `model.BatchedMoshi` (`lease`, `submit`,
+`ModelProcess`: the same slots interface as `batched.BatchedMoshi` (`lease`, `submit`,
 `release`, `run`, `close`), over a pipe.
 
 The server decides who holds which slot, so a lease is answered at once (BusyError when
@@ -18,7 +18,7 @@ so that a late output of a conversation that has ended is dropped, not handed to
 next one on its slot. A step's stage timings come with it, for `/status`.
 
 If the child dies (the kernel's OOM killer, a crash in native code) or gives up on its model
-(a CUDA error, or steps failing in a row: `modelchild`, the child's side), every conversation
+(a CUDA error, or steps failing in a row: `child`, the child's side), every conversation
 on it ends with an error, new ones are refused with the reason, and another child like it is
 started and warmed up; once it is ready, conversations are admitted again. vLLM leaves that
 to its orchestrator; here the server does it, so that a demo left running on a Space or a
@@ -48,17 +48,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .conversation import BusyError, Sampling, SessionClosed
-from .model import Delivery, Lease, StepOutput, deliver_to_loops
-from .modelchild import _CLOSE, _FAILED, _FRAME, _LEASE, _RELEASE, _RESULT, _RUN, _STEP
-from .timings import STEP, StageTimings
+from ..conversation import BusyError, Sampling, SessionClosed
+from ..timings import STEP, StageTimings
+from .batched import Delivery, Lease, StepOutput, deliver_to_loops
+from .child import _CLOSE, _FAILED, _FRAME, _LEASE, _RELEASE, _RESULT, _RUN, _STEP
 
 if TYPE_CHECKING:
-    from .engine import EngineInfo
+    from .loading import EngineInfo
 
 log = logging.getLogger(__name__)
 
-PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # where `import moshi_engine` works
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # where `import moshi_engine` works
 
 START_TIMEOUT_S = 1800.0  # a first start downloads ~15 GB of weights
 CLOSE_TIMEOUT_S = 30.0
@@ -93,7 +93,7 @@ class _Launch:
         ours, theirs = socket.socketpair()
         path = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))
         process = subprocess.Popen(
-            [sys.executable, "-c", f"from moshi_engine.modelchild import serve; serve({theirs.fileno()})"],
+            [sys.executable, "-c", f"from moshi_engine.model.child import serve; serve({theirs.fileno()})"],
             pass_fds=[theirs.fileno()], env={**os.environ, "PYTHONPATH": path})
         theirs.close()
         conn = Connection(ours.detach())
@@ -159,7 +159,7 @@ class ModelProcess:
     def start(cls, model: str, device: str, sessions: int | str, warmup_frames: int,
               gather_ms: float) -> ModelProcess:
         """Start the child, which loads `model` on `device` with `sessions` slots and warms them
-        up (`engine.load_slots`); returns once it is ready, or raises what it raised."""
+        up (`loading.load_slots`); returns once it is ready, or raises what it raised."""
         launch = _Launch(model, device, sessions, warmup_frames, gather_ms)
         process, conn, (info, default_sampling, capacity) = launch.run()
         return cls(dataclasses.replace(launch, sessions=capacity), process, conn, info, default_sampling, capacity)
@@ -182,7 +182,7 @@ class ModelProcess:
     def pid(self) -> int:
         return self._process.pid
 
-    # ## The slots interface of model.BatchedMoshi, called from event loops
+    # ## The slots interface of batched.BatchedMoshi, called from event loops
 
     def lease(self, sampling: Sampling, deliver: Delivery) -> Lease:
         """The lowest free slot for a conversation sampling with `sampling` (BusyError if none)."""

@@ -14,19 +14,19 @@ import torch
 from websockets.asyncio.client import connect
 
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE
-from moshi_engine.capacity import AUTO, CapacityError, fit_sessions
 from moshi_engine.client import exchange, websocket_url
 from moshi_engine.codec import OpusEncoder
 from moshi_engine.conversation import AudioOut, Sampling, TextOut
-from moshi_engine.cpukernels import ExpELU, PointwiseConv1d, use_cpu_kernels
-from moshi_engine.engine import load_engine, load_weights
-from moshi_engine.model import BatchedMoshi
+from moshi_engine.engine import load_engine
+from moshi_engine.model.batched import BatchedMoshi
+from moshi_engine.model.cpukernels import ExpELU, PointwiseConv1d, use_cpu_kernels
+from moshi_engine.model.loading import load_weights
+from moshi_engine.model.sizing import AUTO, CapacityError, fit_sessions
 from moshi_engine.protocol import HANDSHAKE, CloseCode
 from moshi_engine.server import create_api
 from moshi_engine.session import MoshiSession
-
-from .conftest import DEVICE, until
-from .live import serve_asgi
+from tests.conftest import DEVICE, until
+from tests.live import serve_asgi
 
 SLOTS = 4
 GREEDY = Sampling(temp=0.0, temp_text=0.0)
@@ -235,7 +235,7 @@ def test_cpu_kernels_swap_mimis_elus_and_pointwise_convs_and_keep_what_it_comput
 # anew (477 faults here); kept, it reuses the first one's.
 _REUSE = """
 import resource, numpy as np
-from moshi_engine.engine import keep_freed_memory
+from moshi_engine.model.loading import keep_freed_memory
 assert keep_freed_memory()
 block = np.ones(2 << 20); del block
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

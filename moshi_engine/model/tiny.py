@@ -1,6 +1,6 @@
 """Build the tiny offline checkpoint: real Moshi + Mimi architecture, random weights.
 
-    python -m moshi_engine.tiny --out assets/tiny-moshi
+    python -m moshi_engine.model.tiny --out assets/tiny-moshi
 
 The result has the on-disk layout of Kyutai's newer Hugging Face repos
 (`config.json` naming the Moshi and Mimi safetensors, the Mimi config and the
@@ -32,7 +32,7 @@ import torch
 from moshi.models import loaders
 from safetensors.torch import save_file
 
-from .audio import SAMPLE_RATE
+from ..audio import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
