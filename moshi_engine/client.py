@@ -38,7 +38,7 @@ from .conversation import (
     SessionError,
     TextOut,
 )
-from .line import LinePosition
+from .door.line import LinePosition
 from .protocol import (
     HANDSHAKE,
     KIND_AUDIO,

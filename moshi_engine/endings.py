@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 
 from .conversation import BusyError, ServerRestarting, SessionClosed, SessionLimits
-from .line import LinePosition, LineTimeout
+from .door.line import LinePosition, LineTimeout
 
 
 class Ending(enum.Enum):

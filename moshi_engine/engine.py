@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .conversation import BusyError, ModelRestarting, Sampling
-from .line import QUEUE_PLACES, QUEUE_TIMEOUT_S, LinePosition, WaitingLine
+from .door.line import QUEUE_PLACES, QUEUE_TIMEOUT_S, LinePosition, WaitingLine
 from .model.batched import BatchedMoshi
 from .model.checkpoint import DEFAULT_MODEL
 from .model.loading import WARMUP_FRAMES, EngineInfo, Weights, freeze_garbage_collector, load_slots
@@ -161,7 +161,7 @@ def load_engine(
     POSIX, unless `weights` are given: those live in this process) they are loaded and stepped
     in a process of their own (`model.process`), else by a thread of this one. `gather_ms` is the
     stepping policy (`model.batched.BatchedMoshi`); `queue` places wait at most `queue_timeout_s`
-    each for a slot (`line.WaitingLine`).
+    each for a slot (`door.line.WaitingLine`).
     """
     if model_process and weights is None and os.name == "posix":  # the child's pipe is an inherited fd
         slots = ModelProcess.start(model, device, sessions, warmup_frames, gather_ms)

@@ -2,7 +2,7 @@
 
 Records are kept by WebRTC id, bounded in number. A recording belongs to the
 browser that had the conversation: the page binds a record to the browser's
-identity cookie (`access.BrowserIdentity`) the first time that browser asks about
+identity cookie (`door.access.BrowserIdentity`) the first time that browser asks about
 it, and the download route serves the file to that browser alone, under a random
 download id; anyone else, or a guessed path, gets a 404. Recordings are deleted
 `recording_ttl_s` (15 minutes) after their conversation, and with the directory
@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .conversation import Sampling
+from .door.line import LinePosition
 from .endings import Ending
-from .line import LinePosition
 
 if TYPE_CHECKING:
     from .rtc import MoshiHandler

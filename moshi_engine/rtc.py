@@ -29,8 +29,8 @@ from fastrtc.utils import create_message, current_context
 
 from .audio import SAMPLE_RATE, int16_to_pcm
 from .conversation import AudioOut, BusyError, Conversation, Sampling, ServerRestarting, SessionLimits, TextOut
+from .door.line import LinePosition
 from .endings import LEFT_LINE_MESSAGE, STARTING_MESSAGE, Ending, duration_words, ending_for, ending_message
-from .line import LinePosition
 from .recording import Recording
 from .records import ConversationLog, ConversationRecord
 

@@ -19,11 +19,11 @@ from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from .access import TokenGate
 from .codec import OpusDecoder, OpusEncoder, OpusError
 from .conversation import AudioOut, BusyError, ServerRestarting, SessionError, SessionLimits
+from .door.access import TokenGate
+from .door.line import LinePosition
 from .engine import MoshiEngine
-from .line import LinePosition
 from .protocol import (
     HANDSHAKE,
     CloseCode,

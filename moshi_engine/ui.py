@@ -30,12 +30,12 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastrtc import WebRTC
 
-from .access import BROWSER_COOKIE, BrowserIdentity, cookie_value
 from .browser import STATIC_PATH, mount_static
 from .conversation import Sampling, SessionLimits
+from .door.access import BROWSER_COOKIE, BrowserIdentity, cookie_value
+from .door.line import QUEUE_PLACES, QUEUE_TIMEOUT_S
 from .endings import Ending, ending_message, line_message
 from .ice import browser_rtc_configuration, ice_source, server_rtc_configuration
-from .line import QUEUE_PLACES, QUEUE_TIMEOUT_S
 from .pagescript import RECORDING_LINK, RECORDING_READY, page_config, page_head
 from .protocol import Protocol
 from .records import ConversationLog, ConversationRecord

@@ -16,9 +16,9 @@ import httpx
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse
 
-from .access import TokenGate
 from .client import websocket_url
 from .conversation import SessionLimits
+from .door.access import TokenGate
 from .engine import MoshiEngine
 from .model.loading import freeze_garbage_collector
 from .protocol import Protocol
@@ -50,7 +50,7 @@ def create_app(
     polling the server's /status (on Modal that would wake a GPU worker), and
     `connect_timeout_s` bounds how long a session may wait for the server (a cold
     GPU worker takes minutes). With a `token`, every route but `/status` asks for it
-    (`access.TokenGate`).
+    (`door.access.TokenGate`).
     """
     if (engine is None) == (remote is None):
         raise ValueError("give either a local engine or the URL of a remote Moshi server")

@@ -30,9 +30,9 @@ from websockets.sync.client import connect  # noqa: E402
 from moshi_engine.audio import SAMPLE_RATE, rms, write_wav  # noqa: E402
 from moshi_engine.bench.browser import NO_WEBRTC_PATH  # noqa: E402
 from moshi_engine.conversation import SessionLimits  # noqa: E402
+from moshi_engine.door.line import LinePosition  # noqa: E402
 from moshi_engine.endings import LEFT_LINE_MESSAGE, Ending, duration_words, ending_message, line_message  # noqa: E402
 from moshi_engine.engine import load_engine  # noqa: E402
-from moshi_engine.line import LinePosition  # noqa: E402
 from moshi_engine.pagescript import RECORDING_READY  # noqa: E402
 from moshi_engine.protocol import HANDSHAKE  # noqa: E402
 from moshi_engine.recording import Recording  # noqa: E402

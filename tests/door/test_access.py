@@ -13,9 +13,9 @@ import pytest  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import InvalidStatus  # noqa: E402
 
-from moshi_engine.access import COOKIE  # noqa: E402
 from moshi_engine.audio import SAMPLE_RATE  # noqa: E402
 from moshi_engine.client import exchange  # noqa: E402
+from moshi_engine.door.access import COOKIE  # noqa: E402
 from moshi_engine.protocol import HANDSHAKE, CloseCode  # noqa: E402
 from moshi_engine.web import create_app  # noqa: E402
 from tests.live import serve_asgi  # noqa: E402

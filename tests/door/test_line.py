@@ -14,8 +14,8 @@ from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE
 from moshi_engine.client import exchange, websocket_url
 from moshi_engine.codec import OpusEncoder
 from moshi_engine.conversation import BusyError, Sampling
+from moshi_engine.door.line import DEFAULT_CONVERSATION_S, LinePosition, WaitingLine
 from moshi_engine.endings import line_message
-from moshi_engine.line import DEFAULT_CONVERSATION_S, LinePosition, WaitingLine
 from moshi_engine.protocol import HANDSHAKE, KIND_AUDIO, KIND_METADATA, CloseCode
 from moshi_engine.server import create_api
 from tests.conftest import until

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from .conversation import BusyError
+from ..conversation import BusyError
 
 log = logging.getLogger(__name__)
 
