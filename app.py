@@ -221,7 +221,7 @@ if SCALE_OUT:
 
         @modal.asgi_app()
         def web(self):
-            from moshi_engine.server import create_api
+            from moshi_engine.wire.server import create_api
 
             self.app = create_api(self.engine, session_limits(), token=access_token())
             return self.app

@@ -18,7 +18,7 @@ import json
 from .browser import STATIC_PATH
 from .conversation import SessionLimits
 from .endings import page_words
-from .protocol import idle_reason, time_limit_reason
+from .wire.protocol import idle_reason, time_limit_reason
 
 CONFIG_ID = "moshi-page-config"
 # How long WebRTC may take to connect before the page talks over its websocket instead,

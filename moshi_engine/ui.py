@@ -37,10 +37,10 @@ from .door.line import QUEUE_PLACES, QUEUE_TIMEOUT_S
 from .endings import Ending, ending_message, line_message
 from .ice import browser_rtc_configuration, ice_source, server_rtc_configuration
 from .pagescript import RECORDING_LINK, RECORDING_READY, page_config, page_head
-from .protocol import Protocol
 from .records import ConversationLog, ConversationRecord
 from .rtc import MoshiHandler, OpenConversation, abandon_unconnected
 from .timings import LM_STEP, MIMI_DECODE, MIMI_ENCODE
+from .wire.protocol import Protocol
 
 if TYPE_CHECKING:
     from .engine import MoshiEngine
@@ -346,7 +346,7 @@ def mount_ui(
 
     Also served: the page's scripts (`browser.mount_static`, under `path`), each
     browser's recordings, and a route where the page abandons a WebRTC attempt that
-    never connected. When `app` serves `/api/chat` (a local engine's `server.create_api`, or
+    never connected. When `app` serves `/api/chat` (a local engine's `wire.server.create_api`, or
     a page-only app's relay to its remote server), the page talks over it whenever WebRTC
     cannot connect.
     """
@@ -373,7 +373,7 @@ def mount_ui(
             **where,
         )
     else:
-        from .client import RemoteSession
+        from .wire.remote import RemoteSession
 
         async def open_remote(sampling: Sampling | None, on_position) -> RemoteSession:
             # The remote server keeps its own line: start() waits in it.

@@ -16,15 +16,15 @@ import httpx
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse
 
-from .client import websocket_url
 from .conversation import SessionLimits
 from .door.access import TokenGate
 from .engine import MoshiEngine
 from .model.loading import freeze_garbage_collector
-from .protocol import Protocol
-from .relay import relay
-from .server import RESTART_REASON, MoshiServer, create_api
 from .ui import mount_ui
+from .wire.protocol import Protocol
+from .wire.relay import relay
+from .wire.remote import websocket_url
+from .wire.server import RESTART_REASON, MoshiServer, create_api
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import modal
 
 from moshi_engine.audio import SAMPLE_RATE
-from moshi_engine.client import exchange
 from moshi_engine.model.checkpoint import TINY_DIR
-from moshi_engine.protocol import CloseCode
+from moshi_engine.wire.protocol import CloseCode
+from moshi_engine.wire.remote import exchange
 from tests.conftest import PROXY_VARIABLES
 from tests.live import serve_asgi
 
@@ -295,8 +295,8 @@ async def test_sigterm_tells_every_conversation_and_everyone_in_line_why_and_exi
 
     from websockets.asyncio.client import connect
 
-    from moshi_engine.codec import OpusEncoder
-    from moshi_engine.protocol import HANDSHAKE, KIND_METADATA
+    from moshi_engine.wire.codec import OpusEncoder
+    from moshi_engine.wire.protocol import HANDSHAKE, KIND_METADATA
 
     process, base = await asyncio.to_thread(start_app, "--model", "tiny", "--device", "cpu", "--sessions", "1")
     try:

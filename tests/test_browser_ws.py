@@ -23,10 +23,10 @@ from playwright.sync_api import Page
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE, rms
 from moshi_engine.bench.browser import HIDE_WEBCODECS, demo_url
 from moshi_engine.browser import STATIC_PATH, mount_static
-from moshi_engine.codec import OpusDecoder
-from moshi_engine.protocol import CloseCode
-from moshi_engine.server import create_api
 from moshi_engine.timings import STEP
+from moshi_engine.wire.codec import OpusDecoder
+from moshi_engine.wire.protocol import CloseCode
+from moshi_engine.wire.server import create_api
 from tests.live import serve_asgi
 
 CONVERSATION_S = 4.0

@@ -34,9 +34,9 @@ from moshi_engine.door.line import LinePosition  # noqa: E402
 from moshi_engine.endings import LEFT_LINE_MESSAGE, Ending, duration_words, ending_message, line_message  # noqa: E402
 from moshi_engine.engine import load_engine  # noqa: E402
 from moshi_engine.pagescript import RECORDING_READY  # noqa: E402
-from moshi_engine.protocol import HANDSHAKE  # noqa: E402
 from moshi_engine.recording import Recording  # noqa: E402
 from moshi_engine.web import create_app  # noqa: E402
+from moshi_engine.wire.protocol import HANDSHAKE  # noqa: E402
 from tests.live import serve_asgi  # noqa: E402
 
 TOKEN = "fallback-test-token"

@@ -26,8 +26,8 @@ from moshi_engine.audio import SAMPLE_RATE, rms  # noqa: E402
 from moshi_engine.conversation import SessionLimits  # noqa: E402
 from moshi_engine.endings import Ending, ending_message, line_message  # noqa: E402
 from moshi_engine.engine import load_engine  # noqa: E402
-from moshi_engine.server import create_api  # noqa: E402
 from moshi_engine.ui import MoshiPage, mount_ui  # noqa: E402
+from moshi_engine.wire.server import create_api  # noqa: E402
 from tests.conftest import DEVICE, HELLO_WAV, until  # noqa: E402
 
 PAGE_INPUTS = [0.8, 250, 0.7, 25, 42]  # audio temp, audio top-k, text temp, text top-k, seed
@@ -276,9 +276,9 @@ async def test_a_page_in_front_of_a_remote_moshi_relays_its_websocket_path_there
                                                                                 monkeypatch):
     from websockets.asyncio.client import connect
 
-    from moshi_engine.client import exchange
-    from moshi_engine.protocol import HANDSHAKE, CloseCode
     from moshi_engine.web import create_app
+    from moshi_engine.wire.protocol import HANDSHAKE, CloseCode
+    from moshi_engine.wire.remote import exchange
 
     async with serving(create_api(single_engine)) as moshi_url:
         page_app = create_app(remote=moshi_url.replace("http://", "ws://") + "/api/chat", poll_remote_status=False)

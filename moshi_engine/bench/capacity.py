@@ -26,7 +26,7 @@ import functools
 import logging
 
 from ..audio import FRAME_SECONDS
-from ..protocol import Protocol
+from ..wire.protocol import Protocol
 from .resources import OURS, Bench, staggered_streams
 from .sections import websocket_url
 from .streams import stream_session, stream_websocket

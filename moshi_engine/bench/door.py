@@ -20,7 +20,7 @@ import logging
 import time
 
 from ..audio import FRAME_SIZE
-from ..protocol import HANDSHAKE, CloseCode, Protocol
+from ..wire.protocol import HANDSHAKE, CloseCode, Protocol
 from .resources import Bench
 from .sections import websocket_url
 from .serve import OURS, server_process

@@ -15,8 +15,8 @@ import logging
 
 import numpy as np
 
-from ..protocol import Protocol
 from ..timings import STAGES
+from ..wire.protocol import Protocol
 from .resources import ECHO, OURS, REFERENCE, Bench, cpu_counters, cpu_usage
 from .stats import frame_budget, summarize
 from .streams import StreamRun, stream_session, stream_websocket

@@ -121,7 +121,7 @@ def echo_app():
     from starlette.routing import WebSocketRoute
     from starlette.websockets import WebSocket, WebSocketDisconnect
 
-    from ..protocol import HANDSHAKE, Protocol, audio_message, client_audio
+    from ..wire.protocol import HANDSHAKE, Protocol, audio_message, client_audio
 
     async def echo(ws: WebSocket) -> None:
         await ws.accept()
@@ -235,7 +235,7 @@ def _serve_in_child(kind: str, model: str, device: str, sessions: int, page: boo
         engine = None
         if kind == OURS:
             from ..engine import load_engine
-            from ..server import create_api
+            from ..wire.server import create_api
 
             engine = load_engine(model, device=device, sessions=sessions, model_process=model_process,
                                  **({} if queue is None else {"queue": queue}))
@@ -246,7 +246,7 @@ def _serve_in_child(kind: str, model: str, device: str, sessions: int, page: boo
             else:
                 serving = serve_asgi(create_api(engine))
         elif kind == REFERENCE:
-            from ..reference import reference_app
+            from ..wire.reference import reference_app
 
             serving = serve_aiohttp(reference_app(model, device=device))
         elif kind == ECHO:

@@ -16,7 +16,7 @@ import logging
 
 import numpy as np
 
-from ..protocol import Protocol
+from ..wire.protocol import Protocol
 from .resources import OURS, Bench, staggered_streams
 from .sections import websocket_url
 from .serve import server_process

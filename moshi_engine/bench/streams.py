@@ -34,7 +34,7 @@ def speech_pages(frames: int) -> list[bytes]:
     Encoding happens here, before anything is timed: the client's encoder is not
     part of the server's frame. The first item also carries the stream's headers.
     """
-    from ..codec import OpusEncoder
+    from ..wire.codec import OpusEncoder
 
     speech = np.concatenate([read_wav(SPEECH_DIR / name) for name in SPEECH_FILES])
     pcm = np.resize(speech, frames * FRAME_SIZE)  # repeats the recording as needed
@@ -128,9 +128,9 @@ async def stream_session(engine, pages: list[bytes], realtime: bool = True, offs
     `answered_at` when the answer's Opus bytes are ready to go out. Opus decode and
     encode are recorded into `engine.timings` as the server records them.
     """
-    from ..codec import OpusDecoder, OpusEncoder
     from ..conversation import AudioOut
     from ..timings import OPUS_DECODE, OPUS_ENCODE
+    from ..wire.codec import OpusDecoder, OpusEncoder
 
     decoder, encoder, timings = OpusDecoder(), OpusEncoder(), engine.timings
     run = StreamRun(len(pages))
@@ -173,7 +173,7 @@ async def stream_websocket(url: str, pages: list[bytes], realtime: bool = True, 
     message is what is timed, and decoding would only load the client."""
     from websockets.asyncio.client import connect
 
-    from ..protocol import HANDSHAKE, KIND_AUDIO, KIND_TEXT, Protocol, client_message
+    from ..wire.protocol import HANDSHAKE, KIND_AUDIO, KIND_TEXT, Protocol, client_message
 
     protocol = Protocol.from_url(url)
     run = StreamRun(len(pages))

@@ -14,10 +14,10 @@ from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import InvalidStatus  # noqa: E402
 
 from moshi_engine.audio import SAMPLE_RATE  # noqa: E402
-from moshi_engine.client import exchange  # noqa: E402
 from moshi_engine.door.access import COOKIE  # noqa: E402
-from moshi_engine.protocol import HANDSHAKE, CloseCode  # noqa: E402
 from moshi_engine.web import create_app  # noqa: E402
+from moshi_engine.wire.protocol import HANDSHAKE, CloseCode  # noqa: E402
+from moshi_engine.wire.remote import exchange  # noqa: E402
 from tests.live import serve_asgi  # noqa: E402
 
 TOKEN = "correct horse battery staple"

@@ -11,13 +11,13 @@ import pytest
 from websockets.asyncio.client import connect
 
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE
-from moshi_engine.client import exchange, websocket_url
-from moshi_engine.codec import OpusEncoder
 from moshi_engine.conversation import BusyError, Sampling
 from moshi_engine.door.line import DEFAULT_CONVERSATION_S, LinePosition, WaitingLine
 from moshi_engine.endings import line_message
-from moshi_engine.protocol import HANDSHAKE, KIND_AUDIO, KIND_METADATA, CloseCode
-from moshi_engine.server import create_api
+from moshi_engine.wire.codec import OpusEncoder
+from moshi_engine.wire.protocol import HANDSHAKE, KIND_AUDIO, KIND_METADATA, CloseCode
+from moshi_engine.wire.remote import exchange, websocket_url
+from moshi_engine.wire.server import create_api
 from tests.conftest import until
 from tests.live import serve_asgi
 

@@ -14,17 +14,17 @@ import torch
 from websockets.asyncio.client import connect
 
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE
-from moshi_engine.client import exchange, websocket_url
-from moshi_engine.codec import OpusEncoder
 from moshi_engine.conversation import AudioOut, Sampling, TextOut
 from moshi_engine.engine import load_engine
 from moshi_engine.model.batched import BatchedMoshi
 from moshi_engine.model.cpukernels import ExpELU, PointwiseConv1d, use_cpu_kernels
 from moshi_engine.model.loading import load_weights
 from moshi_engine.model.sizing import AUTO, CapacityError, fit_sessions
-from moshi_engine.protocol import HANDSHAKE, CloseCode
-from moshi_engine.server import create_api
 from moshi_engine.session import MoshiSession
+from moshi_engine.wire.codec import OpusEncoder
+from moshi_engine.wire.protocol import HANDSHAKE, CloseCode
+from moshi_engine.wire.remote import exchange, websocket_url
+from moshi_engine.wire.server import create_api
 from tests.conftest import DEVICE, until
 from tests.live import serve_asgi
 

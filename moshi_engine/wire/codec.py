@@ -25,7 +25,7 @@ import av
 import numpy as np
 import sphn
 
-from .audio import SAMPLE_RATE
+from ..audio import SAMPLE_RATE
 
 _CAPTURE = b"OggS"
 _HEADER = struct.Struct("<4sBBqIIIB")  # capture, version, type, granule, serial, seq, crc, segments

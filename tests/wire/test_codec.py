@@ -9,7 +9,7 @@ import pytest
 import sphn
 
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE, rms
-from moshi_engine.codec import OpusDecoder, OpusEncoder, OpusError, ogg_crc
+from moshi_engine.wire.codec import OpusDecoder, OpusEncoder, OpusError, ogg_crc
 
 
 def encode_frames(pcm: np.ndarray) -> list[bytes]:

@@ -17,14 +17,14 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE
-from moshi_engine.client import exchange, websocket_url
-from moshi_engine.codec import OpusEncoder
 from moshi_engine.conversation import BusyError, Sampling, SessionLimits
 from moshi_engine.engine import load_engine
-from moshi_engine.protocol import HANDSHAKE, MAX_MESSAGE_BYTES, CloseCode, Protocol
-from moshi_engine.server import create_api
 from moshi_engine.ui import status_line
 from moshi_engine.web import create_app
+from moshi_engine.wire.codec import OpusEncoder
+from moshi_engine.wire.protocol import HANDSHAKE, MAX_MESSAGE_BYTES, CloseCode, Protocol
+from moshi_engine.wire.remote import exchange, websocket_url
+from moshi_engine.wire.server import create_api
 from tests.conftest import DEVICE, fail_every_step, until
 from tests.live import serve_asgi
 

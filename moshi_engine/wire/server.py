@@ -19,11 +19,13 @@ from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from ..conversation import AudioOut, BusyError, ServerRestarting, SessionError, SessionLimits
+from ..door.access import TokenGate
+from ..door.line import LinePosition
+from ..engine import MoshiEngine
+from ..session import MoshiSession
+from ..timings import OPUS_DECODE, OPUS_ENCODE, StageTimings
 from .codec import OpusDecoder, OpusEncoder, OpusError
-from .conversation import AudioOut, BusyError, ServerRestarting, SessionError, SessionLimits
-from .door.access import TokenGate
-from .door.line import LinePosition
-from .engine import MoshiEngine
 from .protocol import (
     HANDSHAKE,
     CloseCode,
@@ -38,8 +40,6 @@ from .protocol import (
     text_message,
     time_limit_reason,
 )
-from .session import MoshiSession
-from .timings import OPUS_DECODE, OPUS_ENCODE, StageTimings
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ import pytest
 from websockets.asyncio.client import connect
 
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE, read_wav
-from moshi_engine.client import exchange
 from moshi_engine.conversation import SessionLimits
-from moshi_engine.protocol import HANDSHAKE, CloseCode
-from moshi_engine.reference import reference_app
-from moshi_engine.server import create_api
+from moshi_engine.wire.protocol import HANDSHAKE, CloseCode
+from moshi_engine.wire.reference import reference_app
+from moshi_engine.wire.remote import exchange
+from moshi_engine.wire.server import create_api
 from tests.conftest import HELLO_WAV
 from tests.live import serve_aiohttp, serve_asgi
 
@@ -111,7 +111,7 @@ def test_client_command_line_prints_the_transcript_and_writes_the_answer(tiny_en
         run = subprocess.run(
             [sys.executable, "-m", "moshi_engine.client", base.replace("http", "ws") + "/ws",
              "--wav", str(HELLO_WAV), "--out", str(out), "--fast", "--seed", "3"],
-            capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2],
         )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip()  # the transcript
@@ -127,7 +127,7 @@ def test_client_command_line_says_busy_and_fails_when_the_server_and_its_line_ar
         with serve_asgi(create_api(tiny_engine)) as base:
             run = subprocess.run(
                 [sys.executable, "-m", "moshi_engine.client", base, "--wav", str(HELLO_WAV)],
-                capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent,
+                capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2],
             )
     finally:
         for session in engine_full:
@@ -144,7 +144,7 @@ async def test_client_command_line_waits_in_line_saying_where_it_stands_then_tal
             assert await holder.recv() == HANDSHAKE
         client = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "moshi_engine.client", url, "--wav", str(HELLO_WAV), "--fast",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=Path(__file__).resolve().parents[2],
         )
         in_line = (await asyncio.wait_for(client.stderr.readline(), 60)).decode()
         assert "every slot is taken: number 1 of 1 in line" in in_line

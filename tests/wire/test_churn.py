@@ -15,10 +15,10 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from moshi_engine.audio import FRAME_SIZE
-from moshi_engine.codec import OpusEncoder
 from moshi_engine.engine import load_engine
-from moshi_engine.protocol import HANDSHAKE
-from moshi_engine.server import create_api
+from moshi_engine.wire.codec import OpusEncoder
+from moshi_engine.wire.protocol import HANDSHAKE
+from moshi_engine.wire.server import create_api
 from tests.conftest import DEVICE
 from tests.live import serve_asgi
 

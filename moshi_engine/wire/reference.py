@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .audio import FRAME_SIZE
-from .model.checkpoint import resolve_checkpoint
-from .model.loading import configure_torch, pick_device
+from ..audio import FRAME_SIZE
+from ..model.checkpoint import resolve_checkpoint
+from ..model.loading import configure_torch, pick_device
 
 
 def reference_server_module() -> types.ModuleType:

@@ -20,8 +20,8 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from .client import with_query
 from .protocol import CloseCode
+from .remote import with_query
 
 log = logging.getLogger(__name__)
 
