@@ -20,7 +20,7 @@ from .conversation import SessionLimits
 from .door.access import TokenGate
 from .engine import MoshiEngine
 from .model.loading import freeze_garbage_collector
-from .ui import mount_ui
+from .page.ui import mount_ui
 from .wire.protocol import Protocol
 from .wire.relay import relay
 from .wire.remote import websocket_url

@@ -229,7 +229,7 @@ def test_remote_mode_page_carries_a_browser_conversation_to_a_second_server():
     from playwright.sync_api import sync_playwright
 
     from moshi_engine.bench.browser import STOP_BUTTON
-    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, INBOUND_AUDIO, TALK_BUTTON, TOKEN, open_page
+    from tests.page.test_browser import CHROMIUM, CHROMIUM_ARGS, INBOUND_AUDIO, TALK_BUTTON, TOKEN, open_page
 
     moshi, moshi_url = start_app("--model", "tiny", "--device", "cpu")
     page_only = None

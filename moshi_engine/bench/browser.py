@@ -1,5 +1,5 @@
 """The browser's own websocket path, timed: Chromium with a fake microphone talks to a
-server's `/api/chat` through `moshi_engine/static/` (MoshiSocket), Opus encoded and
+server's `/api/chat` through `moshi_engine/page/static/` (MoshiSocket), Opus encoded and
 decoded in the page; and the voice chat page's two paths, WebRTC and its websocket.
 
     python -m moshi_engine.bench.browser                       # tiny model on CPU, 10 s per codec
@@ -304,7 +304,7 @@ def page_section(bench) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from fastapi import FastAPI
 
-    from ..browser import mount_static
+    from ..page.static_files import mount_static
     from .serve import OURS, serve_asgi, server_process
 
     parser = argparse.ArgumentParser(prog="python -m moshi_engine.bench.browser", description=__doc__.split("\n\n")[0])

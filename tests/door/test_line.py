@@ -13,7 +13,7 @@ from websockets.asyncio.client import connect
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE
 from moshi_engine.conversation import BusyError, Sampling
 from moshi_engine.door.line import DEFAULT_CONVERSATION_S, LinePosition, WaitingLine
-from moshi_engine.endings import line_message
+from moshi_engine.page.endings import line_message
 from moshi_engine.wire.codec import OpusEncoder
 from moshi_engine.wire.protocol import HANDSHAKE, KIND_AUDIO, KIND_METADATA, CloseCode
 from moshi_engine.wire.remote import exchange, websocket_url

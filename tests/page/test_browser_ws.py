@@ -1,4 +1,4 @@
-"""The browser's own Opus websocket client (`moshi_engine/static/`) in Debian's chromium,
+"""The browser's own Opus websocket client (`moshi_engine/page/static/`) in Debian's chromium,
 driven by playwright, with a fake microphone playing a speech asset.
 
 A real server (the tiny model, `/api/chat`) and the harness page `ws-demo.html` run one
@@ -22,7 +22,7 @@ from playwright.sync_api import Page
 
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE, rms
 from moshi_engine.bench.browser import HIDE_WEBCODECS, demo_url
-from moshi_engine.browser import STATIC_PATH, mount_static
+from moshi_engine.page.static_files import STATIC_PATH, mount_static
 from moshi_engine.timings import STEP
 from moshi_engine.wire.codec import OpusDecoder
 from moshi_engine.wire.protocol import CloseCode

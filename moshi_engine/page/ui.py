@@ -30,20 +30,21 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastrtc import WebRTC
 
-from .browser import STATIC_PATH, mount_static
-from .conversation import Sampling, SessionLimits
-from .door.access import BROWSER_COOKIE, BrowserIdentity, cookie_value
-from .door.line import QUEUE_PLACES, QUEUE_TIMEOUT_S
+from ..conversation import Sampling, SessionLimits
+from ..door.access import BROWSER_COOKIE, BrowserIdentity, cookie_value
+from ..door.line import QUEUE_PLACES, QUEUE_TIMEOUT_S
+from ..timings import LM_STEP, MIMI_DECODE, MIMI_ENCODE
+from ..wire.protocol import Protocol
+from ..wire.remote import RemoteSession
+from .conversation_log import ConversationLog, ConversationRecord
 from .endings import Ending, ending_message, line_message
 from .ice import browser_rtc_configuration, ice_source, server_rtc_configuration
 from .pagescript import RECORDING_LINK, RECORDING_READY, page_config, page_head
-from .records import ConversationLog, ConversationRecord
 from .rtc import MoshiHandler, OpenConversation, abandon_unconnected
-from .timings import LM_STEP, MIMI_DECODE, MIMI_ENCODE
-from .wire.protocol import Protocol
+from .static_files import STATIC_PATH, mount_static
 
 if TYPE_CHECKING:
-    from .engine import MoshiEngine
+    from ..engine import MoshiEngine
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def build_page(
     bound concurrent WebRTC connections. `host` is where the server listens, which decides
     the ICE servers (`rtc.ice_source`); `status` feeds the status line. `chat_path` is the
     app's `/api/chat`, where the page talks when WebRTC cannot connect (None: nowhere);
-    the page's script is served from `static_path` (`browser.mount_static`).
+    the page's script is served from `static_path` (`static_files.mount_static`).
     """
     source = ice_source(host)  # fails here, at start, on a half-set TURN configuration
     log.info("WebRTC ICE servers for host %s: %s", host, source)
@@ -240,7 +241,7 @@ def build_page(
                     elem_id="moshi-transcript",
                 )
                 # A plain link, so that the browser fetches the file itself, with its identity
-                # cookie: the recording is this browser's alone (`records`). Always in the page
+                # cookie: the recording is this browser's alone (`conversation_log`). Always in the page
                 # (CSS hides it while empty): page.js puts the websocket path's link here too.
                 recording = gr.HTML("", elem_id="moshi-recording")
             with gr.Column(scale=2):
@@ -344,7 +345,7 @@ def mount_ui(
     the number of sessions the page may hold on it at once; `connect_timeout_s`: how
     long a session may take to connect, e.g. while a worker starts from cold).
 
-    Also served: the page's scripts (`browser.mount_static`, under `path`), each
+    Also served: the page's scripts (`static_files.mount_static`, under `path`), each
     browser's recordings, and a route where the page abandons a WebRTC attempt that
     never connected. When `app` serves `/api/chat` (a local engine's `wire.server.create_api`, or
     a page-only app's relay to its remote server), the page talks over it whenever WebRTC
@@ -373,8 +374,6 @@ def mount_ui(
             **where,
         )
     else:
-        from .wire.remote import RemoteSession
-
         async def open_remote(sampling: Sampling | None, on_position) -> RemoteSession:
             # The remote server keeps its own line: start() waits in it.
             return RemoteSession(remote, sampling=sampling, open_timeout=connect_timeout_s, on_position=on_position)

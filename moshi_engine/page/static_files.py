@@ -1,4 +1,4 @@
-"""The browser-side client's files (`moshi_engine/static/`) and where an app serves them.
+"""The browser-side client's files (`moshi_engine/page/static/`) and where an app serves them.
 
     app = create_api(engine)
     mount_static(app)          # before mount_ui: the page's "/" mount would catch the path

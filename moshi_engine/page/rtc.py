@@ -9,7 +9,7 @@ the Opus websocket. The handler never knows which one it drives.
     speaker   <--WebRTC--  emit()    <-- conversation.receive()    (AudioOut; TextOut -> transcript)
 
 It also keeps both sides of the conversation for the recording (`Recording`)
-and writes what happened to each connection into a `records.ConversationLog` that
+and writes what happened to each connection into a `conversation_log.ConversationLog` that
 the page reads: how it ended, the message to show, the transcript and the WAV.
 Endings become the one message a person sees in `endings.ending_message`.
 """
@@ -27,12 +27,12 @@ import numpy as np
 from fastrtc import AdditionalOutputs, AsyncStreamHandler, CloseStream
 from fastrtc.utils import create_message, current_context
 
-from .audio import SAMPLE_RATE, int16_to_pcm
-from .conversation import AudioOut, BusyError, Conversation, Sampling, ServerRestarting, SessionLimits, TextOut
-from .door.line import LinePosition
+from ..audio import SAMPLE_RATE, int16_to_pcm
+from ..conversation import AudioOut, BusyError, Conversation, Sampling, ServerRestarting, SessionLimits, TextOut
+from ..door.line import LinePosition
+from .conversation_log import ConversationLog, ConversationRecord
 from .endings import LEFT_LINE_MESSAGE, STARTING_MESSAGE, Ending, duration_words, ending_for, ending_message
 from .recording import Recording
-from .records import ConversationLog, ConversationRecord
 
 log = logging.getLogger(__name__)
 

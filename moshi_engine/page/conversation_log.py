@@ -21,18 +21,21 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from .conversation import Sampling
-from .door.line import LinePosition
+from ..conversation import Sampling
+from ..door.line import LinePosition
 from .endings import Ending
-
-if TYPE_CHECKING:
-    from .rtc import MoshiHandler
 
 log = logging.getLogger(__name__)
 
 RECORDING_TTL_S = 15 * 60
+
+
+class LiveConnection(Protocol):
+    """A connection that is still in line or talking (`rtc.MoshiHandler`), as the log drains it."""
+
+    async def end_for_restart(self, reason: str) -> None: ...
 
 
 @dataclass
@@ -73,7 +76,7 @@ class ConversationLog:
         self.keep = keep
         self.recording_ttl_s = recording_ttl_s
         self._records: OrderedDict[str, ConversationRecord] = OrderedDict()
-        self.live: set[MoshiHandler] = set()  # connections not yet finished, in line or talking
+        self.live: set[LiveConnection] = set()  # connections not yet finished, in line or talking
         # The directory goes with the process (or with this log, if it goes first).
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.directory), True)
 

@@ -23,9 +23,9 @@ import pytest  # noqa: E402
 from playwright.sync_api import Page, sync_playwright  # noqa: E402
 
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE, rms  # noqa: E402
-from moshi_engine.endings import LEFT_LINE_MESSAGE, Ending  # noqa: E402
 from moshi_engine.engine import load_engine  # noqa: E402
-from moshi_engine.records import ConversationRecord  # noqa: E402
+from moshi_engine.page.conversation_log import ConversationRecord  # noqa: E402
+from moshi_engine.page.endings import LEFT_LINE_MESSAGE, Ending  # noqa: E402
 from moshi_engine.web import create_app  # noqa: E402
 from tests.conftest import HELLO_WAV  # noqa: E402
 from tests.live import serve_asgi  # noqa: E402

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import enum
 
-from .conversation import BusyError, ServerRestarting, SessionClosed, SessionLimits
-from .door.line import LinePosition, LineTimeout
+from ..conversation import BusyError, ServerRestarting, SessionClosed, SessionLimits
+from ..door.line import LinePosition, LineTimeout
 
 
 class Ending(enum.Enum):

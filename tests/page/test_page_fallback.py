@@ -1,5 +1,5 @@
 """The page talks without TURN: when WebRTC cannot connect, it carries the conversation over
-its own `/api/chat` websocket, by itself (`moshi_engine/static/page.js`).
+its own `/api/chat` websocket, by itself (`moshi_engine/page/static/page.js`).
 
 Debian's chromium with a fake microphone playing a speech asset, against the real app
 (`web.create_app`, private: the token rides in the cookie) with the tiny model and one
@@ -31,10 +31,10 @@ from moshi_engine.audio import SAMPLE_RATE, rms, write_wav  # noqa: E402
 from moshi_engine.bench.browser import NO_WEBRTC_PATH  # noqa: E402
 from moshi_engine.conversation import SessionLimits  # noqa: E402
 from moshi_engine.door.line import LinePosition  # noqa: E402
-from moshi_engine.endings import LEFT_LINE_MESSAGE, Ending, duration_words, ending_message, line_message  # noqa: E402
 from moshi_engine.engine import load_engine  # noqa: E402
-from moshi_engine.pagescript import RECORDING_READY  # noqa: E402
-from moshi_engine.recording import Recording  # noqa: E402
+from moshi_engine.page.endings import LEFT_LINE_MESSAGE, Ending, duration_words, ending_message, line_message  # noqa: E402
+from moshi_engine.page.pagescript import RECORDING_READY  # noqa: E402
+from moshi_engine.page.recording import Recording  # noqa: E402
 from moshi_engine.web import create_app  # noqa: E402
 from moshi_engine.wire.protocol import HANDSHAKE  # noqa: E402
 from tests.live import serve_asgi  # noqa: E402

@@ -12,15 +12,15 @@ import pytest
 from fastrtc import AdditionalOutputs, CloseStream
 from fastrtc.utils import Context, current_context
 
-from moshi_engine import ice
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE, pcm_to_int16, rms
 from moshi_engine.conversation import Sampling, SessionLimits
-from moshi_engine.endings import LEFT_LINE_MESSAGE, STARTING_MESSAGE, Ending, ending_message
-from moshi_engine.ice import browser_rtc_configuration, ice_source, server_rtc_configuration
-from moshi_engine.recording import Recording
-from moshi_engine.records import ConversationLog
-from moshi_engine.rtc import MoshiHandler
-from moshi_engine.ui import sampling_from_inputs
+from moshi_engine.page import ice
+from moshi_engine.page.conversation_log import ConversationLog
+from moshi_engine.page.endings import LEFT_LINE_MESSAGE, STARTING_MESSAGE, Ending, ending_message
+from moshi_engine.page.ice import browser_rtc_configuration, ice_source, server_rtc_configuration
+from moshi_engine.page.recording import Recording
+from moshi_engine.page.rtc import MoshiHandler
+from moshi_engine.page.ui import sampling_from_inputs
 from tests.conftest import converse
 
 CHUNK = 960  # what FastRTC hands receive() at 24 kHz: 40 ms of int16 [1, n]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import pcm_to_int16, write_wav
+from ..audio import pcm_to_int16, write_wav
 
 
 class Recording:

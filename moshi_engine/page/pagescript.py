@@ -8,17 +8,17 @@ come from `endings.page_words`, rendered into the page's head as a JSON block, s
 no sentence is typed twice.
 
     head = page_head(limits, line_timeout_s=120, places=8, chat_path="/api/chat")
-    gr.Blocks(head=head)   # after browser.mount_static(app): the module is served from there
+    gr.Blocks(head=head)   # after static_files.mount_static(app): the module is served from there
 """
 
 from __future__ import annotations
 
 import json
 
-from .browser import STATIC_PATH
-from .conversation import SessionLimits
+from ..conversation import SessionLimits
+from ..wire.protocol import idle_reason, time_limit_reason
 from .endings import page_words
-from .wire.protocol import idle_reason, time_limit_reason
+from .static_files import STATIC_PATH
 
 CONFIG_ID = "moshi-page-config"
 # How long WebRTC may take to connect before the page talks over its websocket instead,

@@ -24,9 +24,9 @@ from fastapi import FastAPI  # noqa: E402
 
 from moshi_engine.audio import SAMPLE_RATE, rms  # noqa: E402
 from moshi_engine.conversation import SessionLimits  # noqa: E402
-from moshi_engine.endings import Ending, ending_message, line_message  # noqa: E402
 from moshi_engine.engine import load_engine  # noqa: E402
-from moshi_engine.ui import MoshiPage, mount_ui  # noqa: E402
+from moshi_engine.page.endings import Ending, ending_message, line_message  # noqa: E402
+from moshi_engine.page.ui import MoshiPage, mount_ui  # noqa: E402
 from moshi_engine.wire.server import create_api  # noqa: E402
 from tests.conftest import DEVICE, HELLO_WAV, until  # noqa: E402
 

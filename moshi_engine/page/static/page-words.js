@@ -1,5 +1,5 @@
 // The sentences the page shows for its websocket path, filled from the templates that
-// Python renders into the page (moshi_engine/endings.py `page_words`, through
+// Python renders into the page (moshi_engine/page/endings.py `page_words`, through
 // pagescript.py): the words live in endings.py alone, and this file only fills in
 // the numbers, exactly as endings.py does (tests/test_page_fallback.py compares them).
 

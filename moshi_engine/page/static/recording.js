@@ -1,6 +1,6 @@
 // Both sides of a conversation on the page's websocket path, kept in the browser and saved
 // as a stereo WAV that never leaves it: the person on the left, Moshi on the right, 16-bit
-// at 24 kHz, aligned as heard. A port of moshi_engine/recording.py (the WebRTC path's
+// at 24 kHz, aligned as heard. A port of moshi_engine/page/recording.py (the WebRTC path's
 // recording, made on the server), with the same rule and the same samples, so that a
 // download sounds the same whichever transport carried the conversation.
 

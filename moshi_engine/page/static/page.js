@@ -12,7 +12,7 @@
 // never does; `?webrtc_timeout=seconds` changes how long WebRTC may take.
 //
 // Python renders the settings and every sentence into the page's head as JSON
-// (moshi_engine/pagescript.py), so the words here are only this script's own: which
+// (moshi_engine/page/pagescript.py), so the words here are only this script's own: which
 // transport is in use. Everything tests and the benchmark read is on `window.moshiPage`.
 
 import { chatUrl, MoshiSocket } from "./moshi-socket.js";
