@@ -35,7 +35,10 @@ class Sampling:
 
     `seed` makes a session reproducible: the same seed and the same input give the
     same output, whatever ran before on its slot and whoever shares its steps (each
-    slot samples with its own generator; see `rowsampling`).
+    slot samples with its own generator; see `model.rowsampling`). `text_seed` and
+    `audio_seed` (moshi's web client sends both) seed the text and the audio tokens'
+    draws each with a generator of its own instead; one left unset is random. A session
+    gives `seed` or those two, not both.
     """
 
     temp: float = 0.8
@@ -43,6 +46,8 @@ class Sampling:
     top_k: int = 250
     top_k_text: int = 25
     seed: int | None = None
+    text_seed: int | None = None
+    audio_seed: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("temp", "temp_text"):
@@ -53,13 +58,22 @@ class Sampling:
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+        for name in ("seed", "text_seed", "audio_seed"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and 0 <= value < 2**63):
+                raise ValueError(f"{name} must be an integer in [0, 2**63) or None, got {value!r}")
+        if self.seed is not None and self.split_seeds:
+            raise ValueError("give seed, or text_seed / audio_seed, not both")
+
+    @property
+    def split_seeds(self) -> bool:
+        """Whether the text and the audio tokens draw from generators of their own."""
+        return self.text_seed is not None or self.audio_seed is not None
 
     @classmethod
     def from_config(cls, lm_gen_config: dict) -> Sampling:
         """The sampling keys of a checkpoint's `lm_gen_config` over LMGen's defaults."""
-        names = {field.name for field in fields(cls)} - {"seed"}
+        names = {field.name for field in fields(cls)} - {"seed", "text_seed", "audio_seed"}
         return cls(**{key: value for key, value in lm_gen_config.items() if key in names})
 
     def updated(self, **changes: object) -> Sampling:

@@ -6,7 +6,8 @@ or seed would hold. `RowSamplingLMGen` keeps LMGen's step (delays, caches, exec
 masks, CUDA graphs) and changes only how tokens are drawn:
 
 - each row has its own `temp` / `top_k` (audio) and `temp_text` / `top_k_text`,
-  and its own `torch.Generator`;
+  and its own `torch.Generator` (or two, text and audio, when the conversation gives
+  `text_seed` / `audio_seed` as moshi's web client does);
 - a row draws its random numbers exactly as LMGen at batch 1 does from the
   global generator (one exponential draw of `min(top_k, card)` values for the
   text token, then one per audio codebook), so a row seeded with `s` gives the
@@ -37,6 +38,13 @@ def sample_rows(logits: torch.Tensor, temp: torch.Tensor, noise: torch.Tensor) -
     return torch.where(sampling, drawn, logits.argmax(dim=-1))
 
 
+def _seed(generator: torch.Generator, seed: int | None) -> None:
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+
+
 class RowSamplingLMGen(LMGen):
     """LMGen over `batch_size` rows, each sampling with its own settings and generator.
 
@@ -59,39 +67,42 @@ class RowSamplingLMGen(LMGen):
         self.row_temp = torch.zeros(batch_size, device=device)
         self.row_temp_text = torch.zeros(batch_size, device=device)
         self.generators = [torch.Generator(device) for _ in range(batch_size)]
+        self.audio_generators = [torch.Generator(device) for _ in range(batch_size)]  # with split seeds
         inf = float("inf")
         self.text_noise = torch.full((batch_size, lm_model.text_card), inf, device=device)
         self.audio_noise = torch.full((batch_size, lm_model.dep_q, lm_model.card), inf, device=device)
-        # Per row, the views of the noise buffers that draw_noise() fills, in LMGen's order
-        # (made once per conversation: a step then costs one call per view, and never waits
-        # on the device).
-        self.noise_views: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
+        # Per row, the views of the noise buffers that draw_noise() fills, in LMGen's order,
+        # each with the generator it draws from (made once per conversation: a step then
+        # costs one call per view, and never waits on the device).
+        self.noise_views: list[list[tuple[torch.Tensor, torch.Generator]]] = [[] for _ in range(batch_size)]
 
     def configure_row(self, row: int, sampling: Sampling) -> None:
         """A new conversation on `row`: its sampling settings, and its generator seeded with
-        `sampling.seed` (a fresh random seed when None)."""
+        `sampling.seed`; or, with `text_seed` / `audio_seed`, a text and an audio generator
+        seeded with those (a fresh random seed for any that is None)."""
         lm = self.lm_model
         self.row_temp[row] = float(sampling.temp)
         self.row_temp_text[row] = float(sampling.temp_text)
         self.text_noise[row] = float("inf")
         self.audio_noise[row] = float("inf")
-        top_k, top_k_text = min(sampling.top_k, lm.card), min(sampling.top_k_text, lm.text_card)
-        views = [self.text_noise[row, :top_k_text]] if sampling.temp_text > 0 else []
-        if sampling.temp > 0:
-            views += [self.audio_noise[row, codebook, :top_k] for codebook in range(lm.dep_q)]
-        self.noise_views[row] = views
-        generator = self.generators[row]
-        if sampling.seed is None:
-            generator.seed()
+        text, audio = self.generators[row], self.audio_generators[row]
+        if sampling.split_seeds:
+            _seed(text, sampling.text_seed)
+            _seed(audio, sampling.audio_seed)
         else:
-            generator.manual_seed(sampling.seed)
+            _seed(text, sampling.seed)
+            audio = text  # one generator, drawn in LMGen's order: as LMGen at batch 1
+        top_k, top_k_text = min(sampling.top_k, lm.card), min(sampling.top_k_text, lm.text_card)
+        views = [(self.text_noise[row, :top_k_text], text)] if sampling.temp_text > 0 else []
+        if sampling.temp > 0:
+            views += [(self.audio_noise[row, codebook, :top_k], audio) for codebook in range(lm.dep_q)]
+        self.noise_views[row] = views
 
     def draw_noise(self, rows: list[int]) -> None:
         """The exponential noise of this step for `rows`, in LMGen's order: text, then each
         audio codebook. Greedy rows (temperature 0) draw nothing, as in LMGen."""
         for row in rows:
-            generator = self.generators[row]
-            for noise in self.noise_views[row]:
+            for noise, generator in self.noise_views[row]:
                 noise.exponential_(1, generator=generator)
 
     def _sample_text(self, text_logits: torch.Tensor) -> None:

@@ -6,16 +6,20 @@
   once the session is ready; then both sides prefix every message with a kind
   byte (the client only sends `KIND_AUDIO`).
 
-Sampling parameters may ride on the URL query (`?seed=1&temp=0.7`); moshi's
-server ignores them, ours applies them to the session. This module imports
-nothing of ours.
+Sampling parameters may ride on the URL query, in our names (`?seed=1&temp=0.7`) or in
+those of moshi's own web client (`?text_temperature=0.7&text_seed=1...`); moshi's Python
+server ignores them, ours applies them to the session. This module imports nothing of ours
+but the vocabulary (`conversation.Sampling`, whose ranges it checks).
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import math
 from urllib.parse import urlencode, urlsplit
+
+from ..conversation import Sampling
 
 KIND_HANDSHAKE = 0
 KIND_AUDIO = 1
@@ -117,20 +121,59 @@ def sampling_query(**params: float | int | None) -> str:
     return "?" + urlencode(present) if present else ""
 
 
-_SAMPLING_TYPES = {"temp": float, "temp_text": float, "top_k": int, "top_k_text": int, "seed": int}
+# URL parameter -> (Sampling field, type). Ours, then moshi's web client's (kyutai-labs/moshi,
+# client/src/pages/Conversation: the sliders it appends to /api/chat, which moshi's Rust server reads).
+SAMPLING_PARAMETERS = {
+    "temp": ("temp", float),
+    "temp_text": ("temp_text", float),
+    "top_k": ("top_k", int),
+    "top_k_text": ("top_k_text", int),
+    "seed": ("seed", int),
+    "audio_temperature": ("temp", float),
+    "text_temperature": ("temp_text", float),
+    "audio_topk": ("top_k", int),
+    "text_topk": ("top_k_text", int),
+    "text_seed": ("text_seed", int),
+    "audio_seed": ("audio_seed", int),
+}
+# moshi's client sends these too; per-row sampling has no pad bias or repetition penalty, so they
+# are accepted and not applied, once checked against the range moshi's client allows (type, low, high).
+IGNORED_PARAMETERS = {
+    "pad_mult": (float, -4.0, 4.0),
+    "repetition_penalty": (float, 1.0, 2.0),
+    "repetition_penalty_context": (int, 0, 200),
+}
 
 
 def parse_sampling_query(query: dict[str, str]) -> dict[str, float | int]:
-    """Sampling overrides from URL query parameters; ProtocolError for a bad value.
-
-    Unknown parameters are ignored, as moshi's server ignores them all.
-    """
+    """Sampling overrides (Sampling's field names) from URL query parameters, in our names or
+    moshi's web client's; ProtocolError (1008) naming the parameter for a value that is not a
+    number of its type or is out of range. Other parameters are ignored, as moshi's server
+    ignores them all (its client also sends `worker_auth_id` and `email`)."""
     parsed: dict[str, float | int] = {}
-    for key, kind in _SAMPLING_TYPES.items():
-        if key in query:
+    for name, (field, kind) in SAMPLING_PARAMETERS.items():
+        if name in query:
+            value = _number(name, query[name], kind)
             try:
-                parsed[key] = kind(query[key])
-            except ValueError:
-                reason = f"{key}={query[key]!r} is not a valid {kind.__name__}"
-                raise ProtocolError(CloseCode.POLICY_VIOLATION, reason) from None
+                Sampling().updated(**{field: value})  # its ranges, one parameter at a time
+            except ValueError as error:
+                raise ProtocolError(CloseCode.POLICY_VIOLATION, f"{name}={query[name]}: {error}") from None
+            if field in parsed and parsed[field] != value:
+                reason = f"{name}={query[name]} contradicts another parameter for the same setting"
+                raise ProtocolError(CloseCode.POLICY_VIOLATION, reason)
+            parsed[field] = value
+    for name, (kind, low, high) in IGNORED_PARAMETERS.items():
+        if name in query and not low <= _number(name, query[name], kind) <= high:
+            reason = f"{name}={query[name]} is out of range: a {kind.__name__} in [{low:g}, {high:g}]"
+            raise ProtocolError(CloseCode.POLICY_VIOLATION, reason)
     return parsed
+
+
+def _number(name: str, raw: str, kind: type) -> float | int:
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ProtocolError(CloseCode.POLICY_VIOLATION, f"{name}={raw!r} is not a valid {kind.__name__}") from None
+    if kind is float and not math.isfinite(value):
+        raise ProtocolError(CloseCode.POLICY_VIOLATION, f"{name}={raw!r} is not a finite number")
+    return value

@@ -121,7 +121,8 @@ class RemoteSession(OutputIteration):
     async def start(self) -> None:
         s = self.sampling or Sampling()
         query = sampling_query(
-            **(dict(temp=s.temp, temp_text=s.temp_text, top_k=s.top_k, top_k_text=s.top_k_text, seed=s.seed)
+            **(dict(temp=s.temp, temp_text=s.temp_text, top_k=s.top_k, top_k_text=s.top_k_text, seed=s.seed,
+                    text_seed=s.text_seed, audio_seed=s.audio_seed)
                if self.sampling is not None else {}),
             queue=1 if self.on_position is not None else None,
         )

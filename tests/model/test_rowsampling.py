@@ -95,3 +95,35 @@ def test_rows_with_different_seeds_answer_differently(lm, codes):
     first = row_tokens(lm, codes, 2, 0, Sampling(seed=1), Sampling(seed=1))
     second = row_tokens(lm, codes, 2, 0, Sampling(seed=2), Sampling(seed=1))
     assert not torch.equal(first, second)
+
+
+def test_split_seeds_draw_the_text_and_the_audio_from_generators_of_their_own(lm):
+    """moshi's web client seeds the text and the audio on their own (text_seed, audio_seed): the
+    text token's noise is what a generator seeded with text_seed draws, the audio codebooks' what
+    one seeded with audio_seed draws, in LMGen's order."""
+    sampling = Sampling(temp=0.8, top_k=7, temp_text=0.7, top_k_text=5, text_seed=11, audio_seed=12)
+    lm_gen = RowSamplingLMGen(lm, 2)
+    lm_gen.configure_row(1, sampling)
+    lm_gen.draw_noise([1])
+    text_generator = torch.Generator(lm.device).manual_seed(11)
+    audio_generator = torch.Generator(lm.device).manual_seed(12)
+    expected_text = torch.empty(5, device=lm.device).exponential_(1, generator=text_generator)
+    assert torch.equal(lm_gen.text_noise[1, :5], expected_text)
+    for codebook in range(lm.dep_q):
+        expected_audio = torch.empty(7, device=lm.device).exponential_(1, generator=audio_generator)
+        assert torch.equal(lm_gen.audio_noise[1, codebook, :7], expected_audio)
+    assert torch.isinf(lm_gen.text_noise[0]).all()  # the other row drew nothing
+
+
+def test_split_seeds_make_a_conversation_reproducible(lm, codes):
+    sampling = Sampling(temp=0.9, top_k=20, temp_text=0.8, top_k_text=10, text_seed=3, audio_seed=4)
+    first = row_tokens(lm, codes, 2, 1, sampling, Sampling(seed=1))
+    again = row_tokens(lm, codes, 2, 1, sampling, Sampling(seed=2))
+    other_audio = row_tokens(lm, codes, 2, 1, sampling.updated(audio_seed=5), Sampling(seed=1))
+    assert torch.equal(first, again)
+    assert not torch.equal(first[:, 1:], other_audio[:, 1:])
+
+
+def test_a_seed_and_split_seeds_together_are_refused():
+    with pytest.raises(ValueError, match="not both"):
+        Sampling(seed=1, text_seed=2)

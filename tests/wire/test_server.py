@@ -202,6 +202,43 @@ async def test_sampling_parameters_on_the_url_make_a_session_reproducible(server
     assert a.text != c.text or not np.array_equal(a.pcm, c.pcm)
 
 
+# What moshi's own web client appends to /api/chat (kyutai-labs/moshi, client/src), beside the
+# parameters it sends that per-row sampling cannot apply (accepted, checked, not applied).
+MOSHI_CLIENT_EXTRAS = "pad_mult=0.5&repetition_penalty=1.1&repetition_penalty_context=64&worker_auth_id=a&email=b"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_moshis_web_client_parameters_make_a_conversation_reproducible(server, hello_pcm, protocol):
+    pcm = hello_pcm[: 2 * SAMPLE_RATE]
+    greedy = f"?text_temperature=0&audio_temperature=0&text_seed=1&audio_seed=2&{MOSHI_CLIENT_EXTRAS}"
+    seeded = "?text_temperature=0.9&text_topk=20&audio_temperature=0.9&audio_topk=40&text_seed=5&audio_seed=6"
+    for query in (greedy, seeded):
+        a, b = [await exchange(ws_url(server, protocol, query), pcm, realtime=False) for _ in range(2)]
+        assert a.close_code == CloseCode.NORMAL and a.pcm.size > 0
+        assert a.text == b.text and np.array_equal(a.pcm, b.pcm)
+    other = await exchange(ws_url(server, protocol, seeded.replace("audio_seed=6", "audio_seed=7")), pcm,
+                           realtime=False)
+    assert not np.array_equal(a.pcm, other.pcm)  # the audio seed is applied, not ignored
+
+
+@pytest.mark.parametrize(("query", "named"), [
+    ("?text_topk=0", "text_topk"),
+    ("?audio_temperature=11", "audio_temperature"),
+    ("?text_temperature=warm", "text_temperature"),
+    ("?text_seed=-3", "text_seed"),
+    ("?pad_mult=9", "pad_mult"),
+    ("?repetition_penalty=0.5", "repetition_penalty"),
+    ("?repetition_penalty_context=1.5", "repetition_penalty_context"),
+    ("?temp=0.5&audio_temperature=0.7", "audio_temperature"),
+    ("?seed=1&text_seed=2", "not both"),
+])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_an_out_of_range_client_parameter_is_refused_with_its_name(server, protocol, query, named):
+    ws = await connect(ws_url(server, protocol, query))
+    code, reason = await close_of(ws)
+    assert code == CloseCode.POLICY_VIOLATION and named in reason
+
+
 async def test_an_abrupt_disconnect_mid_stream_frees_the_slot_at_once(server, tiny_engine, hello_pcm):
     ws = await open_chat(server, Protocol.MOSHI)
     for page in ogg_frames(hello_pcm[: 10 * FRAME_SIZE]):
