@@ -257,7 +257,9 @@ if SCALE_OUT:
 # ## Locally and on Hugging Face Spaces
 
 # `python app.py` serves the same app with uvicorn. On a Space (`SPACE_ID` is set) it listens on
-# 0.0.0.0:7860, as Spaces expect.
+# 0.0.0.0:7860, as Spaces expect. Browsers give a microphone only to https pages and to
+# http://localhost, so a page opened from another machine needs `--https` (a self-signed
+# certificate, made at the first start and kept), a real certificate, `--share`, or an SSH tunnel.
 
 
 def sessions_arg(value: str) -> int | str:
@@ -285,6 +287,12 @@ def parse_args(argv=None):
     parser.add_argument("--host", default="0.0.0.0" if on_space else "127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    parser.add_argument("--https", action="store_true",
+                        help="serve https with a self-signed certificate for this machine's names and addresses "
+                             "(made at the first start, kept and reused): browsers on other machines need https "
+                             "for the microphone, and ask once to accept it")
+    parser.add_argument("--ssl-certfile", metavar="PEM", help="serve https with this certificate (with --ssl-keyfile)")
+    parser.add_argument("--ssl-keyfile", metavar="PEM", help="the key of --ssl-certfile")
     parser.add_argument("--remote", metavar="URL",
                         help="serve the page only; every session talks to this Moshi server (/api/chat or /ws)")
     parser.add_argument("--queue", type=int, default=QUEUE,
@@ -296,7 +304,12 @@ def parse_args(argv=None):
                              "(better: set MOSHI_ACCESS_TOKEN, which no process list shows)")
     parser.add_argument("--session-limit", type=float, default=SESSION_LIMIT_S, help="seconds per conversation")
     parser.add_argument("--idle-limit", type=float, default=IDLE_LIMIT_S, help="seconds without audio")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        parser.error("--ssl-certfile and --ssl-keyfile go together")
+    if args.share and (args.https or args.ssl_certfile):
+        parser.error("--share serves its own public https link (to this server's plain http): use it, or https")
+    return args
 
 
 def main(argv=None) -> int:
@@ -305,12 +318,15 @@ def main(argv=None) -> int:
     from moshi_engine.model.checkpoint import ModelUnavailableError
     from moshi_engine.model.loading import pick_device
     from moshi_engine.model.sizing import CapacityError
-    from moshi_engine.web import create_app, serve
+    from moshi_engine.web import announce, create_app, serve
+    from moshi_engine.wire.tls import self_signed_certificate
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("app")
     limits = SessionLimits(max_session_s=args.session_limit, idle_s=args.idle_limit)
+    tls = (Path(args.ssl_certfile), Path(args.ssl_keyfile)) if args.ssl_certfile else None
+    certificate = self_signed_certificate(args.host) if args.https and not tls else None
 
     public_host = args.host
     if args.share:
@@ -333,10 +349,11 @@ def main(argv=None) -> int:
             return 2
         web_app = create_app(engine, limits=limits, host=public_host, token=args.token)
 
-    log.info("Moshi voice chat at http://%s:%d%s", "127.0.0.1" if args.host == "0.0.0.0" else args.host, args.port,
-             "/?token=..." if args.token else "")
+    for level, message in announce(args.host, args.port, certificate or tls, share=args.share, private=bool(args.token),
+                                   behind_https=bool(os.environ.get("SPACE_ID"))):
+        log.log(level, message)
     try:
-        serve(web_app, args.host, args.port)
+        serve(web_app, args.host, args.port, tls=certificate.files if certificate else tls)
     finally:
         if engine is not None:
             engine.close()

@@ -3,6 +3,7 @@
     create_app(engine)                              # API (/status, /ws, /api/chat) + page at /
     create_app(remote="wss://worker/api/chat")      # the page alone, each session on that server
     create_app(engine, token="...")                 # private: nothing but /status without the token
+    serve(app, "0.0.0.0", 7860, tls=self_signed_certificate("0.0.0.0").files)   # https
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+from pathlib import Path
 
 import httpx
 from fastapi import FastAPI, WebSocket
@@ -20,11 +22,13 @@ from .conversation import SessionLimits
 from .door.access import TokenGate
 from .engine import MoshiEngine
 from .model.loading import freeze_garbage_collector
+from .page.endings import remote_http_warning
 from .page.ui import mount_ui
 from .wire.protocol import Protocol
 from .wire.relay import relay
 from .wire.remote import websocket_url
 from .wire.server import RESTART_REASON, MoshiServer, create_api
+from .wire.tls import Certificate, browser_addresses, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +140,39 @@ def drain_from_thread(app: FastAPI, reason: str = RESTART_REASON, timeout_s: flo
         log.warning("draining the app before exit failed", exc_info=True)
 
 
-def serve(app: FastAPI, host: str, port: int) -> None:
+def announce(host: str, port: int, tls: Certificate | tuple[Path, Path] | None = None, *, share: bool = False,
+             private: bool = False, behind_https: bool = False) -> list[tuple[int, str]]:
+    """What the log says at start, as (level, message): the address to open, what a self-signed
+    certificate means for a browser, and, when browsers on other machines would reach the page
+    over plain http (`host` not a loopback address, no TLS, no share link, and no proxy in front
+    that serves https, as on Spaces and Modal), that they get no microphone and what to do."""
+    suffix = "/?token=..." if private else "/"
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    if isinstance(tls, Certificate):
+        addresses = [address.rstrip("/") + suffix for address in browser_addresses(tls, port)]
+        if not is_loopback(host) and host not in ("0.0.0.0", "::", ""):
+            addresses.insert(0, f"https://{host}:{port}{suffix}")
+            addresses = list(dict.fromkeys(addresses))
+        where = "kept" if not tls.made else "made now, kept"
+        return [
+            (logging.INFO, f"Moshi voice chat at {addresses[0]} (also {', '.join(addresses[1:])})"),
+            (logging.INFO, f"the certificate is self-signed ({where} in {tls.certfile.parent}): each browser asks "
+                           "once to accept it (Chromium: Advanced, then Proceed; Firefox: Advanced, then Accept the "
+                           "Risk and Continue); --ssl-certfile / --ssl-keyfile take a real one"),
+        ]
+    scheme = "https" if tls else "http"
+    messages = [(logging.INFO, f"Moshi voice chat at {scheme}://{local}:{port}{suffix}")]
+    if not tls and not share and not behind_https and not is_loopback(host):
+        messages.append((logging.WARNING, remote_http_warning(host, port)))
+    return messages
+
+
+def serve(app: FastAPI, host: str, port: int, tls: tuple[Path, Path] | None = None) -> None:
     """Serve `app` with uvicorn until SIGTERM or SIGINT, draining it first (`drain`): every
     conversation is told why it ends before the server stops. A second signal stops at once.
     If the app's model is lost for good (`MoshiEngine.on_model_lost`) the server stops the same
-    way, so that whatever supervises it (a Space, systemd, docker) can start it afresh."""
+    way, so that whatever supervises it (a Space, systemd, docker) can start it afresh. With
+    `tls` (a certificate and its key) it serves https, and its websockets are wss."""
     import uvicorn
 
     server: MoshiServer | None = getattr(app.state, "moshi", None)
@@ -178,7 +210,9 @@ def serve(app: FastAPI, host: str, port: int) -> None:
     # for SIGTERM let that be one that returns, so that a drained server exits with status 0.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
-        DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
+        certfile, keyfile = tls or (None, None)
+        DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning", ssl_certfile=certfile,
+                                      ssl_keyfile=keyfile)).run()
     except KeyboardInterrupt:
         pass  # the same for SIGINT, as uvicorn.run does
     finally:

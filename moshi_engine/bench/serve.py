@@ -26,6 +26,7 @@ import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import numpy as np
 
@@ -48,8 +49,9 @@ def _bound_socket(send_buffer: int | None = None) -> socket.socket:
 
 
 @contextlib.contextmanager
-def serve_asgi(app, send_buffer: int | None = None):
-    """Serve an ASGI app with uvicorn; yields its base URL (http://127.0.0.1:PORT).
+def serve_asgi(app, send_buffer: int | None = None, tls: tuple[Path, Path] | None = None):
+    """Serve an ASGI app with uvicorn; yields its base URL (http://127.0.0.1:PORT, or https://
+    with `tls`: a certificate and its key).
 
     `send_buffer` caps the kernel's send buffer of each connection, so that a test
     can fill it with a few hundred kB instead of the megabytes loopback allows.
@@ -58,7 +60,9 @@ def serve_asgi(app, send_buffer: int | None = None):
 
     sock = _bound_socket(send_buffer)
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws_max_size=16 * 1024 * 1024))
+    certfile, keyfile = tls or (None, None)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws_max_size=16 * 1024 * 1024,
+                                           ssl_certfile=certfile, ssl_keyfile=keyfile))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -68,7 +72,7 @@ def serve_asgi(app, send_buffer: int | None = None):
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)

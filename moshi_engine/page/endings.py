@@ -69,6 +69,48 @@ MINUTES = "{n} minutes"
 SECONDS = "{n} s"
 
 
+# The microphone. A page opened over plain http from another machine is not a secure
+# context, and browsers then give it no microphone at all (nor the websocket path's audio
+# worklets): the page says so as soon as it loads, and the server's log at start.
+# `{host}` and `{port}` are the server's as the browser reached it; `code` is set off in
+# backticks, which the page shows as code.
+WAYS_OUT = (
+    "start the server with `--https` (the browser asks once to accept its certificate), or with `--share` "
+    "for a public https link, or tunnel it over SSH: run `ssh -L {port}:localhost:{port} {host}` "
+    "on your computer and open `http://localhost:{port}`"
+)
+MICROPHONE_WORDS = {
+    "insecure": (
+        "This page cannot use your microphone: it was opened over plain http from another machine, and "
+        "browsers give a microphone only to https pages and to `http://localhost`. To talk, "
+        + WAYS_OUT + "."
+    ),
+    "denied": (
+        "This page may not use your microphone: it is blocked for this site. Allow it in the browser's "
+        "site settings (the icon at the left of the address bar), then reload the page."
+    ),
+    "dismissed": "The browser did not give this page your microphone. Press the button again and allow it.",
+    "missing": (
+        "No microphone was found. Connect one (or let the browser see it in the system's settings): "
+        "the button to talk comes back as soon as there is one."
+    ),
+    "unreadable": (
+        "Your microphone could not be opened: another application may be using it. "
+        "Close that application and press the button again."
+    ),
+}
+
+
+def remote_http_warning(host: str, port: int) -> str:
+    """What the server's log says at start when browsers on other machines would reach it over
+    plain http, and so get no microphone."""
+    return (
+        f"browsers on other machines get no microphone from http://{host}:{port} (only https pages and "
+        f"http://localhost may use one). To talk from another machine, "
+        + WAYS_OUT.format(host="<this machine>", port=port) + "."
+    )
+
+
 def line_message(position: LinePosition) -> str:
     """What a visitor waiting for a slot is told, updated as the line moves."""
     if position.eta_s < 60:
@@ -111,7 +153,8 @@ def page_words(limits: SessionLimits, line_timeout_s: float, places: int) -> dic
     same templates): its websocket path tells each ending and the line's place in these words.
 
     Fixed sentences come rendered for these limits; `{detail}`, `{place}`, `{wait}`,
-    `{minutes}` and `{n}` are left for the page to fill; `ordinals` covers every place in line.
+    `{minutes}`, `{n}`, and the microphone's `{host}` and `{port}` are left for the page to
+    fill; `ordinals` covers every place in line.
     """
     return {
         "endings": {
@@ -132,4 +175,5 @@ def page_words(limits: SessionLimits, line_timeout_s: float, places: int) -> dic
         "minutes": MINUTES,
         "seconds": SECONDS,
         "ordinals": [ordinal(n) for n in range(1, places + 1)],
+        "microphone": MICROPHONE_WORDS,
     }
