@@ -38,7 +38,7 @@ from ..wire.protocol import Protocol
 from ..wire.remote import RemoteSession
 from .conversation_log import ConversationLog, ConversationRecord
 from .endings import Ending, ending_message, line_message
-from .ice import browser_rtc_configuration, ice_source, server_rtc_configuration
+from .ice import browser_rtc_configuration, ice_source, notice_vanished_browsers_sooner, server_rtc_configuration
 from .pagescript import RECORDING_LINK, RECORDING_READY, page_config, page_head
 from .rtc import MoshiHandler, OpenConversation, abandon_unconnected
 from .static_files import STATIC_PATH, mount_static
@@ -85,11 +85,21 @@ CSS = """
 #moshi-transport .moshi-transport-stop[hidden] { display: none; }
 /* The recording's block shows only when it holds a link (from either transport). */
 #moshi-recording:not(:has(a)) { display: none; }
+/* Why this page cannot have a microphone (page.js fills it): in view, and not a toast that fades. */
+#moshi-microphone .moshi-microphone-problem {
+  border-left: 4px solid var(--error-border-color, #dc2626); padding: 0.6em 0.9em; margin: 0;
+  background: var(--error-background-fill, #fef2f2); color: var(--error-text-color, #b91c1c); font-weight: 500;
+}
+#moshi-microphone .moshi-microphone-problem:empty { display: none; }
+/* ... and while that lasts, the buttons that would not work are not offered. */
+body[data-moshi-microphone] #moshi-webrtc button { display: none !important; }
 /* While a conversation goes over the websocket, FastRTC's Talk button would only start
    another one (and its device menu means nothing there): page.js shows its own Stop. */
 body[data-moshi-transport="websocket"] #moshi-webrtc .button-wrap,
 body[data-moshi-transport="websocket"] #moshi-webrtc button[aria-label="start stream"] { visibility: hidden; }
 """
+# Filled by static/page.js when the page cannot have a microphone (endings.MICROPHONE_WORDS).
+MICROPHONE_HTML = '<p class="moshi-microphone-problem" role="alert"></p>'
 # Filled by static/page.js: which transport carries the conversation, the websocket
 # path's messages (the WebRTC path's go to #moshi-message), and its Stop button.
 TRANSPORT_HTML = """
@@ -187,6 +197,7 @@ def build_page(
     the page's script is served from `static_path` (`static_files.mount_static`).
     """
     source = ice_source(host)  # fails here, at start, on a half-set TURN configuration
+    notice_vanished_browsers_sooner()
     log.info("WebRTC ICE servers for host %s: %s", host, source)
     conversations = conversations or ConversationLog()
     handler = MoshiHandler(
@@ -219,6 +230,7 @@ def build_page(
         status_md = gr.Markdown(status_line(None, remote), elem_id="moshi-status")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
+                gr.HTML(MICROPHONE_HTML, elem_id="moshi-microphone")
                 webrtc = WebRTC(
                     label="Conversation",
                     modality="audio",

@@ -47,6 +47,11 @@ export class PageWords {
     return fill(this.words.line, { place, wait });
   }
 
+  /** endings.MICROPHONE_WORDS[problem], with the server's `host` and `port` as the browser reached it. */
+  microphone(problem, { host, port }) {
+    return fill(this.words.microphone[problem] ?? "", { host, port });
+  }
+
   get leftLine() {
     return this.words.leftLine;
   }

@@ -15,6 +15,7 @@
 // (moshi_engine/page/pagescript.py), so the words here are only this script's own: which
 // transport is in use. Everything tests and the benchmark read is on `window.moshiPage`.
 
+import { BLOCKING, MicrophoneWatch } from "./microphone.js";
 import { chatUrl, MoshiSocket } from "./moshi-socket.js";
 import { SAMPLE_RATE } from "./opus.js";
 import { PageWords } from "./page-words.js";
@@ -72,6 +73,8 @@ const page = (window.moshiPage = {
   conversation: null, // the websocket conversation in progress: {socket, recording, stop()}
   fallbacks: 0,
   webrtcFailed: false, // once true, later conversations go straight to the websocket (auto mode)
+  microphone: undefined, // why this page cannot have a microphone (microphone.js), null if it can
+  peerConnections: new Set(), // FastRTC's connections not yet closed
 });
 
 // ## The page's elements (Gradio renders them after this script may have run)
@@ -94,6 +97,28 @@ function showStop(shown) {
   if (button) button.hidden = !shown;
   if (shown) document.body.dataset.moshiTransport = "websocket";
   else delete document.body.dataset.moshiTransport;
+}
+
+/**
+ * Say why the page cannot have a microphone (or nothing, once it can) where it stays visible,
+ * and hide the button that would not work while the problem lasts (body[data-moshi-microphone]).
+ */
+function showMicrophone() {
+  const problem = page.microphone;
+  if (problem && BLOCKING.has(problem)) document.body.dataset.moshiMicrophone = problem;
+  else delete document.body.dataset.moshiMicrophone;
+  const element = $("#moshi-microphone .moshi-microphone-problem");
+  if (!element) return false;
+  const port = location.port || (location.protocol === "https:" ? "443" : "80");
+  // `code` in the sentence (commands, addresses) is shown as code
+  const parts = problem ? WORDS.microphone(problem, { host: location.hostname, port }).split("`") : [];
+  element.replaceChildren(...parts.map((part, index) => {
+    if (index % 2 === 0) return document.createTextNode(part);
+    const code = document.createElement("code");
+    code.textContent = part;
+    return code;
+  }));
+  return true;
 }
 
 function setTranscript(text) {
@@ -212,6 +237,10 @@ const TALK_STARTS_MS = 10_000; // FastRTC makes its connection well within this 
 let primedContext = null; // an AudioContext made during that click, for a fallback later
 
 function onPeerConnection(pc) {
+  page.peerConnections.add(pc);
+  pc.addEventListener("connectionstatechange", () => {
+    if (pc.connectionState === "closed") page.peerConnections.delete(pc);
+  });
   if (MODE === "websocket") return;
   const attempt = new WebRTCAttempt(pc, { timeoutMs: TIMEOUT_MS, abandonUrl: CONFIG.abandon });
   const record = { state: "connecting", times: attempt.times, fellBack: false };
@@ -329,6 +358,21 @@ function onClick(event) {
 window.addEventListener("click", onClick, true);
 watchPeerConnections(onPeerConnection);
 
+// A visitor who closes the tab (or leaves the page) ends the conversation at once. Left to
+// itself the browser drops the peer connection without a word, and the server would hold the
+// slot until its idle limit; a closed connection is noticed at once. The websocket closes by
+// itself with the page.
+window.addEventListener("pagehide", () => {
+  for (const pc of page.peerConnections) pc.close();
+  page.peerConnections.clear();
+  page.conversation?.stop();
+});
+
+new MicrophoneWatch((problem) => {
+  page.microphone = problem;
+  showMicrophone();
+}).start();
+
 document.addEventListener("click", (event) => {
   if (event.target instanceof Element && event.target.closest("#moshi-transport .moshi-transport-stop")) {
     page.conversation?.stop();
@@ -344,8 +388,9 @@ function initialStatus() {
 }
 
 function showInitialStatus() {
-  if (!$("#moshi-transport .moshi-transport-status")) return false;
+  if (!$("#moshi-transport .moshi-transport-status") || !$("#moshi-microphone .moshi-microphone-problem")) return false;
   if (page.why === null) setStatus(initialStatus());
+  showMicrophone();
   page.ready = true;
   return true;
 }
