@@ -25,7 +25,7 @@ from pathlib import Path
 
 import modal
 
-from moshi_engine.model.sizing import AUTO, MAX_AUTO_SESSIONS, explicit_sessions, fit_sessions
+from moshi_engine.model.sizing import AUTO, MAX_AUTO_SESSIONS, MOSHI_7B_CONTEXT, estimate_sessions, explicit_sessions
 
 # ## Configuration
 
@@ -36,6 +36,7 @@ CONFIG = {
     "MOSHI_MODEL": os.environ.get("MOSHI_MODEL", "kyutai/moshiko-pytorch-bf16"),
     "MOSHI_GPU": os.environ.get("MOSHI_GPU", "L40S"),
     "MOSHI_SESSIONS": os.environ.get("MOSHI_SESSIONS", AUTO),
+    "MOSHI_CONTEXT": os.environ.get("MOSHI_CONTEXT", ""),
     "MOSHI_QUEUE": os.environ.get("MOSHI_QUEUE", "8"),
     "MOSHI_QUEUE_TIMEOUT_S": os.environ.get("MOSHI_QUEUE_TIMEOUT_S", "120"),
     "MOSHI_SESSION_LIMIT_S": os.environ.get("MOSHI_SESSION_LIMIT_S", "600"),
@@ -48,6 +49,7 @@ CONFIG = {
 MODEL = CONFIG["MOSHI_MODEL"]
 GPU = CONFIG["MOSHI_GPU"]
 SESSIONS = CONFIG["MOSHI_SESSIONS"]  # conversation slots per GPU: a number, or auto
+CONTEXT = int(CONFIG["MOSHI_CONTEXT"]) if CONFIG["MOSHI_CONTEXT"] else None  # the LM's window, in 80 ms steps
 QUEUE = int(CONFIG["MOSHI_QUEUE"])  # places in the waiting line for a slot
 QUEUE_TIMEOUT_S = float(CONFIG["MOSHI_QUEUE_TIMEOUT_S"])
 SESSION_LIMIT_S = int(CONFIG["MOSHI_SESSION_LIMIT_S"])
@@ -61,15 +63,17 @@ HERE = Path(__file__).parent
 
 # ## How many conversations one GPU holds
 
-# Each conversation slot keeps its own KV cache (about 1.6 GB for Moshiko's 3000-step context)
-# next to the one copy of the weights (about 15.5 GB in bf16). With `MOSHI_SESSIONS=auto` the
-# engine measures free memory at start and takes as many slots as fit, up to 32. Modal must
-# know the number before any GPU starts (to size each container's concurrency), so here it is
-# estimated the same way from the GPU's memory; set MOSHI_SESSIONS to a number to override.
+# Each conversation slot keeps its own KV cache (1.6 GB for Moshi's 3000-step context, in
+# proportion for a shorter `MOSHI_CONTEXT`) next to the one copy of the weights (15.4 GB in
+# bf16, 8.0 GB for Kyutai's 8-bit `-q8` repos). With `MOSHI_SESSIONS=auto` the engine measures
+# free memory at start and takes as many slots as fit, up to 32. Modal must know the number
+# before any GPU starts (to size each container's concurrency), so here it is estimated the
+# same way from the GPU's memory, the model's precision and the context
+# (`moshi_engine.model.sizing`); set MOSHI_SESSIONS to a number to override.
 
 GPU_MEMORY_GB = {"T4": 16, "L4": 24, "A10G": 24, "A100": 40, "A100-40GB": 40, "L40S": 48,
                  "A100-80GB": 80, "H100": 80, "H200": 141, "B200": 180}
-MOSHIKO_WEIGHTS_GB, SLOT_GB, CUDA_CONTEXT_GB = 15.5, 1.6, 0.6
+QUANTIZED = MODEL.endswith("-q8")  # Kyutai names its 8-bit repos so (kyutai/moshiko-pytorch-q8)
 
 
 def slots_per_gpu() -> int:
@@ -79,8 +83,7 @@ def slots_per_gpu() -> int:
     memory_gb = GPU_MEMORY_GB.get(GPU.split(":")[0].upper())
     if memory_gb is None:
         return MAX_AUTO_SESSIONS  # an unknown GPU: the engine's own auto still decides
-    free_gb = memory_gb - MOSHIKO_WEIGHTS_GB - CUDA_CONTEXT_GB
-    return fit_sessions(AUTO, int(free_gb * 1e9), int(memory_gb * 1e9), int(SLOT_GB * 1e9))
+    return estimate_sessions(memory_gb * 10**9, QUANTIZED, CONTEXT or MOSHI_7B_CONTEXT)
 
 
 SLOTS = slots_per_gpu()
@@ -137,7 +140,7 @@ def load_warm_engine():
     from moshi_engine.engine import load_engine
 
     engine = load_engine(MODEL, sessions=SESSIONS if not SCALE_OUT else SLOTS, queue=QUEUE,
-                         queue_timeout_s=QUEUE_TIMEOUT_S)
+                         queue_timeout_s=QUEUE_TIMEOUT_S, context=CONTEXT)
     engine.on_model_lost = lambda reason: modal.experimental.stop_fetching_inputs()
     hf_cache.commit()  # persist a fresh download for the next container
     return engine
@@ -281,6 +284,10 @@ def parse_args(argv=None):
                         help="conversations at once (slots of one batched Moshi), or 'auto': as many as fit "
                              "the GPU's free memory (up to 32); on a CPU 8 for the tiny model, else 1. "
                              "With --remote: sessions the page holds on the server")
+    parser.add_argument("--context", type=int, default=CONTEXT, metavar="STEPS",
+                        help="the LM's attention window per conversation, in 80 ms steps (default: the "
+                             "checkpoint's, 3000 = 240 s for Moshiko): the KV cache of each slot, so a shorter "
+                             "window fits more conversations, and Moshi attends to that much of the past alone")
     parser.add_argument("--in-process", action="store_true",
                         help="step the model in a thread of this process, not in a process of its own "
                              "(slower under load: the web server's Python then competes with the step's)")
@@ -307,6 +314,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         parser.error("--ssl-certfile and --ssl-keyfile go together")
+    if args.context is not None and args.context < 1:
+        parser.error("--context is a number of 80 ms steps, at least 1")
     if args.share and (args.https or args.ssl_certfile):
         parser.error("--share serves its own public https link (to this server's plain http): use it, or https")
     return args
@@ -343,7 +352,8 @@ def main(argv=None) -> int:
                         "to try the page", args.model)
         try:
             engine = load_engine(args.model, device=args.device, sessions=args.sessions, queue=args.queue,
-                                 queue_timeout_s=args.queue_timeout, model_process=not args.in_process)
+                                 queue_timeout_s=args.queue_timeout, model_process=not args.in_process,
+                                 context=args.context)
         except (ModelUnavailableError, CapacityError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

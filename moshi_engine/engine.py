@@ -122,6 +122,8 @@ class MoshiEngine:
             "model": self.info.model,
             "device": self.info.device,
             "dtype": self.info.dtype,
+            "weights": self.info.weights,  # the weights' precision: int8 for a quantized checkpoint
+            "context": self.info.context,  # the LM's attention window, in 80 ms steps
             "parameters": self.info.parameters,
             "sessions": {"active": self.active, "capacity": self.capacity},
             "queue": {"waiting": self.line.waiting, "places": self.line.places},
@@ -152,6 +154,7 @@ def load_engine(
     queue_timeout_s: float = QUEUE_TIMEOUT_S,
     weights: Weights | None = None,
     model_process: bool = True,
+    context: int | None = None,
 ) -> MoshiEngine:
     """A warm engine with `sessions` conversation slots (or "auto", see `model.loading.choose_sessions`) over
     `weights`, or over the checkpoint `model` loaded on `device` (see `model.loading.load_weights`).
@@ -161,12 +164,14 @@ def load_engine(
     POSIX, unless `weights` are given: those live in this process) they are loaded and stepped
     in a process of their own (`model.process`), else by a thread of this one. `gather_ms` is the
     stepping policy (`model.batched.BatchedMoshi`); `queue` places wait at most `queue_timeout_s`
-    each for a slot (`door.line.WaitingLine`).
+    each for a slot (`door.line.WaitingLine`). `context` is the LM's attention window in steps
+    (default the checkpoint's; see `model.loading.load_weights`).
     """
     if model_process and weights is None and os.name == "posix":  # the child's pipe is an inherited fd
-        slots = ModelProcess.start(model, device, sessions, warmup_frames, gather_ms)
+        slots = ModelProcess.start(model, device, sessions, warmup_frames, gather_ms, context)
         info, default_sampling = slots.info, slots.default_sampling
     else:
-        slots, info, default_sampling = load_slots(model, device, sessions, warmup_frames, gather_ms, weights)
+        slots, info, default_sampling = load_slots(model, device, sessions, warmup_frames, gather_ms, weights,
+                                                   context=context)
     freeze_garbage_collector()
     return MoshiEngine(info, slots, default_sampling, queue, queue_timeout_s)

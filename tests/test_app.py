@@ -90,6 +90,17 @@ def test_each_gpu_admits_as_many_conversations_as_it_has_slots(monkeypatch):
     assert module.SLOTS == 6 and module.CONFIG["MOSHI_SESSIONS"] == "6"  # copied into the image
 
 
+def test_an_8_bit_model_and_a_shorter_context_fit_more_conversations_on_a_24_gb_gpu(monkeypatch):
+    module, _ = load_app_module(monkeypatch, MOSHI_GPU="L4")
+    bf16 = module.SLOTS
+    module, _ = load_app_module(monkeypatch, MOSHI_GPU="L4", MOSHI_MODEL="kyutai/moshiko-pytorch-q8")
+    q8 = module.SLOTS
+    module, _ = load_app_module(monkeypatch, MOSHI_GPU="L4", MOSHI_MODEL="kyutai/moshiko-pytorch-q8",
+                                MOSHI_CONTEXT="1500")
+    assert (bf16, q8, module.SLOTS) == (2, 7, 15)  # weights 15.4 / 8.0 GB; 1.6 / 0.8 GB a slot
+    assert module.CONTEXT == 1500 and module.CONFIG["MOSHI_CONTEXT"] == "1500"  # copied into the image
+
+
 def test_scale_out_puts_the_page_on_cpu_and_a_slotful_of_conversations_on_each_gpu_worker(monkeypatch):
     module, asked = load_app_module(monkeypatch, MOSHI_SCALE_OUT="1", MOSHI_MAX_WORKERS="7", MOSHI_SESSIONS="12")
     worker = module.MoshiWorker().web.info()

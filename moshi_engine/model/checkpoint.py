@@ -22,9 +22,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = loaders.DEFAULT_REPO  # kyutai/moshiko-pytorch-bf16
 TINY = "tiny"
+TINY_Q8 = "tiny-q8"  # the tiny checkpoint quantized to 8 bits as Kyutai's q8 repos are (`quantize`)
 RANDOM = "random"  # the full-size Moshiko architecture with random weights: no download
 ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 TINY_DIR = ASSETS_DIR / "tiny-moshi"
+TINY_Q8_DIR = ASSETS_DIR / "tiny-moshi-q8"
 CONFIG_NAME = "config.json"
 _OFFLINE_HINT = f"For an offline demo use the bundled random checkpoint: --model {TINY}."
 
@@ -36,12 +38,14 @@ class ModelUnavailableError(RuntimeError):
 def resolve_checkpoint(spec: str) -> loaders.CheckpointInfo:
     """Turn a model spec into a CheckpointInfo, downloading (with progress bars) if needed.
 
-    `spec` is `tiny`, `random`, a local checkpoint directory, or a Hugging Face
+    `spec` is `tiny`, `tiny-q8`, `random`, a local checkpoint directory, or a Hugging Face
     repo id such as `kyutai/moshiko-pytorch-bf16`. Downloads go to the HF cache
     (HF_HOME), so a second start loads from disk.
     """
     if spec == TINY:
         return checkpoint_from_directory(TINY_DIR)
+    if spec == TINY_Q8:
+        return checkpoint_from_directory(TINY_Q8_DIR)
     if spec == RANDOM:
         # No weight files: moshi's loaders build Moshiko's 7B and Mimi's default configs
         # uninitialised. Text ids beyond the tiny tokenizer are skipped by the engine.

@@ -34,10 +34,11 @@ def serve(fd: int) -> None:
     says, then take messages until told to close (or until the server is gone: the pipe ends)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server closes us
     conn = Connection(fd)
-    model, device, sessions, warmup_frames, gather_ms, log_level = conn.recv()
+    model, device, sessions, warmup_frames, gather_ms, context, log_level = conn.recv()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        batched, info, default_sampling = load_slots(model, device, sessions, warmup_frames, gather_ms, thread=False)
+        batched, info, default_sampling = load_slots(model, device, sessions, warmup_frames, gather_ms, thread=False,
+                                                     context=context)
     except BaseException as error:  # noqa: BLE001 - handed to the parent, which raises it
         conn.send((_FAILED, _picklable(error)))
         return

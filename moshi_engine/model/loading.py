@@ -16,15 +16,19 @@ import gc
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import sentencepiece
 import torch
-from moshi.models import LMGen, LMModel, MimiModel
+from moshi.models import LMModel, MimiModel
+from moshi.utils.quantize import QLinear
+from safetensors import safe_open
 
 from ..conversation import Sampling
 from ..timings import StageTimings
 from .batched import BatchedMoshi
 from .checkpoint import DEFAULT_MODEL, ModelUnavailableError, resolve_checkpoint
+from .memory import slot_bytes
 from .sizing import AUTO, AUTO_CPU_SESSIONS, explicit_sessions, fit_sessions
 
 log = logging.getLogger(__name__)
@@ -38,10 +42,16 @@ SMALL_MODEL_PARAMETERS = 50_000_000
 
 @dataclass(frozen=True)
 class EngineInfo:
+    """What the slots serve: the model, where, in which dtype (activations and, unless
+    quantized, weights), the weights' own precision (`int8` for a quantized checkpoint), the
+    LM's attention window in steps (80 ms each), and the parameter count."""
+
     model: str
     device: str
     dtype: str
     parameters: int
+    weights: str = ""
+    context: int = 0
 
 
 
@@ -112,19 +122,6 @@ def keep_freed_memory() -> bool:
     return all(kept)
 
 
-def slot_bytes(mimi: MimiModel, lm: LMModel) -> int:
-    """Device memory that one conversation slot's streaming state takes (Mimi's buffers and
-    caches, the LM's KV cache, LMGen's delay buffer), measured by building one on CUDA."""
-    device = lm.device
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    lm_gen = LMGen(lm)
-    with mimi.streaming(1), lm_gen.streaming(1):
-        torch.cuda.synchronize(device)
-        used = torch.cuda.memory_allocated(device) - before
-    return used
-
-
 def choose_sessions(requested: int | str, device: torch.device, mimi: MimiModel, lm: LMModel,
                     parameters: int) -> int:
     """How many slots to allocate: `requested`, or for "auto" the most that fit the free GPU
@@ -151,11 +148,26 @@ class Weights:
     tokenizer: sentencepiece.SentencePieceProcessor
     lm_gen_config: dict
     parameters: int
+    quantized: bool = False  # int8 Linear layers (moshi's QLinear): a checkpoint whose config says `quantize`
+    context: int = 0  # the LM's attention window, in steps
+
+    @property
+    def precision(self) -> str:
+        """The weights' precision: `int8` when quantized, else the dtype."""
+        return "int8" if self.quantized else str(self.dtype).removeprefix("torch.")
 
 
-def load_weights(model: str = DEFAULT_MODEL, device: str = "auto") -> Weights:
-    """Load a checkpoint (HF repo id, checkpoint directory or `tiny`): bf16 on CUDA, float32
-    on CPU, with the process-wide torch settings for that device (see `configure_torch`)."""
+def load_weights(model: str = DEFAULT_MODEL, device: str = "auto", context: int | None = None) -> Weights:
+    """Load a checkpoint (HF repo id, checkpoint directory, `tiny` or `tiny-q8`): bf16 on CUDA,
+    float32 on CPU, with the process-wide torch settings for that device (see `configure_torch`).
+
+    A checkpoint whose config says `quantize` (Kyutai's q8 repos) loads with int8 Linear layers.
+    `context` is the LM's attention window in steps (default: the checkpoint's; Moshiko's is
+    3000 steps, 240 s): each slot's KV cache holds that many steps, so a shorter window fits
+    more conversations in the same memory, and Moshi attends to that much of the past alone.
+    """
+    if context is not None and context < 1:
+        raise ValueError(f"context must be a number of steps >= 1, got {context}")
     torch_device = pick_device(device)
     dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
     checkpoint = resolve_checkpoint(model)
@@ -163,11 +175,44 @@ def load_weights(model: str = DEFAULT_MODEL, device: str = "auto") -> Weights:
         raise ModelUnavailableError(f"{model} is a {checkpoint.model_type!r} checkpoint; this app serves Moshi")
     started = time.perf_counter()
     mimi = checkpoint.get_mimi(device=torch_device)
-    lm = checkpoint.get_moshi(device=torch_device, dtype=dtype)
+    overrides = {"context": context} if context is not None else {}
+    lm = checkpoint.get_moshi(device=torch_device, dtype=dtype, lm_kwargs_overrides=overrides)
+    quantized = bool((checkpoint.lm_config or {}).get("quantize"))
+    if quantized:
+        restore_int8_scales(lm, checkpoint.moshi_weights, torch_device)
     tokenizer = checkpoint.get_text_tokenizer()
-    log.info("loaded %s on %s (%s) in %.1f s", model, torch_device, dtype, time.perf_counter() - started)
+    window = lm_context(lm)
+    log.info("loaded %s on %s (%s%s, context %d steps) in %.1f s", model, torch_device, dtype,
+             ", int8 weights" if quantized else "", window, time.perf_counter() - started)
     parameters = configure_torch(torch_device, lm, mimi)
-    return Weights(model, torch_device, dtype, mimi, lm, tokenizer, dict(checkpoint.lm_gen_config), parameters)
+    return Weights(model, torch_device, dtype, mimi, lm, tokenizer, dict(checkpoint.lm_gen_config), parameters,
+                   quantized, window)
+
+
+def lm_context(lm: LMModel) -> int:
+    """The LM's attention window in steps (its transformer layers' `context`)."""
+    return int(lm.transformer.layers[0].self_attn.context or 0)
+
+
+def restore_int8_scales(lm: LMModel, weights_file: Path, device: torch.device) -> None:
+    """Put the int8 layers' float32 scales back, as the checkpoint stores them.
+
+    moshi 0.2.13's loader casts every floating tensor of the file to the model's dtype, the
+    scales (`weight_scb`) of its QLinear layers too; in bfloat16 (on CUDA) QLinear then refuses
+    to run ("Expected `weight_scb` to have type float"), and the scales would have lost 16 bits
+    anyway. Only the scales are read again (a few MB of Moshiko's 8 GB file), and loaded through
+    the LM's own state-dict hooks, so a file in any of moshi's layouts maps onto its layers.
+    """
+    with safe_open(str(weights_file), framework="pt", device=str(device)) as weights:
+        scales = {name: weights.get_tensor(name) for name in weights.keys() if name.endswith("_scb")}
+    if not scales:
+        raise ModelUnavailableError(f"{weights_file} is said to be quantized but holds no int8 scales")
+    result = lm.load_state_dict(scales, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ModelUnavailableError(f"{weights_file}: int8 scales that match no layer: {result.unexpected_keys[:3]}")
+    for module in lm.modules():
+        if isinstance(module, QLinear) and module.weight_scb.dtype != torch.float32:
+            raise ModelUnavailableError(f"{weights_file}: an int8 layer's scales are {module.weight_scb.dtype}")
 
 
 def load_slots(
@@ -178,13 +223,15 @@ def load_slots(
     gather_ms: float = 0.0,
     weights: Weights | None = None,
     thread: bool = True,
+    context: int | None = None,
 ) -> tuple[BatchedMoshi, EngineInfo, Sampling]:
-    """Warm batched slots over `weights` (or over the checkpoint `model` loaded on `device`),
-    what they serve, and the checkpoint's default sampling; see `load_engine`. `thread=False`:
-    the caller steps them (`BatchedMoshi.step_when_due`)."""
+    """Warm batched slots over `weights` (or over the checkpoint `model` loaded on `device`
+    with `context`, see `load_weights`), what they serve, and the checkpoint's default
+    sampling; see `load_engine`. `thread=False`: the caller steps them
+    (`BatchedMoshi.step_when_due`)."""
     started = time.perf_counter()
     if weights is None:
-        weights = load_weights(model, device)
+        weights = load_weights(model, device, context)
     slots = choose_sessions(sessions, weights.device, weights.mimi, weights.lm, weights.parameters)
     default_sampling = Sampling.from_config(weights.lm_gen_config)
     lm_gen_kwargs = {k: v for k, v in weights.lm_gen_config.items() if not hasattr(default_sampling, k)}
@@ -192,8 +239,13 @@ def load_slots(
                            gather_ms, thread)
     try:
         batched.warmup(warmup_frames)
-    except BaseException:
+    except BaseException as error:
         batched.close()  # the weights stay usable by another engine
+        if weights.quantized and weights.device.type == "cuda" and isinstance(error, Exception):
+            # moshi graphs the steps on CUDA; bitsandbytes' int8 kernels are meant to be captured
+            # (no host synchronisation on this path), but a failure here most likely comes from them.
+            raise RuntimeError(f"warming up the 8-bit model on {weights.device} failed ({error}); "
+                               "NO_CUDA_GRAPH=1 steps it without CUDA graphs") from error
         raise
     log.info("%d conversation slot(s) warm after %.1f s", slots, time.perf_counter() - started)
     info = EngineInfo(
@@ -201,5 +253,7 @@ def load_slots(
         device=str(weights.device),
         dtype=str(weights.dtype).removeprefix("torch."),
         parameters=weights.parameters,
+        weights=weights.precision,
+        context=weights.context,
     )
     return batched, info, default_sampling

@@ -86,6 +86,7 @@ class _Launch:
     sessions: int | str
     warmup_frames: int
     gather_ms: float
+    context: int | None = None
 
     def run(self, on_spawn: Callable[[subprocess.Popen], None] | None = None) -> tuple:
         """(process, connection, (info, default_sampling, capacity)) of a ready child, or raises
@@ -100,7 +101,7 @@ class _Launch:
         try:
             if on_spawn is not None:
                 on_spawn(process)
-            conn.send((self.model, self.device, self.sessions, self.warmup_frames, self.gather_ms,
+            conn.send((self.model, self.device, self.sessions, self.warmup_frames, self.gather_ms, self.context,
                        logging.getLogger().getEffectiveLevel()))
             if not conn.poll(START_TIMEOUT_S):
                 raise TimeoutError(f"the model process did not start in {START_TIMEOUT_S:.0f} s")
@@ -157,10 +158,11 @@ class ModelProcess:
 
     @classmethod
     def start(cls, model: str, device: str, sessions: int | str, warmup_frames: int,
-              gather_ms: float) -> ModelProcess:
-        """Start the child, which loads `model` on `device` with `sessions` slots and warms them
-        up (`loading.load_slots`); returns once it is ready, or raises what it raised."""
-        launch = _Launch(model, device, sessions, warmup_frames, gather_ms)
+              gather_ms: float, context: int | None = None) -> ModelProcess:
+        """Start the child, which loads `model` on `device` (with an attention window of `context`
+        steps) with `sessions` slots and warms them up (`loading.load_slots`); returns once it is
+        ready, or raises what it raised."""
+        launch = _Launch(model, device, sessions, warmup_frames, gather_ms, context)
         process, conn, (info, default_sampling, capacity) = launch.run()
         return cls(dataclasses.replace(launch, sessions=capacity), process, conn, info, default_sampling, capacity)
 

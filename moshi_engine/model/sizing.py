@@ -38,13 +38,19 @@ def explicit_sessions(requested: int | str) -> int:
     return sessions
 
 
+def slots_that_fit(free: int, total: int, per_slot: int) -> int:
+    """Slots of `per_slot` bytes in `free` bytes of a `total`-byte GPU, keeping
+    GPU_HEADROOM_BYTES + GPU_HEADROOM_FRACTION of the GPU free (no cap)."""
+    headroom = GPU_HEADROOM_BYTES + GPU_HEADROOM_FRACTION * total
+    return max(0, int((free - headroom) // max(per_slot, 1)))
+
+
 def fit_sessions(requested: int | str, free: int, total: int, per_slot: int) -> int:
     """Slots for `free` bytes of a `total`-byte GPU, `per_slot` bytes each, keeping
     GPU_HEADROOM_BYTES + GPU_HEADROOM_FRACTION of the GPU free: "auto" takes the most that
     fit (at most MAX_AUTO_SESSIONS); a number that does not fit raises CapacityError naming
     the number that would."""
-    headroom = GPU_HEADROOM_BYTES + GPU_HEADROOM_FRACTION * total
-    fits = max(0, int((free - headroom) // max(per_slot, 1)))
+    fits = slots_that_fit(free, total, per_slot)
     log.info("GPU memory: %.1f GiB free of %.1f GiB; a conversation slot takes %.2f GiB; %d slot(s) fit",
              free / GIB, total / GIB, per_slot / GIB, fits)
     if fits < 1:
@@ -61,3 +67,70 @@ def fit_sessions(requested: int | str, free: int, total: int, per_slot: int) -> 
             f"{per_slot / GIB:.2f} GiB per slot, headroom kept): use --sessions {fits} or auto"
         )
     return sessions
+
+
+# ## What Moshi takes on a GPU, before any GPU is there
+#
+# app.py sizes Modal's containers at deploy time, on a machine that may have no torch: from
+# these counts of Moshi 7B (Moshiko, Moshika), moshi's default LM architecture, taken on the
+# meta device (tests/model/test_sizing.py counts them again from moshi itself).
+MOSHI_7B_PARAMETERS = 7_687_729_152
+MOSHI_7B_LINEAR_PARAMETERS = 7_374_635_008  # in Linear layers: int8 in a quantized checkpoint
+MOSHI_7B_LINEAR_ROWS = 1_948_928  # each with a float32 scale when quantized
+MOSHI_7B_LAYERS = 32
+MOSHI_7B_DIM = 4096
+MOSHI_7B_CONTEXT = 3000  # steps of 80 ms: 240 s
+KV_BYTES = 2  # keys and values in bfloat16 (float16 beside int8 layers: as many bytes)
+MIMI_SLOT_BYTES = 16_481_166  # Mimi's streaming state per slot (float32 buffers and caches)
+CUDA_CONTEXT_BYTES = 600_000_000  # the CUDA context and torch's own before any tensor
+
+
+def moshi_7b_weights_bytes(quantized: bool = False) -> int:
+    """Moshi 7B's weights on a GPU: bfloat16, or int8 Linear layers with a float32 scale per
+    row (moshi's QLinear) and the rest in bfloat16."""
+    if not quantized:
+        return MOSHI_7B_PARAMETERS * 2
+    rest = MOSHI_7B_PARAMETERS - MOSHI_7B_LINEAR_PARAMETERS
+    return MOSHI_7B_LINEAR_PARAMETERS + 4 * MOSHI_7B_LINEAR_ROWS + 2 * rest
+
+
+def moshi_7b_slot_bytes(context: int = MOSHI_7B_CONTEXT) -> int:
+    """One conversation slot of Moshi 7B: its KV cache (keys and values of `context` steps in
+    every layer) and Mimi's state."""
+    return 2 * MOSHI_7B_LAYERS * MOSHI_7B_DIM * context * KV_BYTES + MIMI_SLOT_BYTES
+
+
+def estimate_sessions(gpu_bytes: int, quantized: bool = False, context: int = MOSHI_7B_CONTEXT,
+                      requested: int | str = AUTO) -> int:
+    """What `--sessions auto` would find on a GPU of `gpu_bytes` for Moshi 7B (`fit_sessions`
+    over the estimates above); a number asked for is checked the same way."""
+    free = gpu_bytes - CUDA_CONTEXT_BYTES - moshi_7b_weights_bytes(quantized)
+    return fit_sessions(requested, free, gpu_bytes, moshi_7b_slot_bytes(context))
+
+
+def estimate_fit(gpu_bytes: int, quantized: bool = False, context: int = MOSHI_7B_CONTEXT) -> int:
+    """How many Moshi 7B slots the memory of a GPU of `gpu_bytes` holds, estimated (no cap)."""
+    free = gpu_bytes - CUDA_CONTEXT_BYTES - moshi_7b_weights_bytes(quantized)
+    return slots_that_fit(free, gpu_bytes, moshi_7b_slot_bytes(context))
+
+
+GPU_TABLE_GB = (16, 24, 48, 80, 141)
+
+
+def slots_table(contexts: tuple[int, ...] = (MOSHI_7B_CONTEXT,)) -> str:
+    """README's table: how many Moshi 7B conversation slots each GPU size's memory holds,
+    estimated, bf16 and q8 (`--sessions auto` takes at most MAX_AUTO_SESSIONS of them)."""
+    header = "| GPU memory | " + " | ".join(
+        f"bf16, {context} steps | q8, {context} steps" for context in contexts) + " |"
+    lines = [header, "| --- |" + " --- | --- |" * len(contexts)]
+    for gigabytes in GPU_TABLE_GB:
+        cells = []
+        for context in contexts:
+            for quantized in (False, True):
+                cells.append(str(estimate_fit(gigabytes * 10**9, quantized, context)))
+        lines.append(f"| {gigabytes} GB | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(slots_table((MOSHI_7B_CONTEXT, 1500)))

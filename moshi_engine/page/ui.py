@@ -127,7 +127,10 @@ def status_line(status: dict | None, remote: str | None = None) -> str:
         return f"Moshi is unavailable right now: {status['unavailable']}."
     parts = [f"Model `{status.get('model', '?')}`"]
     if "device" in status:
-        parts.append(f"on {status['device']}" + (f" ({status['dtype']})" if status.get("dtype") else ""))
+        precision = status.get("dtype")
+        if precision and status.get("weights") and status["weights"] != precision:
+            precision += f", {status['weights']} weights"
+        parts.append(f"on {status['device']}" + (f" ({precision})" if precision else ""))
     sessions = status.get("sessions") or {}
     if "capacity" in sessions:
         capacity = sessions["capacity"]

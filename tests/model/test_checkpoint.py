@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from moshi.models import loaders
+from moshi.models import LMGen, loaders
+from moshi.utils.quantize import QLinear
 from safetensors.torch import load_file
 
 from moshi_engine.conversation import Sampling
 from moshi_engine.engine import load_engine
-from moshi_engine.model import tiny
-from moshi_engine.model.checkpoint import TINY_DIR, ModelUnavailableError, resolve_checkpoint
+from moshi_engine.model import quantize, tiny
+from moshi_engine.model.checkpoint import TINY_DIR, TINY_Q8, TINY_Q8_DIR, ModelUnavailableError, resolve_checkpoint
+from moshi_engine.model.loading import load_weights, restore_int8_scales
 from tests.conftest import DEVICE, PROXY_VARIABLES, converse
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -70,6 +72,33 @@ def built_elsewhere(tmp_path_factory):
         process.communicate()
 
 
+@pytest.fixture(scope="module")
+def quantized_elsewhere(tmp_path_factory):
+    """The committed tiny checkpoint quantized in child processes, on this CPU and as it behaves
+    restricted to OTHER_CPUS' instruction sets."""
+    root = tmp_path_factory.mktemp("quantized-elsewhere")
+    builds = {}
+    for name, restrictions in {THIS_CPU: {}, **OTHER_CPUS}.items():
+        command = [sys.executable, "-m", "moshi_engine.model.quantize", str(TINY_DIR), "--out", str(root / name)]
+        process = subprocess.Popen(command, cwd=REPOSITORY, env=os.environ | restrictions, stderr=subprocess.PIPE,
+                                   text=True)
+        builds[name] = (process, root / name)
+    yield builds
+    for process, _ in builds.values():
+        process.kill()
+        process.communicate()
+
+
+def _assert_same_quantized(built: Path) -> None:
+    """`built` is the committed tiny-q8: the same int8 weights and scales, the same config, and
+    its Mimi, Mimi config and tokenizer the same files (named by their own relative paths)."""
+    assert (built / "model.q8.safetensors").read_bytes() == (TINY_Q8_DIR / "model.q8.safetensors").read_bytes()
+    ours, committed = (json.loads((where / "config.json").read_text()) for where in (built, TINY_Q8_DIR))
+    for key in quantize.NAMED_FILES:
+        assert (built / ours.pop(key)).resolve() == (TINY_Q8_DIR / committed.pop(key)).resolve(), key
+    assert ours == committed
+
+
 def _finished(build: tuple[subprocess.Popen, Path]) -> Path:
     process, out = build
     _, stderr = process.communicate(timeout=300)
@@ -95,6 +124,37 @@ def test_builder_is_deterministic(built, built_elsewhere):
 @pytest.mark.parametrize("cpu", OTHER_CPUS)
 def test_builder_writes_the_committed_bytes_on_other_instruction_sets(built_elsewhere, cpu):
     _assert_same_files(_finished(built_elsewhere[cpu]), TINY_DIR)
+
+
+@pytest.mark.parametrize("cpu", [THIS_CPU, *OTHER_CPUS])
+def test_the_8_bit_twin_is_the_committed_bytes_on_every_instruction_set(quantized_elsewhere, cpu):
+    _assert_same_quantized(_finished(quantized_elsewhere[cpu]))
+
+
+def test_the_8_bit_checkpoint_loads_int8_layers_with_float32_scales_in_any_dtype():
+    info = resolve_checkpoint(TINY_Q8)
+    assert info.lm_config["quantize"] is True and info.moshi_weights.name == "model.q8.safetensors"
+    assert info.mimi_weights.resolve() == (TINY_DIR / tiny.MIMI_NAME).resolve()  # the unquantized one's
+    stored = load_file(info.moshi_weights)
+    assert any(tensor.dtype == torch.int8 for tensor in stored.values())
+    weights = load_weights(TINY_Q8, device="cpu")
+    assert weights.precision == "int8" and weights.quantized
+    in_bfloat16 = info.get_moshi(device="cpu", dtype=torch.bfloat16)  # the dtype CUDA loads it in
+    restore_int8_scales(in_bfloat16, info.moshi_weights, torch.device("cpu"))
+    for lm in (weights.lm, in_bfloat16):
+        layers = [module for module in lm.modules() if isinstance(module, QLinear)]
+        assert len(layers) == sum(name.endswith(".weight_scb") for name in stored)
+        assert all(layer.weight.dtype == torch.int8 and layer.weight_scb.dtype == torch.float32 for layer in layers)
+        scales = {name: tensor for name, tensor in lm.state_dict().items() if name.endswith("_scb")}
+        assert scales and all(torch.equal(scales[name], stored[name]) for name in scales)  # as stored, to the bit
+
+
+def test_moshis_loader_alone_breaks_an_8_bit_checkpoint_in_bfloat16():
+    """Why restore_int8_scales exists: moshi 0.2.13 casts the scales with the rest."""
+    lm = resolve_checkpoint(TINY_Q8).get_moshi(device="cpu", dtype=torch.bfloat16)
+    lm_gen = LMGen(lm)
+    with torch.no_grad(), lm_gen.streaming(1), pytest.raises(RuntimeError, match="weight_scb"):
+        lm_gen.step(torch.zeros(1, 8, 1, dtype=torch.long))
 
 
 def test_committed_weights_keep_only_the_builders_significant_bits():

@@ -113,8 +113,9 @@ def test_a_checkpoint_that_cannot_load_raises_its_error_in_the_server(tmp_path):
         load_engine(str(tmp_path / "nothing-here"), device=DEVICE)
 
 
-async def test_when_the_model_process_dies_its_conversations_end_and_another_serves_from_fresh_rows(hello_pcm):
-    engine = load_engine("tiny", device=DEVICE, sessions=2, warmup_frames=1)
+@pytest.mark.parametrize("model", ["tiny", "tiny-q8"])  # tiny-q8: int8 layers, as Kyutai's q8 repos
+async def test_when_the_model_process_dies_its_conversations_end_and_another_serves_from_fresh_rows(hello_pcm, model):
+    engine = load_engine(model, device=DEVICE, sessions=2, warmup_frames=1)
     try:
         speech = hello_pcm[: 2 * SAMPLE_RATE]
         async with engine.session(GREEDY) as session:
@@ -133,6 +134,7 @@ async def test_when_the_model_process_dies_its_conversations_end_and_another_ser
 
         await until(lambda: engine.stopped is None, timeout=300)  # a fresh child loads and warms up
         assert engine.model.pid != first_pid and engine.status()["model_restarts"] == 1
+        assert engine.status()["weights"] == ("int8" if model == "tiny-q8" else "float32")  # the same model again
         async with engine.session(GREEDY) as session:
             after = await converse(session, speech)
         assert after[1] == before[1] and np.array_equal(after[0], before[0])  # as from a fresh start

@@ -127,3 +127,19 @@ def test_split_seeds_make_a_conversation_reproducible(lm, codes):
 def test_a_seed_and_split_seeds_together_are_refused():
     with pytest.raises(ValueError, match="not both"):
         Sampling(seed=1, text_seed=2)
+
+
+def test_an_8_bit_row_is_lmgens_greedy_and_its_own_whatever_the_other_rows_do(codes):
+    """The int8 layers give float16 logits, whose exact ties LMGen's top-k and the per-row
+    ranking may order differently: sampled, a seed may draw another of the tied (equally likely)
+    tokens than LMGen would; greedy, the tokens are LMGen's; and a row's own draws never depend
+    on its neighbours."""
+    with torch.no_grad():
+        lm_q8 = resolve_checkpoint("tiny-q8").get_moshi(device=DEVICE, dtype=torch.float32)
+    greedy = Sampling(temp=0.0, temp_text=0.0, seed=5)
+    assert torch.equal(row_tokens(lm_q8, codes, 1, 0, greedy, greedy), lmgen_tokens(lm_q8, codes, greedy))
+    sampling = Sampling(temp=0.9, top_k=20, temp_text=0.8, top_k_text=10, seed=5)
+    quiet = row_tokens(lm_q8, codes, 4, 2, sampling, Sampling(temp=0.0, temp_text=0.0, seed=1))
+    busy = row_tokens(lm_q8, codes, 4, 2, sampling, Sampling(temp=2.0, top_k=64, temp_text=2.0, seed=9),
+                      steps_of_others={3, 10, 25})
+    assert torch.equal(quiet, busy)

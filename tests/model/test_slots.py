@@ -19,13 +19,14 @@ from moshi_engine.engine import load_engine
 from moshi_engine.model.batched import BatchedMoshi
 from moshi_engine.model.cpukernels import ExpELU, PointwiseConv1d, use_cpu_kernels
 from moshi_engine.model.loading import load_weights
+from moshi_engine.model.memory import counted_slot_bytes
 from moshi_engine.model.sizing import AUTO, CapacityError, fit_sessions
 from moshi_engine.session import MoshiSession
 from moshi_engine.wire.codec import OpusEncoder
 from moshi_engine.wire.protocol import HANDSHAKE, CloseCode
 from moshi_engine.wire.remote import exchange, websocket_url
 from moshi_engine.wire.server import create_api
-from tests.conftest import DEVICE, until
+from tests.conftest import DEVICE, converse, until
 from tests.live import serve_asgi
 
 SLOTS = 4
@@ -176,6 +177,25 @@ async def test_engines_in_turn_over_one_loaded_checkpoint_each_start_fresh(engin
     assert len(again.audio) == len(reference.audio)
     assert all(np.array_equal(a, b) for a, b in zip(again.audio, reference.audio, strict=True))
     assert again.texts == reference.texts
+
+
+async def test_a_shorter_context_is_every_slots_window_and_holds_its_kv_cache_in_proportion(hello_pcm):
+    """`--context`: the LM attends to that many steps; each slot's KV cache holds that many."""
+    window = 20  # steps: 1.6 s, of the tiny checkpoint's 100
+    weights = load_weights("tiny", device=DEVICE, context=window)
+    full = load_weights("tiny", device=DEVICE)
+    assert (weights.context, full.context) == (window, 100)
+    assert all(layer.self_attn.context == window for layer in weights.lm.transformer.layers)
+    lm_slot, full_slot = counted_slot_bytes(None, weights.lm), counted_slot_bytes(None, full.lm)
+    assert abs(lm_slot / full_slot - window / 100) < 0.02  # the KV cache is nearly all of it
+    engine = load_engine(sessions=1, weights=weights, warmup_frames=1)
+    try:
+        assert engine.status()["context"] == window
+        async with engine.session(Sampling(seed=3)) as session:
+            audio, _ = await converse(session, hello_pcm[: 3 * SAMPLE_RATE])  # 37 steps: past the window
+        assert audio.size == (3 * SAMPLE_RATE // FRAME_SIZE - 1) * FRAME_SIZE
+    finally:
+        engine.close()
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.5])

@@ -359,3 +359,18 @@ async def test_a_client_that_cannot_keep_up_loses_its_oldest_audio_not_the_serve
         assert status["dropped_audio_frames"] > 0
         ws.transport.abort()
         await until(lambda: tiny_engine.active == 0)
+
+
+async def test_an_8_bit_model_says_its_weights_precision_and_talks_over_both_protocols(hello_pcm):
+    engine = load_engine("tiny-q8", device=DEVICE, sessions=1, warmup_frames=1)
+    try:
+        with serve_asgi(create_app(engine)) as base:
+            code, body = get_json(base + "/status")
+            assert code == 200 and body["weights"] == "int8" and body["model"] == "tiny-q8"
+            assert "int8 weights" in status_line(body)  # the page's model line
+            for protocol in PROTOCOLS:
+                result = await exchange(ws_url(base, protocol), hello_pcm[: 2 * SAMPLE_RATE], Sampling(seed=1),
+                                        realtime=False)
+                assert result.close_code == CloseCode.NORMAL and result.pcm.size > SAMPLE_RATE
+    finally:
+        engine.close()
