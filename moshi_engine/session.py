@@ -61,6 +61,7 @@ class MoshiSession(OutputIteration):
         self._outbox = OutputQueue(max_output_frames)
         self._buffer = np.zeros(0, dtype=np.float32)
         self._closed = False
+        self._failure: SessionError | None = None  # why the model ended it, if it did
         self.frames_in = 0
         self.frames_out = 0
         self._lease = model.lease(sampling, self._deliver)
@@ -93,7 +94,8 @@ class MoshiSession(OutputIteration):
                 self._room.clear()
                 await self._room.wait()
             if self._closed:
-                raise SessionClosed("session is closed")
+                # a sender learns why as its reader does: the model's error, if that ended it
+                raise self._failure or SessionClosed("session is closed")
             frame, self._buffer = self._buffer[:FRAME_SIZE].copy(), self._buffer[FRAME_SIZE:]
             self._model.submit(self._lease, frame)
             self._pending += 1
@@ -110,7 +112,8 @@ class MoshiSession(OutputIteration):
         self._room.set()
         if isinstance(out, BaseException):
             log.error("the step of slot %d failed: %r", self.slot, out)
-            self._outbox.end(SessionError(f"model error: {out}"))
+            self._failure = SessionError(f"model error: {out}")
+            self._outbox.end(self._failure)
             self.release()
             return
         self.frames_in += 1

@@ -101,7 +101,7 @@ class MoshiServer:
         """One websocket conversation, from accept to close: in line while every slot is taken."""
         await ws.accept()
         try:
-            session = await self._wait_for_slot(ws, protocol)
+            session, carried = await self._wait_for_slot(ws, protocol)
         except _ClientGone:
             log.info("a %s client left the line", protocol.path)
             return
@@ -110,7 +110,7 @@ class MoshiServer:
             await _close(ws, close.code, close.reason)
             return
         self.connections_served += 1
-        connection = _Connection(ws, protocol, session, self.limits, self.engine.timings)
+        connection = _Connection(ws, protocol, session, self.limits, self.engine.timings, carried)
         self._live[session] = connection
         code, reason = CloseCode.GOING_AWAY, "the server is shutting down"  # if cancelled
         try:
@@ -124,8 +124,9 @@ class MoshiServer:
             if code is not None:
                 await _close(ws, code, reason)
 
-    async def _wait_for_slot(self, ws: WebSocket, protocol: Protocol) -> MoshiSession:
-        """A slot for this connection, waiting in line while every slot is taken. Meanwhile the
+    async def _wait_for_slot(self, ws: WebSocket, protocol: Protocol) -> tuple[MoshiSession, list[bytes]]:
+        """A slot for this connection, waiting in line while every slot is taken, and the audio
+        the client sent after the slot came, before the wait stopped reading. Meanwhile the
         client's audio is read and dropped (so its conversation starts fresh), and with `?queue=1`
         its place is sent as `KIND_METADATA` JSON whenever the line moves."""
         if self.engine is None:
@@ -141,13 +142,13 @@ class MoshiServer:
             raise ProtocolError(CloseCode.POLICY_VIOLATION, str(error)) from None
         if not self.engine.line.waiting:  # a free slot and nobody ahead: no waiting, nothing dropped
             try:
-                return self.engine.open_session(sampling)
+                return self.engine.open_session(sampling), []
             except BusyError:
                 pass
         waiting = _Waiting(ws, protocol, announce)
         self._waiting.add(waiting)
         try:
-            return await waiting.run(lambda on_position: self.engine.acquire(sampling, on_position))
+            return await waiting.run(lambda on_position: self.engine.acquire(sampling, on_position)), waiting.carried
         except BusyError as error:
             raise ConnectionClose(CloseCode.TRY_AGAIN_LATER, str(error)) from None
         finally:
@@ -165,6 +166,9 @@ class _Waiting:
         self._positions: asyncio.Queue[LinePosition] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._cancelled: str | None = None
+        # What the client sent after its slot came and before this stopped reading: its
+        # conversation's first audio, not audio of its wait.
+        self.carried: list[bytes] = []
 
     async def run(self, acquire) -> MoshiSession:
         acquiring = asyncio.ensure_future(acquire(self._positions.put_nowait if self.announce else None))
@@ -195,7 +199,9 @@ class _Waiting:
 
     async def _drop_input(self) -> None:
         while True:
-            await _receive_ogg(self.ws, self.protocol)  # checked, then dropped
+            ogg = await _receive_ogg(self.ws, self.protocol)  # checked, then dropped while waiting
+            if self._task is not None and self._task.done():
+                self.carried.append(ogg)
 
     async def _send_positions(self) -> None:
         while True:
@@ -207,8 +213,9 @@ class _Connection:
     """The receive / send / watchdog tasks of one websocket over one session."""
 
     def __init__(self, ws: WebSocket, protocol: Protocol, session: MoshiSession,
-                 limits: SessionLimits, timings: StageTimings) -> None:
+                 limits: SessionLimits, timings: StageTimings, carried: list[bytes] | None = None) -> None:
         self.ws = ws
+        self.carried = carried or []  # the client's first audio, read while its wait was ending
         self.protocol = protocol
         self.session = session
         self.limits = limits
@@ -251,10 +258,14 @@ class _Connection:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _receive(self) -> None:
+        for ogg in self.carried:
+            await self._take(ogg)
         while True:
-            ogg = await _receive_ogg(self.ws, self.protocol)
-            if not ogg:
-                continue
+            await self._take(await _receive_ogg(self.ws, self.protocol))
+
+    async def _take(self, ogg: bytes) -> None:
+        """One message's Ogg Opus into the session."""
+        if ogg:
             started = time.perf_counter()
             try:
                 pcm = self.decoder.decode(ogg)
