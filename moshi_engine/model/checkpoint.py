@@ -9,10 +9,12 @@ optionally `mimi_config_name` and `lm_gen_config`) beside the files it names.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -29,6 +31,8 @@ TINY_DIR = ASSETS_DIR / "tiny-moshi"
 TINY_Q8_DIR = ASSETS_DIR / "tiny-moshi-q8"
 CONFIG_NAME = "config.json"
 _OFFLINE_HINT = f"For an offline demo use the bundled random checkpoint: --model {TINY}."
+DOWNLOAD_TRIES = 3  # a download cut off midway is resumed this many times in one start
+PROGRESS_INTERVAL_S = 10  # how often a download's progress is written to a log that is no terminal
 
 
 class ModelUnavailableError(RuntimeError):
@@ -87,29 +91,93 @@ def checkpoint_from_directory(directory: Path) -> loaders.CheckpointInfo:
 
 
 def checkpoint_from_hub(repo: str) -> loaders.CheckpointInfo:
-    """Download (or reuse from the HF cache) a Kyutai repo through moshi's CheckpointInfo."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
-    from requests.exceptions import ConnectionError, Timeout
+    """A Kyutai repo through moshi's CheckpointInfo: downloaded into the HF cache (HF_HOME) with
+    the hub client's progress bars, or read from that cache.
 
-    if not constants.HF_HUB_OFFLINE and not _hub_reachable(constants.ENDPOINT):
-        # Without this check the hub client retries for ~20 s per file before failing.
-        raise ModelUnavailableError(
-            f"cannot reach the Hugging Face hub ({constants.ENDPOINT}) to fetch {repo}. "
-            f"If its files are already in the HF cache, set HF_HUB_OFFLINE=1. {_OFFLINE_HINT}"
-        )
+    With the hub out of reach (no network on a GPU box, a container behind a firewall) or
+    HF_HUB_OFFLINE=1, a repo already in the cache loads from it. A download cut off midway is
+    resumed where it stopped, up to DOWNLOAD_TRIES times; the hub client keeps what arrived in
+    the cache (`.incomplete`) and moves a file into place only once it is whole, so a truncated
+    file is never loaded, and a later start resumes it too.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+    from requests.exceptions import RequestException
+
+    offline = constants.HF_HUB_OFFLINE
+    if not offline and not _hub_reachable(constants.ENDPOINT):
+        # Without this check the hub client retries for ~20 s per file before reading its cache.
+        log.warning("cannot reach the Hugging Face hub (%s): loading %s from the HF cache (%s)",
+                    constants.ENDPOINT, repo, constants.HF_HUB_CACHE)
+        offline = True
+    for attempt in range(1, DOWNLOAD_TRIES + 1):
+        try:
+            with _hub_offline(offline), _progress_in_logs():
+                return loaders.CheckpointInfo.from_hf_repo(repo)
+        except (GatedRepoError, RepositoryNotFoundError) as error:
+            raise ModelUnavailableError(
+                f"{repo} is not a public Hugging Face repo, or is gated: check the name, "
+                f"or set HF_TOKEN to a token that can read it. {_OFFLINE_HINT}"
+            ) from error
+        except LocalEntryNotFoundError as error:
+            why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+                   else f"cannot reach the Hugging Face hub ({constants.ENDPOINT}) to fetch {repo}")
+            raise ModelUnavailableError(
+                f"{why}, and {repo} is not (wholly) in the HF cache ({constants.HF_HUB_CACHE}). {_OFFLINE_HINT}"
+            ) from error
+        except EntryNotFoundError as error:
+            raise ModelUnavailableError(f"{repo} lacks a file that its config names: {error}") from error
+        except (RequestException, OSError) as error:  # cut off, refused, timed out, or short
+            if attempt < DOWNLOAD_TRIES:
+                log.warning("downloading %s failed (%s); resuming (try %d of %d)", repo, error, attempt + 1,
+                            DOWNLOAD_TRIES)
+                continue
+            raise ModelUnavailableError(
+                f"could not download {repo} from the Hugging Face hub ({error}), {DOWNLOAD_TRIES} tries. What "
+                f"arrived is kept in the HF cache ({constants.HF_HUB_CACHE}) and a new start resumes it. "
+                f"{_OFFLINE_HINT}"
+            ) from error
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _progress_in_logs():
+    """The hub client's progress bars also where stderr is no terminal (a server's log on Modal,
+    a Space or docker), where tqdm would hide them: a 15 GB download then says how far it is,
+    once every PROGRESS_INTERVAL_S. `TQDM_POSITION=-1` is huggingface_hub's switch for that."""
+    if sys.stderr.isatty() or "TQDM_POSITION" in os.environ:
+        yield
+        return
+    os.environ.update(TQDM_POSITION="-1", TQDM_MININTERVAL=str(PROGRESS_INTERVAL_S))
     try:
-        return loaders.CheckpointInfo.from_hf_repo(repo)
-    except (GatedRepoError, RepositoryNotFoundError) as error:
-        raise ModelUnavailableError(
-            f"{repo} is not a public Hugging Face repo, or is gated: check the name, "
-            f"or set HF_TOKEN to a token that can read it. {_OFFLINE_HINT}"
-        ) from error
-    except (LocalEntryNotFoundError, ConnectionError, Timeout) as error:
-        raise ModelUnavailableError(
-            f"could not download {repo} from the Hugging Face hub and it is not in the "
-            f"HF cache ({constants.HF_HUB_CACHE}): {error}. {_OFFLINE_HINT}"
-        ) from error
+        yield
+    finally:
+        for name in ("TQDM_POSITION", "TQDM_MININTERVAL"):
+            os.environ.pop(name, None)
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """The hub client's offline mode while this lasts, if `offline`: it then reads its cache
+    alone. It reads the mode when it makes its HTTP sessions, so those are made anew."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import reset_sessions
+
+    if not offline or constants.HF_HUB_OFFLINE:
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    reset_sessions()
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
+        reset_sessions()
 
 
 def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
