@@ -19,11 +19,11 @@ from moshi_engine.timings import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAMES = 8
-SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "page", "compare", "stepping")
+SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "page", "compare", "stepping", "precision")
 REPORT_HEADINGS = ("# Benchmarks", "## Runs", "## Targets", "## Frame budget", "## End to end over loopback",
                    "## Idle session", "## Batched steps", "## Capacity", "## The door", "## The page's two paths",
                    "## Side by side with moshi's reference server", "## Where the model steps",
-                   "## GPU: the full-size architecture")
+                   "## Full precision against 8 bits", "## GPU: the full-size architecture")
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +160,22 @@ def test_stepping_runs_the_same_conversations_against_a_model_process_and_a_thre
         assert stepping["pooled"][way]["n"] == 2 * (FRAMES - 1)
     assert stepping["rounds"]["process"][0]["first"] and not stepping["rounds"]["thread"][0]["first"]
     assert "| run 1 | pooled | 2 |" in (out / "BENCHMARKS.md").read_text()
+
+
+def test_precision_compares_the_model_with_its_8_bit_twin_in_memory_steps_and_capacity(bench_run):
+    doc, out = bench_run
+    precision = doc["sections"]["precision"]
+    assert precision["models"] == ["tiny", "tiny-q8"] and precision["batches"] == [1]  # --max-sessions 2
+    full, eight_bit = (precision["memory"][model] for model in precision["models"])
+    assert (full["precision"], eight_bit["precision"]) == ("float32", "int8")
+    assert eight_bit["lm_bytes"] < full["lm_bytes"] / 1.5  # int8 Linear layers
+    for memory in (full, eight_bit):
+        at_context, at_half = (memory["slot_bytes"][str(steps)] for steps in (100, 50))
+        assert at_half < at_context  # a shorter context, a smaller slot
+    for model in precision["models"]:
+        assert precision["steps"][model]["1"]["n"] > 0
+        assert precision["capacity"][model]["capacity"] >= 1
+    assert "| run 1 | `tiny-q8` (int8) |" in (out / "BENCHMARKS.md").read_text()
 
 
 def test_the_report_renders_every_section_and_says_the_gpu_was_not_measured(bench_run):

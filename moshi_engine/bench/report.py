@@ -27,6 +27,7 @@ from .documents import (
     transport_runs,
 )
 from .plot import GPU_FRAME_TARGET_MS, draw_plot
+from .precision import precision_section
 from .stats import OTHER
 from .stepping import stepping_section
 
@@ -52,7 +53,7 @@ def render_report(documents: list[dict], path: Path, plot_path: Path | None = No
     lines = _intro(documents, plot_link)
     for part in (_runs_table, _targets, tables.frame_budget_section, tables.end_to_end_section, tables.idle_section,
                  tables.batch_section, tables.capacity_section, tables.door_section, tables.page_section,
-                 tables.compare_section, stepping_section, _gpu):
+                 tables.compare_section, stepping_section, precision_section, _gpu):
         lines += part(documents)
     path.write_text("\n".join(lines).rstrip() + "\n")
     return plot_path

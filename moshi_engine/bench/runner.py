@@ -19,14 +19,14 @@ import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from . import batch, browser, capacity, door, sections, stepping
+from . import batch, browser, capacity, door, precision, sections, stepping
 from .machine import describe_machine, load_average
 from .resources import BROWSER_STACK, PAGE_STACK, REFERENCE_STACK, WEB_STACK, Bench, BenchConfig, missing_packages
 
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
-SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "page", "compare", "stepping")
+SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "page", "compare", "stepping", "precision")
 
 
 def _attempt(name: str, measure: Callable[[], dict]) -> dict:
@@ -131,6 +131,8 @@ def run_benchmark(config: BenchConfig, chosen: tuple[str, ...] = SECTIONS,
                 results["compare"] = {"skipped": no_reference}
             else:
                 part("compare", "ours against moshi's server", lambda: sections.compare(bench))
+        if "precision" in results:
+            part("precision", "full precision against 8 bits", lambda: precision.precision(bench))
         if "stepping" in results:
             if no_web:
                 results["stepping"] = {"skipped": no_web}

@@ -26,6 +26,7 @@ DEFAULT_MODEL = loaders.DEFAULT_REPO  # kyutai/moshiko-pytorch-bf16
 TINY = "tiny"
 TINY_Q8 = "tiny-q8"  # the tiny checkpoint quantized to 8 bits as Kyutai's q8 repos are (`quantize`)
 RANDOM = "random"  # the full-size Moshiko architecture with random weights: no download
+RANDOM_Q8 = "random-q8"  # the same with its Linear layers quantized to int8 as built, as in Kyutai's q8 repos
 ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 TINY_DIR = ASSETS_DIR / "tiny-moshi"
 TINY_Q8_DIR = ASSETS_DIR / "tiny-moshi-q8"
@@ -42,7 +43,7 @@ class ModelUnavailableError(RuntimeError):
 def resolve_checkpoint(spec: str) -> loaders.CheckpointInfo:
     """Turn a model spec into a CheckpointInfo, downloading (with progress bars) if needed.
 
-    `spec` is `tiny`, `tiny-q8`, `random`, a local checkpoint directory, or a Hugging Face
+    `spec` is `tiny`, `tiny-q8`, `random`, `random-q8`, a local checkpoint directory, or a Hugging Face
     repo id such as `kyutai/moshiko-pytorch-bf16`. Downloads go to the HF cache
     (HF_HOME), so a second start loads from disk.
     """
@@ -54,6 +55,11 @@ def resolve_checkpoint(spec: str) -> loaders.CheckpointInfo:
         # No weight files: moshi's loaders build Moshiko's 7B and Mimi's default configs
         # uninitialised. Text ids beyond the tiny tokenizer are skipped by the engine.
         return loaders.CheckpointInfo(moshi_weights=None, mimi_weights=None, tokenizer=TINY_DIR / "tokenizer.model")
+    if spec == RANDOM_Q8:
+        # Kyutai's q8 config over Moshiko's architecture: moshi builds QLinear layers from the
+        # random weights (no file to load, so the scales are float32 as made).
+        return loaders.CheckpointInfo(moshi_weights=None, mimi_weights=None, tokenizer=TINY_DIR / "tokenizer.model",
+                                      lm_config={**loaders._lm_kwargs, "quantize": True})
     path = Path(spec).expanduser()
     if path.is_dir():
         return checkpoint_from_directory(path)

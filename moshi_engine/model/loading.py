@@ -178,7 +178,7 @@ def load_weights(model: str = DEFAULT_MODEL, device: str = "auto", context: int 
     overrides = {"context": context} if context is not None else {}
     lm = checkpoint.get_moshi(device=torch_device, dtype=dtype, lm_kwargs_overrides=overrides)
     quantized = bool((checkpoint.lm_config or {}).get("quantize"))
-    if quantized:
+    if quantized and checkpoint.moshi_weights is not None:  # random-q8 has no file: its scales were made here
         restore_int8_scales(lm, checkpoint.moshi_weights, torch_device)
     tokenizer = checkpoint.get_text_tokenizer()
     window = lm_context(lm)
