@@ -292,37 +292,31 @@ def moshi_status(base: str) -> dict:
         return json.load(response)
 
 
-def test_python_app_py_https_makes_a_certificate_once_and_serves_the_page_over_it(tmp_path):
-    env = os.environ | {"XDG_CACHE_HOME": str(tmp_path)}
+def test_python_app_py_https_makes_a_certificate_and_serves_the_page_over_it(tmp_path):
+    """(That a later start reuses the certificate is tests/wire/test_tls.py's.)"""
     certfile = tmp_path / "moshi-voice-chat" / "tls" / "cert.pem"
-
-    def https_start() -> tuple[str, bytes]:
-        # The certificate is written before the model loads; until it is there, trust nothing.
-        process = subprocess.Popen(
-            [sys.executable, "app.py", "--model", "tiny", "--device", "cpu", "--in-process", "--https",
-             "--host", "0.0.0.0", "--port", str(port)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                assert process.poll() is None and time.monotonic() < deadline, "app.py did not serve https"
-                try:
-                    trusting = ssl.create_default_context(cafile=str(certfile))
-                    with urllib.request.urlopen(f"https://localhost:{port}/", timeout=2, context=trusting) as page:
-                        assert b"moshi-page-config" in page.read()
-                    break
-                except (OSError, ssl.SSLError):
-                    time.sleep(0.2)
-        finally:
-            output = stop_app(process)
-        return output, certfile.read_bytes()
-
     port = free_port()
-    first_output, first_certificate = https_start()
-    second_output, second_certificate = https_start()
-    assert "Moshi voice chat at https://" in first_output and "self-signed (made now" in first_output
-    assert "self-signed (kept in" in second_output and second_certificate == first_certificate
-    assert "no microphone" not in first_output  # https: browsers elsewhere get one
+    # The certificate is written before the model loads; until it is there, trust nothing.
+    process = subprocess.Popen(
+        [sys.executable, "app.py", "--model", "tiny", "--device", "cpu", "--in-process", "--https",
+         "--host", "0.0.0.0", "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=os.environ | {"XDG_CACHE_HOME": str(tmp_path)})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, "app.py did not serve https"
+            try:
+                trusting = ssl.create_default_context(cafile=str(certfile))
+                with urllib.request.urlopen(f"https://localhost:{port}/", timeout=2, context=trusting) as page:
+                    assert b"moshi-page-config" in page.read()
+                break
+            except (OSError, ssl.SSLError):
+                time.sleep(0.2)
+    finally:
+        output = stop_app(process)
+    assert "Moshi voice chat at https://" in output and "self-signed (made now" in output
+    assert "no microphone" not in output  # https: browsers elsewhere get one
 
 
 def test_python_app_py_on_every_address_over_http_warns_that_other_machines_get_no_microphone():

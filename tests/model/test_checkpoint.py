@@ -55,33 +55,31 @@ def built(tmp_path_factory) -> Path:
     return tiny.build(tmp_path_factory.mktemp("built") / "tiny-moshi")
 
 
+# A build elsewhere: the tiny checkpoint into `out`, then the committed one quantized into
+# `out`-q8, in one interpreter (its imports are most of a build's time).
+BUILD = """
+import sys
+from pathlib import Path
+from moshi_engine.model import tiny
+from moshi_engine.model.checkpoint import TINY_DIR
+from moshi_engine.model.quantize import quantize_checkpoint
+out = Path(sys.argv[1])
+tiny.build(out)
+quantize_checkpoint(TINY_DIR, out.with_name(out.name + "-q8"))
+"""
+
+
 @pytest.fixture(scope="module")
 def built_elsewhere(tmp_path_factory):
     """Builds in child processes, on this CPU as it is and as it behaves restricted to
-    OTHER_CPUS' instruction sets; all started at once, so they share the cores."""
+    OTHER_CPUS' instruction sets; all started at once, so they share the cores. Each builds the
+    tiny checkpoint into DIR and quantizes the committed one into DIR-q8."""
     root = tmp_path_factory.mktemp("built-elsewhere")
     builds = {}
     for name, restrictions in {THIS_CPU: {}, **OTHER_CPUS}.items():
-        command = [sys.executable, "-m", "moshi_engine.model.tiny", "--out", str(root / name)]
+        command = [sys.executable, "-c", BUILD, str(root / name)]
         env = os.environ | restrictions
         process = subprocess.Popen(command, cwd=REPOSITORY, env=env, stderr=subprocess.PIPE, text=True)
-        builds[name] = (process, root / name)
-    yield builds
-    for process, _ in builds.values():
-        process.kill()
-        process.communicate()
-
-
-@pytest.fixture(scope="module")
-def quantized_elsewhere(tmp_path_factory):
-    """The committed tiny checkpoint quantized in child processes, on this CPU and as it behaves
-    restricted to OTHER_CPUS' instruction sets."""
-    root = tmp_path_factory.mktemp("quantized-elsewhere")
-    builds = {}
-    for name, restrictions in {THIS_CPU: {}, **OTHER_CPUS}.items():
-        command = [sys.executable, "-m", "moshi_engine.model.quantize", str(TINY_DIR), "--out", str(root / name)]
-        process = subprocess.Popen(command, cwd=REPOSITORY, env=os.environ | restrictions, stderr=subprocess.PIPE,
-                                   text=True)
         builds[name] = (process, root / name)
     yield builds
     for process, _ in builds.values():
@@ -127,8 +125,9 @@ def test_builder_writes_the_committed_bytes_on_other_instruction_sets(built_else
 
 
 @pytest.mark.parametrize("cpu", [THIS_CPU, *OTHER_CPUS])
-def test_the_8_bit_twin_is_the_committed_bytes_on_every_instruction_set(quantized_elsewhere, cpu):
-    _assert_same_quantized(_finished(quantized_elsewhere[cpu]))
+def test_the_8_bit_twin_is_the_committed_bytes_on_every_instruction_set(built_elsewhere, cpu):
+    out = _finished(built_elsewhere[cpu])
+    _assert_same_quantized(out.with_name(out.name + "-q8"))
 
 
 def test_the_8_bit_checkpoint_loads_int8_layers_with_float32_scales_in_any_dtype():

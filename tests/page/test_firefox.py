@@ -68,7 +68,7 @@ def transcript(driver) -> str:
 
 
 @pytest.mark.parametrize("query", ["", "?transport=websocket"], ids=["webrtc", "websocket"])
-def test_firefox_talks_with_moshi_and_stop_releases_the_slot(driver, served, query):
+def test_firefox_talks_with_moshi_and_stop_releases_the_slot(served, driver, query):
     url, engine = served
     open_page(driver, url + "/" + query)
     assert driver.execute_script("return window.moshiPage.microphone") is None
@@ -91,7 +91,7 @@ def test_firefox_talks_with_moshi_and_stop_releases_the_slot(driver, served, que
     until(lambda: engine.active == 0)
 
 
-def test_firefox_over_http_from_another_machine_says_how_to_get_a_microphone(driver, served):
+def test_firefox_over_http_from_another_machine_says_how_to_get_a_microphone(served, driver):
     url, _ = served
     port = url.rsplit(":", 1)[1]
     open_page(driver, f"http://{NAME}:{port}/")

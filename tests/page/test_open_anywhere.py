@@ -71,7 +71,9 @@ def playwright():
 
 
 @pytest.fixture(scope="module")
-def chromium(playwright):
+def chromium(playwright, served, served_over_http):
+    """The module's Chromium, closed before the servers it talks to stop (a server waits for
+    the connections a browser still holds open)."""
     browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
     yield browser
     browser.close()
@@ -113,7 +115,7 @@ def talk(page: Page, engine) -> None:
 
 
 def test_over_http_from_another_machine_the_page_says_how_to_get_a_microphone_and_offers_no_button(
-        chromium, served_over_http):
+        served_over_http, chromium):
     http = served_over_http
     page = open_page(chromium, http + "/")
     port = http.rsplit(":", 1)[1]
@@ -132,7 +134,7 @@ def test_over_http_from_another_machine_the_page_says_how_to_get_a_microphone_an
 
 
 @pytest.mark.parametrize("query", ["", "?transport=websocket"], ids=["webrtc", "websocket"])
-def test_over_https_the_same_page_talks(chromium, served, query):
+def test_over_https_the_same_page_talks(served, chromium, query):
     https, engine = served
     page = open_page(chromium, https + "/" + query)
     assert page.evaluate("window.isSecureContext") is True
@@ -149,7 +151,7 @@ def test_over_https_the_same_page_talks(chromium, served, query):
     page.context.close()
 
 
-def test_a_blocked_microphone_is_said_and_its_button_comes_back_once_allowed(chromium, served):
+def test_a_blocked_microphone_is_said_and_its_button_comes_back_once_allowed(served, chromium):
     https, _ = served
     context = chromium.new_context()
     page = context.new_page()
@@ -173,7 +175,7 @@ def test_a_blocked_microphone_is_said_and_its_button_comes_back_once_allowed(chr
     context.close()
 
 
-def test_no_microphone_is_said_and_no_button_offered(chromium, served):
+def test_no_microphone_is_said_and_no_button_offered(served, chromium):
     https, _ = served
     no_devices = "navigator.mediaDevices.enumerateDevices = async () => [];"
     page = open_page(chromium, https + "/", scripts=(no_devices,))
@@ -184,7 +186,7 @@ def test_no_microphone_is_said_and_no_button_offered(chromium, served):
 
 
 @pytest.mark.parametrize("query", ["", "?transport=websocket"], ids=["webrtc", "websocket"])
-def test_a_tab_closed_mid_conversation_frees_its_slot_within_seconds(chromium, served, query):
+def test_a_tab_closed_mid_conversation_frees_its_slot_within_seconds(served, chromium, query):
     https, engine = served
     page = open_page(chromium, https + "/" + query)
     talk(page, engine)
@@ -192,7 +194,7 @@ def test_a_tab_closed_mid_conversation_frees_its_slot_within_seconds(chromium, s
     wait_until(lambda: engine.active == 0, timeout_s=TAB_CLOSED_S)
 
 
-def test_a_browser_that_dies_mid_conversation_frees_its_slot_within_about_ten_seconds(playwright, served):
+def test_a_browser_that_dies_mid_conversation_frees_its_slot_within_about_ten_seconds(served, playwright):
     """No pagehide, no closed connection, no packet: only the WebRTC connection's consent
     checks, unanswered, say that the browser is gone."""
     https, engine = served
