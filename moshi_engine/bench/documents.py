@@ -50,6 +50,12 @@ def transport_runs(doc: dict, name: str) -> list[dict]:
     return [run for run in result.get("runs", []) if "skipped" not in run and "error" not in run]
 
 
+def selected(doc: dict, name: str) -> bool:
+    """Whether the run was asked for this section (`--sections`); a run that was not asked says
+    nothing of it in the report."""
+    return name in doc["sections"]
+
+
 def not_measured(doc: dict, name: str) -> str:
     result = doc["sections"].get(name)
     if result is None:

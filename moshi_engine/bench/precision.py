@@ -122,7 +122,7 @@ def _memory(weights) -> dict:
 def precision_section(documents: list[dict]) -> list[str]:
     """The report's table: each model's memory, its step time by batch (rounds pooled), and its
     capacity over websockets."""
-    from .documents import fmt_ms, markdown_table, measured, not_measured
+    from .documents import fmt_ms, markdown_table, measured, not_measured, selected
 
     lines = [
         "## Full precision against 8 bits, and a shorter context",
@@ -137,6 +137,8 @@ def precision_section(documents: list[dict]) -> list[str]:
     ]
     rows, notes = [], []
     for index, doc in enumerate(documents):
+        if not selected(doc, "precision"):
+            continue
         result = measured(doc, "precision")
         if result is None:
             notes.append(f"Run {index + 1}: {not_measured(doc, 'precision')}.")

@@ -23,6 +23,7 @@ from .documents import (
     measured,
     not_measured,
     run_label,
+    selected,
     transport_name,
     transport_runs,
 )
@@ -103,6 +104,10 @@ def _runs_table(documents: list[dict]) -> list[str]:
 
     def model(doc: dict) -> str:
         e = doc.get("engine")
+        precision = measured(doc, "precision")
+        if not e and precision:  # that section starts its own engines, one per model
+            return ", ".join(f"{name} ({precision['memory'][name]['precision']})" for name in precision["models"]) + (
+                f" on {doc['config']['device']}")
         if not e:
             return doc["config"]["model"]
         graphs = ", CUDA graphs" if e["device"].startswith("cuda") and "NO_CUDA_GRAPH" not in doc["machine"].get(
@@ -154,7 +159,7 @@ def _targets(documents: list[dict]) -> list[str]:
                     context += f"; a bare websocket echo: p50 {fmt_ms(echo['p50_ms'])} ms"
                 rows.append([target, run, f"{transport_name(entry)}: everything else {fmt_p(other)} ({context})",
                              _verdict(other["p50_ms"], other["p95_ms"], OVERHEAD_TARGET_MS)])
-            if not frames:
+            if not frames and selected(doc, "frame"):
                 rows.append([target, run, not_measured(doc, "frame"), "–"])
         for entry in transport_runs(doc, "idle"):
             wakeups = entry.get("session_wakeups_per_s")
@@ -165,7 +170,7 @@ def _targets(documents: list[dict]) -> list[str]:
             rows.append(["an idle session near 0 % CPU", run,
                          f"{transport_name(entry)}: {fmt_signed(cpu, 3)} % of a core over no session",
                          "met" if cpu <= IDLE_CPU_TARGET_PERCENT else "not met"])
-        if not transport_runs(doc, "idle"):
+        if not transport_runs(doc, "idle") and selected(doc, "idle"):
             rows.append(["an idle session near 0 % CPU, no polling", run, not_measured(doc, "idle"), "–"])
         if is_gpu(doc):
             session = [entry for entry in transport_runs(doc, "frame") if not entry.get("path")]

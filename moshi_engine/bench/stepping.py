@@ -72,7 +72,7 @@ def stepping(bench: Bench) -> dict:
 
 def stepping_section(documents: list[dict]) -> list[str]:
     """The report's table: each round's latency and CPU of both ways, and the rounds pooled."""
-    from .documents import fmt_ms, markdown_table, measured, not_measured
+    from .documents import fmt_ms, markdown_table, measured, not_measured, selected
 
     lines = [
         "## Where the model steps: its own process or the server's",
@@ -88,6 +88,8 @@ def stepping_section(documents: list[dict]) -> list[str]:
     ]
     rows, notes = [], []
     for index, doc in enumerate(documents):
+        if not selected(doc, "stepping"):
+            continue
         result = measured(doc, "stepping")
         if result is None:
             notes.append(f"Run {index + 1}: {not_measured(doc, 'stepping')}.")

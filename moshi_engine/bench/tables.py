@@ -19,6 +19,7 @@ from .documents import (
     measured,
     not_measured,
     run_label,
+    selected,
     transport_name,
     transport_runs,
 )
@@ -60,6 +61,8 @@ def frame_budget_section(documents: list[dict]) -> list[str]:
         "",
     ]
     for index, doc in enumerate(documents):
+        if not selected(doc, "frame"):
+            continue
         entries = transport_runs(doc, "frame")
         skipped = [entry for entry in (doc["sections"].get("frame") or {}).get("runs", []) if entry not in entries]
         if not entries and not skipped:
@@ -96,6 +99,8 @@ def frame_budget_section(documents: list[dict]) -> list[str]:
 def end_to_end_section(documents: list[dict]) -> list[str]:
     rows, notes = [], []
     for index, doc in enumerate(documents):
+        if not selected(doc, "e2e"):
+            continue
         result = measured(doc, "e2e")
         if result is None:
             notes.append(f"Run {index + 1}: {not_measured(doc, 'e2e')}.")
@@ -127,6 +132,8 @@ def end_to_end_section(documents: list[dict]) -> list[str]:
 def idle_section(documents: list[dict]) -> list[str]:
     rows, notes = [], []
     for index, doc in enumerate(documents):
+        if not selected(doc, "idle"):
+            continue
         entries = transport_runs(doc, "idle")
         if not entries:
             notes.append(f"Run {index + 1}: {not_measured(doc, 'idle')}.")
@@ -172,6 +179,8 @@ def batch_section(documents: list[dict]) -> list[str]:
         "",
     ]
     for index, doc in enumerate(documents):
+        if not selected(doc, "batch"):
+            continue
         result = measured(doc, "batch")
         lines += [f"### Run {index + 1}: {run_label(doc)}", ""]
         if result is None:
@@ -223,6 +232,8 @@ def capacity_section(documents: list[dict]) -> list[str]:
         "",
     ]
     for index, doc in enumerate(documents):
+        if not selected(doc, "capacity"):
+            continue
         lines += [f"### Run {index + 1}: {run_label(doc)}", ""]
         entries = transport_runs(doc, "capacity")
         if not entries:
@@ -287,6 +298,8 @@ def door_section(documents: list[dict]) -> list[str]:
     ]
     rows = []
     for index, doc in enumerate(documents):
+        if not selected(doc, "door"):
+            continue
         result = measured(doc, "door")
         if result is None:
             rows.append([f"run {index + 1}", not_measured(doc, "door"), "", "", ""])
@@ -316,6 +329,8 @@ def page_section(documents: list[dict]) -> list[str]:
     ]
     rows = []
     for index, doc in enumerate(documents):
+        if not selected(doc, "page"):
+            continue
         result = measured(doc, "page")
         if result is None:
             rows.append([f"run {index + 1}", not_measured(doc, "page"), "", "", "", ""])
@@ -344,6 +359,8 @@ def compare_section(documents: list[dict]) -> list[str]:
     ]
     rows, notes = [], []
     for index, doc in enumerate(documents):
+        if not selected(doc, "compare"):
+            continue
         result = measured(doc, "compare")
         if result is None:
             notes.append(f"Run {index + 1}: {not_measured(doc, 'compare')}.")
