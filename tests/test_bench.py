@@ -135,9 +135,11 @@ def test_the_page_is_timed_over_webrtc_the_websocket_and_the_fallback(bench_run)
     doc, _ = bench_run
     paths = doc["sections"]["page"]["paths"]
     assert list(paths) == ["webrtc", "websocket", "fallback"]
+    assert doc["sections"]["page"]["pauses"] == 1  # a short run probes each path once
     assert [paths[name]["transport"] for name in paths] == ["webrtc", "websocket", "websocket"]
     for numbers in paths.values():
         assert numbers["talk_to_first_audio_ms"] > 0 and numbers["drain_ms"]["p50"] > 0
+        assert len(numbers["drain_ms"]["values"]) == 1
 
 
 def test_compare_runs_ours_and_moshis_server_on_the_same_load(bench_run):
@@ -174,6 +176,8 @@ def test_precision_compares_the_model_with_its_8_bit_twin_in_memory_steps_and_ca
         assert at_half < at_context  # a shorter context, a smaller slot
     for model in precision["models"]:
         assert precision["steps"][model]["1"]["n"] > 0
+        half = precision["half_context"][model]
+        assert (half["context"], half["batch"]) == (full["context"] // 2, 1) and half["step"]["n"] > 0
         assert precision["capacity"][model]["capacity"] >= 1
     assert "| run 1 | `tiny-q8` (int8) |" in (out / "BENCHMARKS.md").read_text()
 

@@ -93,7 +93,8 @@ NO_WEBRTC_PATH = """(() => {
 })();"""
 SAMPLE_PERIOD_S = 0.25
 MIN_PAGE_SECONDS = 4.0  # a page conversation in the benchmark: long enough for the steady window
-PAGE_PAUSES = 3  # drain probes per path in the benchmark
+PAGE_PAUSES = 3  # drain probes per path in the benchmark, at most: one per PAGE_PAUSE_FRAMES of stream
+PAGE_PAUSE_FRAMES = 40
 CODECS = ("webcodecs", "wasm")
 
 log = logging.getLogger(__name__)
@@ -261,10 +262,11 @@ def _page_path(browser, page_base: str, path: str, seconds: float, pauses: int, 
             statistics.median(queue) if queue else None)
         frame_lag = None if webrtc else page.evaluate("async () => (await window.moshiPage.socket.stats()).lagMs")
         drain = []
-        for _ in range(pauses):
+        for pause in range(pauses):
+            if pause:
+                time.sleep(2.0)  # back to steady after the last probe
             probe = "drainWebRTC" if webrtc else "drainWebsocket"
             drain.append(page.evaluate(f"() => window.moshiProbe.{probe}({DRAIN_WAIT_MS})"))
-            time.sleep(2.0)  # back to steady
         page.click(TALK_BUTTON if webrtc else STOP_BUTTON)  # Stop
         # Closing the page at once would leave the server to notice the loss (30 s on WebRTC).
         ended = "window.moshiPage.why === 'webrtcEnded'" if webrtc else "window.moshiPage.conversation === null"
@@ -296,9 +298,10 @@ def page_section(bench) -> dict:
     seconds = max(bench.config.frames * FRAME_SECONDS, MIN_PAGE_SECONDS)
     server = bench.server(OURS, 1, page=True)
     server.wait_idle()
-    paths = page_paths(server.url, seconds, PAGE_PAUSES, wait_idle=server.wait_idle)
+    pauses = min(PAGE_PAUSES, max(1, bench.config.frames // PAGE_PAUSE_FRAMES))
+    paths = page_paths(server.url, seconds, pauses, wait_idle=server.wait_idle)
     bench.stop_server(OURS)
-    return {"seconds": seconds, "paths": paths}
+    return {"seconds": seconds, "pauses": pauses, "paths": paths}
 
 
 def main(argv: list[str] | None = None) -> int:

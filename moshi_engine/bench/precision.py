@@ -4,8 +4,9 @@ repos), and what a shorter context saves a slot.
 - **memory**: the weights' bytes, and one slot's streaming state (counted from its tensors:
   Mimi's buffers, the KV cache, LMGen's delays) at the checkpoint's context and at half of it.
 - **step time**: an engine over each model's weights stepping all B rows, for B in
-  `batches` (1, 8, 16 on a CPU; 1 to 32 on a GPU), in `compare_rounds` rounds that alternate
-  which model goes first, so that the machine's drift hits both alike; the rounds pooled.
+  `batches` (1, 8, 16 on a CPU; 1 to 32 on a GPU), and at the largest B again with every slot's
+  window at half the context, in `compare_rounds` rounds that alternate which model goes first,
+  so that the machine's drift hits both alike; the rounds pooled.
 - **capacity** of each model, ramped as the capacity section ramps: over websockets (each
   model's server), or in-process sessions where the run's capacity goes without the web stack
   (a GPU run); one after the other, minutes apart: the interleaved step times compare the two
@@ -17,6 +18,7 @@ float32 one after quantizing each activation row; on a GPU bf16 against cuBLASLt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
@@ -54,27 +56,30 @@ def precision(bench: Bench) -> dict:
     frames = [speech[(i * FRAME_SIZE) % (speech.size - FRAME_SIZE):][:FRAME_SIZE] for i in range(max(batches))]
 
     memory = {model: _memory(w) for model, w in weights.items()}
-    steps: dict[str, dict[int, list[float]]] = {model: {b: [] for b in batches} for model in models}
+    context = memory[config.model]["context"]
+    # Every batch at the checkpoint's context, and the largest again at half of it.
+    runs = [(batch, context) for batch in batches] + [(max(batches), context // 2)]
+    steps: dict[str, dict[tuple[int, int], list[float]]] = {model: {run: [] for run in runs} for model in models}
     rounds = []
     for round_index in range(config.compare_rounds):
         order = list(models) if round_index % 2 == 0 else list(reversed(models))
         for model in order:
-            for batch in batches:
+            for batch, window in runs:
+                here = {"round": round_index + 1, "model": model, "batch": batch, "context": window}
                 try:
-                    engine = load_engine(sessions=batch, weights=weights[model], warmup_frames=2)
+                    with _window(weights[model].lm, window):
+                        engine = load_engine(sessions=batch, weights=weights[model], warmup_frames=2)
+                        try:
+                            durations = engine.model.run(_time_steps, frames[:batch], list(range(batch)))
+                        finally:
+                            engine.close()
                 except Exception as error:  # a batch that does not fit beside both models: said, not fatal
-                    rounds.append({"round": round_index + 1, "model": model, "batch": batch,
-                                   "error": f"{type(error).__name__}: {str(error).splitlines()[-1]}"})
+                    rounds.append({**here, "error": f"{type(error).__name__}: {str(error).splitlines()[-1]}"})
                     continue
-                try:
-                    durations = engine.model.run(_time_steps, frames[:batch], list(range(batch)))
-                finally:
-                    engine.close()
-                steps[model][batch] += durations
-                rounds.append({"round": round_index + 1, "model": model, "batch": batch,
-                               "step": summarize(durations)})
-                log.info("precision round %d, %s at batch %d: step p50 %.1f ms", round_index + 1, model, batch,
-                         rounds[-1]["step"]["p50_ms"])
+                steps[model][batch, window] += durations
+                rounds.append({**here, "step": summarize(durations)})
+                log.info("precision round %d, %s at batch %d, context %d: step p50 %.1f ms", round_index + 1, model,
+                         batch, window, rounds[-1]["step"]["p50_ms"])
     weights.clear()  # the servers below load their own
 
     # Over websockets where the run's capacity goes over them; in-process sessions where it does
@@ -96,10 +101,28 @@ def precision(bench: Bench) -> dict:
         "batches": batches,
         "memory": memory,
         "rounds": rounds,
-        "steps": {model: {str(b): summarize(durations) for b, durations in by_batch.items() if durations}
-                  for model, by_batch in steps.items()},
+        # At the checkpoint's context by batch, and the largest batch at half of it.
+        "steps": {model: {str(batch): summarize(by_run[batch, context]) for batch in batches if by_run[batch, context]}
+                  for model, by_run in steps.items()},
+        "half_context": {model: {"context": context // 2, "batch": max(batches),
+                                 **({"step": summarize(by_run[runs[-1]])} if by_run[runs[-1]] else {})}
+                         for model, by_run in steps.items()},
         "capacity": capacities,
     }
+
+
+@contextlib.contextmanager
+def _window(lm, steps: int):
+    """The LM's attention window at `steps` while inside: what `--context` sets at load (a slot's
+    KV cache is sized when its state is made, and attention masks by the same number)."""
+    context = lm_context(lm)
+    for layer in lm.transformer.layers:
+        layer.self_attn.context = steps
+    try:
+        yield
+    finally:
+        for layer in lm.transformer.layers:
+            layer.self_attn.context = context
 
 
 def _memory(weights) -> dict:
@@ -110,11 +133,8 @@ def _memory(weights) -> dict:
     context = lm_context(lm)
     slot = {}
     for steps in (context, context // 2):
-        for layer in lm.transformer.layers:
-            layer.self_attn.context = steps
-        slot[str(steps)] = counted_slot_bytes(weights.mimi, lm)
-    for layer in lm.transformer.layers:
-        layer.self_attn.context = context
+        with _window(lm, steps):
+            slot[str(steps)] = counted_slot_bytes(weights.mimi, lm)
     held = sum(tensor.numel() * tensor.element_size() for tensor in lm.state_dict().values())
     return {"precision": weights.precision, "lm_bytes": held, "context": context, "slot_bytes": slot}
 
@@ -130,9 +150,10 @@ def precision_section(documents: list[dict]) -> list[str]:
         "The run's checkpoint and its 8-bit twin (every Linear layer of the LM int8, as in Kyutai's q8",
         "repos: `tiny-q8` beside `tiny`, `random-q8` beside `random`). Memory is the LM's weights and one",
         "slot's streaming state counted from its tensors (the KV cache is nearly all of it) at the",
-        "checkpoint's context and at half of it. Step time: an engine stepping all its rows, in rounds",
-        "that alternate which model goes first, pooled (p50 / p95 ms). Capacity: over websockets, each",
-        "model's server ramped as in the capacity section, one after the other.",
+        "checkpoint's context and at half of it. Step time: an engine stepping all its rows, at the",
+        "checkpoint's context and, at the largest batch, at half of it too, in rounds that alternate which",
+        "model goes first, pooled (p50 / p95 ms). Capacity: over websockets, each model's server ramped as",
+        "in the capacity section, one after the other.",
         "",
     ]
     rows, notes = [], []
@@ -149,6 +170,10 @@ def precision_section(documents: list[dict]) -> list[str]:
                               for steps, size in memory["slot_bytes"].items())
             steps = "; ".join(f"{batch}: {fmt_ms(s['p50_ms'])} / {fmt_ms(s['p95_ms'])}"
                               for batch, s in result["steps"][model].items())
+            half = result["half_context"][model]
+            if "step" in half:
+                steps += (f"; {half['batch']} at {half['context']} steps: "
+                          f"{fmt_ms(half['step']['p50_ms'])} / {fmt_ms(half['step']['p95_ms'])}")
             found = result["capacity"].get(model, {})
             capacity_text = (f"{found['capacity']} ({found['transport']})" if "capacity" in found
                              else found.get("skipped", "not measured"))

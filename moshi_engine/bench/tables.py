@@ -337,9 +337,10 @@ def page_section(documents: list[dict]) -> list[str]:
             continue
         for path, numbers in result["paths"].items():
             rows.append([f"run {index + 1}", path, fmt_ms(numbers["talk_to_first_audio_ms"]),
-                         fmt_ms(numbers["drain_ms"]["p50"]), fmt_ms(numbers["playout_ms"]), fmt_ms(numbers["lag_ms"])])
-    return lines + markdown_table(["run", "path", "Talk to first audio ms", "drain p50 ms", "playback buffer ms",
-                                   "lag ms"], rows)
+                         f"{fmt_ms(numbers['drain_ms']['p50'])} ({len(numbers['drain_ms']['values'])})",
+                         fmt_ms(numbers["playout_ms"]), fmt_ms(numbers["lag_ms"])])
+    return lines + markdown_table(["run", "path", "Talk to first audio ms", "drain p50 ms (probes)",
+                                   "playback buffer ms", "lag ms"], rows)
 
 
 def compare_section(documents: list[dict]) -> list[str]:
