@@ -170,7 +170,7 @@ def precision_section(documents: list[dict]) -> list[str]:
                               for steps, size in memory["slot_bytes"].items())
             steps = "; ".join(f"{batch}: {fmt_ms(s['p50_ms'])} / {fmt_ms(s['p95_ms'])}"
                               for batch, s in result["steps"][model].items())
-            half = result["half_context"][model]
+            half = result.get("half_context", {}).get(model, {})  # runs before it was measured have none
             if "step" in half:
                 steps += (f"; {half['batch']} at {half['context']} steps: "
                           f"{fmt_ms(half['step']['p50_ms'])} / {fmt_ms(half['step']['p95_ms'])}")
