@@ -56,6 +56,12 @@ def selected(doc: dict, name: str) -> bool:
     return name in doc["sections"]
 
 
+def selected_runs(documents: list[dict], name: str) -> list[tuple[int, dict]]:
+    """The runs that were asked for section `name`, each with its index among all the report's
+    runs (its "run N"): what a section of the report is given."""
+    return [(index, doc) for index, doc in enumerate(documents) if selected(doc, name)]
+
+
 def not_measured(doc: dict, name: str) -> str:
     result = doc["sections"].get(name)
     if result is None:

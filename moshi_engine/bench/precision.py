@@ -139,10 +139,10 @@ def _memory(weights) -> dict:
     return {"precision": weights.precision, "lm_bytes": held, "context": context, "slot_bytes": slot}
 
 
-def precision_section(documents: list[dict]) -> list[str]:
+def precision_section(runs: list[tuple[int, dict]]) -> list[str]:
     """The report's table: each model's memory, its step time by batch (rounds pooled), and its
     capacity over websockets."""
-    from .documents import fmt_ms, markdown_table, measured, not_measured, selected
+    from .documents import fmt_ms, markdown_table, measured, not_measured
 
     lines = [
         "## Full precision against 8 bits, and a shorter context",
@@ -157,9 +157,7 @@ def precision_section(documents: list[dict]) -> list[str]:
         "",
     ]
     rows, notes = [], []
-    for index, doc in enumerate(documents):
-        if not selected(doc, "precision"):
-            continue
+    for index, doc in runs:
         result = measured(doc, "precision")
         if result is None:
             notes.append(f"Run {index + 1}: {not_measured(doc, 'precision')}.")

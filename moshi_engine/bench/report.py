@@ -24,6 +24,7 @@ from .documents import (
     not_measured,
     run_label,
     selected,
+    selected_runs,
     transport_name,
     transport_runs,
 )
@@ -41,6 +42,12 @@ GPU_COMMAND = ("python -m moshi_engine.bench --model random --device cuda --tran
 CPU_CAPACITY_TARGET = 16  # tiny, over websockets, on the project's 2-core machines
 GPU_CAPACITY_TARGET = 24  # the full-size model on one H100, frame p95 under 80 ms
 RENDER_COMMAND = "python -m moshi_engine.bench --report docs/BENCHMARKS.md cpu.json gpu.json"
+# Each section of the report with the name a run selects it by (`--sections`); a section is given
+# only the runs that selected it.
+SECTIONS = (("frame", tables.frame_budget_section), ("e2e", tables.end_to_end_section), ("idle", tables.idle_section),
+            ("batch", tables.batch_section), ("capacity", tables.capacity_section), ("door", tables.door_section),
+            ("page", tables.page_section), ("compare", tables.compare_section), ("stepping", stepping_section),
+            ("precision", precision_section))
 
 
 def render_report(documents: list[dict], path: Path, plot_path: Path | None = None) -> Path:
@@ -52,10 +59,10 @@ def render_report(documents: list[dict], path: Path, plot_path: Path | None = No
     draw_plot(documents, plot_path, [run_label(doc) for doc in documents])
     plot_link = Path(os.path.relpath(plot_path, path.parent)).as_posix()
     lines = _intro(documents, plot_link)
-    for part in (_runs_table, _targets, tables.frame_budget_section, tables.end_to_end_section, tables.idle_section,
-                 tables.batch_section, tables.capacity_section, tables.door_section, tables.page_section,
-                 tables.compare_section, stepping_section, precision_section, _gpu):
-        lines += part(documents)
+    lines += _runs_table(documents) + _targets(documents)
+    for name, section in SECTIONS:
+        lines += section(selected_runs(documents, name))
+    lines += _gpu(documents)
     path.write_text("\n".join(lines).rstrip() + "\n")
     return plot_path
 

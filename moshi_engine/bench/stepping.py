@@ -70,9 +70,9 @@ def stepping(bench: Bench) -> dict:
     }
 
 
-def stepping_section(documents: list[dict]) -> list[str]:
+def stepping_section(runs: list[tuple[int, dict]]) -> list[str]:
     """The report's table: each round's latency and CPU of both ways, and the rounds pooled."""
-    from .documents import fmt_ms, markdown_table, measured, not_measured, selected
+    from .documents import fmt_ms, markdown_table, measured, not_measured
 
     lines = [
         "## Where the model steps: its own process or the server's",
@@ -87,9 +87,7 @@ def stepping_section(documents: list[dict]) -> list[str]:
         "",
     ]
     rows, notes = [], []
-    for index, doc in enumerate(documents):
-        if not selected(doc, "stepping"):
-            continue
+    for index, doc in runs:
         result = measured(doc, "stepping")
         if result is None:
             notes.append(f"Run {index + 1}: {not_measured(doc, 'stepping')}.")

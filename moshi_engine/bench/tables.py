@@ -19,14 +19,13 @@ from .documents import (
     measured,
     not_measured,
     run_label,
-    selected,
     transport_name,
     transport_runs,
 )
 from .stats import OTHER
 
 
-def frame_budget_section(documents: list[dict]) -> list[str]:
+def frame_budget_section(runs: list[tuple[int, dict]]) -> list[str]:
     lines = [
         "## Frame budget",
         "",
@@ -60,9 +59,7 @@ def frame_budget_section(documents: list[dict]) -> list[str]:
         "  process and back (a socket pair, a message each way).",
         "",
     ]
-    for index, doc in enumerate(documents):
-        if not selected(doc, "frame"):
-            continue
+    for index, doc in runs:
         entries = transport_runs(doc, "frame")
         skipped = [entry for entry in (doc["sections"].get("frame") or {}).get("runs", []) if entry not in entries]
         if not entries and not skipped:
@@ -96,11 +93,9 @@ def frame_budget_section(documents: list[dict]) -> list[str]:
     return lines
 
 
-def end_to_end_section(documents: list[dict]) -> list[str]:
+def end_to_end_section(runs: list[tuple[int, dict]]) -> list[str]:
     rows, notes = [], []
-    for index, doc in enumerate(documents):
-        if not selected(doc, "e2e"):
-            continue
+    for index, doc in runs:
         result = measured(doc, "e2e")
         if result is None:
             notes.append(f"Run {index + 1}: {not_measured(doc, 'e2e')}.")
@@ -129,11 +124,9 @@ def end_to_end_section(documents: list[dict]) -> list[str]:
     ]
 
 
-def idle_section(documents: list[dict]) -> list[str]:
+def idle_section(runs: list[tuple[int, dict]]) -> list[str]:
     rows, notes = [], []
-    for index, doc in enumerate(documents):
-        if not selected(doc, "idle"):
-            continue
+    for index, doc in runs:
         entries = transport_runs(doc, "idle")
         if not entries:
             notes.append(f"Run {index + 1}: {not_measured(doc, 'idle')}.")
@@ -161,7 +154,7 @@ def _wakeups(usage: dict) -> str:
     return "–" if usage.get("wakeups_per_s") is None else f"{usage['wakeups_per_s']:g}"
 
 
-def batch_section(documents: list[dict]) -> list[str]:
+def batch_section(runs: list[tuple[int, dict]]) -> list[str]:
     lines = [
         "## Batched steps: one model, many conversations",
         "",
@@ -178,9 +171,7 @@ def batch_section(documents: list[dict]) -> list[str]:
         "*40 ms* waits up to 40 ms after the first ready frame for the others, for fewer, fuller steps.",
         "",
     ]
-    for index, doc in enumerate(documents):
-        if not selected(doc, "batch"):
-            continue
+    for index, doc in runs:
         result = measured(doc, "batch")
         lines += [f"### Run {index + 1}: {run_label(doc)}", ""]
         if result is None:
@@ -207,7 +198,7 @@ def batch_section(documents: list[dict]) -> list[str]:
     return lines
 
 
-def capacity_section(documents: list[dict]) -> list[str]:
+def capacity_section(runs: list[tuple[int, dict]]) -> list[str]:
     lines = [
         "## Capacity",
         "",
@@ -231,9 +222,7 @@ def capacity_section(documents: list[dict]) -> list[str]:
         "- **session**: sessions of an engine in the benchmark's process (no web stack), judged as websocket.",
         "",
     ]
-    for index, doc in enumerate(documents):
-        if not selected(doc, "capacity"):
-            continue
+    for index, doc in runs:
         lines += [f"### Run {index + 1}: {run_label(doc)}", ""]
         entries = transport_runs(doc, "capacity")
         if not entries:
@@ -284,7 +273,7 @@ def _capacity_table(result: dict) -> list[str]:
                                      "keeps real time"], rows)]
 
 
-def door_section(documents: list[dict]) -> list[str]:
+def door_section(runs: list[tuple[int, dict]]) -> list[str]:
     lines = [
         "## The door",
         "",
@@ -297,9 +286,7 @@ def door_section(documents: list[dict]) -> list[str]:
         "",
     ]
     rows = []
-    for index, doc in enumerate(documents):
-        if not selected(doc, "door"):
-            continue
+    for index, doc in runs:
         result = measured(doc, "door")
         if result is None:
             rows.append([f"run {index + 1}", not_measured(doc, "door"), "", "", ""])
@@ -311,7 +298,7 @@ def door_section(documents: list[dict]) -> list[str]:
                                    "without a line", "hand-over to the next in line"], rows)
 
 
-def page_section(documents: list[dict]) -> list[str]:
+def page_section(runs: list[tuple[int, dict]]) -> list[str]:
     lines = [
         "## The page's two paths",
         "",
@@ -328,9 +315,7 @@ def page_section(documents: list[dict]) -> list[str]:
         "",
     ]
     rows = []
-    for index, doc in enumerate(documents):
-        if not selected(doc, "page"):
-            continue
+    for index, doc in runs:
         result = measured(doc, "page")
         if result is None:
             rows.append([f"run {index + 1}", not_measured(doc, "page"), "", "", "", ""])
@@ -343,7 +328,7 @@ def page_section(documents: list[dict]) -> list[str]:
                                    "playback buffer ms", "lag ms"], rows)
 
 
-def compare_section(documents: list[dict]) -> list[str]:
+def compare_section(runs: list[tuple[int, dict]]) -> list[str]:
     lines = [
         "## Side by side with moshi's reference server",
         "",
@@ -359,9 +344,7 @@ def compare_section(documents: list[dict]) -> list[str]:
         "",
     ]
     rows, notes = [], []
-    for index, doc in enumerate(documents):
-        if not selected(doc, "compare"):
-            continue
+    for index, doc in runs:
         result = measured(doc, "compare")
         if result is None:
             notes.append(f"Run {index + 1}: {not_measured(doc, 'compare')}.")
