@@ -210,6 +210,17 @@ def test_the_report_renders_a_gpu_run_given_beside_the_cpu_run(bench_run, tmp_pa
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
+def test_the_report_leaves_out_the_sections_no_run_selected(bench_run, tmp_path):
+    cpu, _ = bench_run
+    alone = copy.deepcopy(cpu)  # as `--sections precision` writes it
+    alone["sections"] = {"precision": cpu["sections"]["precision"]}
+    alone["config"]["sections"] = ["precision"]
+    render_report([alone], tmp_path / "BENCHMARKS.md")
+    headings = [line for line in (tmp_path / "BENCHMARKS.md").read_text().splitlines() if line.startswith("## ")]
+    assert headings == ["## Runs", "## Targets", "## Full precision against 8 bits, and a shorter context",
+                        "## GPU: the full-size architecture"]
+
+
 def _run(latencies_ms: list[float], frames: int | None = None) -> StreamRun:
     """A stream whose answer to frame i + 1 arrives latencies_ms[i] after it left."""
     frames = frames or len(latencies_ms) + 1

@@ -43,7 +43,7 @@ CPU_CAPACITY_TARGET = 16  # tiny, over websockets, on the project's 2-core machi
 GPU_CAPACITY_TARGET = 24  # the full-size model on one H100, frame p95 under 80 ms
 RENDER_COMMAND = "python -m moshi_engine.bench --report docs/BENCHMARKS.md cpu.json gpu.json"
 # Each section of the report with the name a run selects it by (`--sections`); a section is given
-# only the runs that selected it.
+# only the runs that selected it, and left out when none did.
 SECTIONS = (("frame", tables.frame_budget_section), ("e2e", tables.end_to_end_section), ("idle", tables.idle_section),
             ("batch", tables.batch_section), ("capacity", tables.capacity_section), ("door", tables.door_section),
             ("page", tables.page_section), ("compare", tables.compare_section), ("stepping", stepping_section),
@@ -61,7 +61,8 @@ def render_report(documents: list[dict], path: Path, plot_path: Path | None = No
     lines = _intro(documents, plot_link)
     lines += _runs_table(documents) + _targets(documents)
     for name, section in SECTIONS:
-        lines += section(selected_runs(documents, name))
+        if runs := selected_runs(documents, name):  # no run asked for it: no heading over an empty table
+            lines += section(runs)
     lines += _gpu(documents)
     path.write_text("\n".join(lines).rstrip() + "\n")
     return plot_path
