@@ -10,7 +10,9 @@
 # audio component streams your microphone to Moshi and streams its voice back, next to the Opus
 # websockets `/ws` (QuiLLMan's protocol) and `/api/chat` (moshi's own). One copy of the weights
 # serves many conversations at once: each is a slot, a row of one batched Moshi with its own
-# streaming state, that nobody else's conversation touches.
+# streaming state, that nobody else's conversation touches. One GPU can serve both of Kyutai's
+# voices, Moshiko and Moshika, side by side: `MOSHI_MODEL=kyutai/moshiko-pytorch-bf16,kyutai/moshika-pytorch-bf16`,
+# and the visitor picks one.
 
 # Everything it wires lives in `moshi_engine/`; this file only tells the deployment story.
 #
@@ -26,6 +28,7 @@ from pathlib import Path
 import modal
 
 from moshi_engine.model.sizing import AUTO, MAX_AUTO_SESSIONS, MOSHI_7B_CONTEXT, estimate_sessions, explicit_sessions
+from moshi_engine.model.voices import parse_voices
 
 # ## Configuration
 
@@ -46,9 +49,10 @@ CONFIG = {
     "MOSHI_MIN_WORKERS": os.environ.get("MOSHI_MIN_WORKERS", "0"),
     "MOSHI_MODAL_SECRET": os.environ.get("MOSHI_MODAL_SECRET", ""),
 }
-MODEL = CONFIG["MOSHI_MODEL"]
+MODEL = CONFIG["MOSHI_MODEL"]  # one model, or a comma-separated list: one voice each
+VOICES = parse_voices(MODEL)
 GPU = CONFIG["MOSHI_GPU"]
-SESSIONS = CONFIG["MOSHI_SESSIONS"]  # conversation slots per GPU: a number, or auto
+SESSIONS = CONFIG["MOSHI_SESSIONS"]  # conversation slots per voice on a GPU: a number, or auto
 CONTEXT = int(CONFIG["MOSHI_CONTEXT"]) if CONFIG["MOSHI_CONTEXT"] else None  # the LM's window, in 80 ms steps
 QUEUE = int(CONFIG["MOSHI_QUEUE"])  # places in the waiting line for a slot
 QUEUE_TIMEOUT_S = float(CONFIG["MOSHI_QUEUE_TIMEOUT_S"])
@@ -65,19 +69,22 @@ HERE = Path(__file__).parent
 
 # Each conversation slot keeps its own KV cache (1.6 GB for Moshi's 3000-step context, in
 # proportion for a shorter `MOSHI_CONTEXT`) next to the one copy of the weights (15.4 GB in
-# bf16, 8.0 GB for Kyutai's 8-bit `-q8` repos). With `MOSHI_SESSIONS=auto` the engine measures
-# free memory at start and takes as many slots as fit, up to 32. Modal must know the number
-# before any GPU starts (to size each container's concurrency), so here it is estimated the
-# same way from the GPU's memory, the model's precision and the context
-# (`moshi_engine.model.sizing`); set MOSHI_SESSIONS to a number to override.
+# bf16, 8.0 GB for Kyutai's 8-bit `-q8` repos), one copy per voice. With `MOSHI_SESSIONS=auto`
+# the engine measures free memory at start and takes as many slots as fit, up to 32 a voice;
+# two voices share what their weights leave. Modal must know the number before any GPU starts
+# (to size each container's concurrency), so here it is estimated the same way from the GPU's
+# memory, each voice's precision and the context (`moshi_engine.model.sizing`); set
+# MOSHI_SESSIONS to a number to override.
 
 GPU_MEMORY_GB = {"T4": 16, "L4": 24, "A10G": 24, "A100": 40, "A100-40GB": 40, "L40S": 48,
                  "A100-80GB": 80, "H100": 80, "H200": 141, "B200": 180}
-QUANTIZED = MODEL.endswith("-q8")  # Kyutai names its 8-bit repos so (kyutai/moshiko-pytorch-q8)
+# Kyutai names its 8-bit repos so (kyutai/moshiko-pytorch-q8)
+QUANTIZED = [voice.model.endswith("-q8") for voice in VOICES]
 
 
-def slots_per_gpu() -> int:
-    """Conversation slots per GPU container: MOSHI_SESSIONS, or auto's estimate for MOSHI_GPU."""
+def slots_per_voice() -> int:
+    """Conversation slots of each voice in a GPU container: MOSHI_SESSIONS, or auto's estimate
+    for MOSHI_GPU with every voice's weights on it."""
     if SESSIONS != AUTO:
         return explicit_sessions(SESSIONS)
     memory_gb = GPU_MEMORY_GB.get(GPU.split(":")[0].upper())
@@ -86,7 +93,8 @@ def slots_per_gpu() -> int:
     return estimate_sessions(memory_gb * 10**9, QUANTIZED, CONTEXT or MOSHI_7B_CONTEXT)
 
 
-SLOTS = slots_per_gpu()
+SLOTS = slots_per_voice()
+SLOTS_PER_GPU = SLOTS * len(VOICES)
 # Besides its audio, a browser conversation holds a few long requests open (Gradio's event
 # stream, the transcript stream); the page's assets and status polls need room too.
 REQUESTS_PER_CONVERSATION = 3
@@ -111,8 +119,9 @@ app = modal.App("moshi-voice-chat", image=image)
 
 # ## Weights in a Volume, secrets optional
 
-# Moshi's 7B weights (about 15 GB in bf16) download from Hugging Face on the first start and are
-# kept in a Volume mounted as the Hugging Face cache, so later cold starts read them from there.
+# Moshi's 7B weights (about 15 GB in bf16, for each voice) download from Hugging Face on the first
+# start and are kept in a Volume mounted as the Hugging Face cache, so later cold starts read them
+# from there.
 
 hf_cache = modal.Volume.from_name("moshi-hf-cache", create_if_missing=True)
 VOLUMES = {"/cache": hf_cache}
@@ -128,22 +137,23 @@ SECRETS = [modal.Secret.from_name(CONFIG["MOSHI_MODAL_SECRET"])] if CONFIG["MOSH
 REQUEST_TIMEOUT_S = SESSION_LIMIT_S + 5 * MINUTES
 
 
-def load_warm_engine():
-    """Download (first start only) and load Moshi, then step it a few frames so that CUDA
-    graphs and kernels are ready before the first person speaks.
+def load_warm_voices():
+    """Download (first start only) and load every voice's Moshi, then step each a few frames so
+    that CUDA graphs and kernels are ready before the first person speaks.
 
-    If Moshi's model process dies, the engine starts another; if none will start (a GPU gone
+    If a voice's model process dies, its engine starts another; if none will start (a GPU gone
     bad), this container stops taking inputs and exits once the live ones end, and Modal
     starts the next conversation's container on another GPU."""
     import modal.experimental
 
-    from moshi_engine.engine import load_engine
+    from moshi_engine.engine import load_voices
 
-    engine = load_engine(MODEL, sessions=SESSIONS if not SCALE_OUT else SLOTS, queue=QUEUE,
+    voices = load_voices(MODEL, sessions=SESSIONS if not SCALE_OUT else SLOTS, queue=QUEUE,
                          queue_timeout_s=QUEUE_TIMEOUT_S, context=CONTEXT)
-    engine.on_model_lost = lambda reason: modal.experimental.stop_fetching_inputs()
+    for engine in voices:
+        engine.on_model_lost = lambda reason: modal.experimental.stop_fetching_inputs()
     hf_cache.commit()  # persist a fresh download for the next container
-    return engine
+    return voices
 
 
 def access_token():
@@ -174,17 +184,17 @@ if not SCALE_OUT:
         scaledown_window=5 * MINUTES,
         timeout=REQUEST_TIMEOUT_S,
     )
-    @modal.concurrent(max_inputs=PAGE_REQUESTS + REQUESTS_PER_CONVERSATION * SLOTS)
+    @modal.concurrent(max_inputs=PAGE_REQUESTS + REQUESTS_PER_CONVERSATION * SLOTS_PER_GPU)
     class Moshi:
         @modal.enter()
         def load(self):
-            self.engine = load_warm_engine()
+            self.voices = load_warm_voices()
 
         @modal.asgi_app()
         def web(self):
             from moshi_engine.web import create_app
 
-            self.app = create_app(self.engine, limits=session_limits(), host="modal.run", token=access_token())
+            self.app = create_app(self.voices, limits=session_limits(), host="modal.run", token=access_token())
             return self.app
 
         # A scale-down or a redeploy: tell every conversation (and everyone in line) why it ends.
@@ -200,10 +210,11 @@ if not SCALE_OUT:
 
 # With `MOSHI_SCALE_OUT=1` the page runs in one sticky CPU container, and every browser session
 # is carried to a container of a GPU worker class, which serves as many conversations as it has
-# slots (`max_inputs=SLOTS`): Modal routes a new conversation to a worker with a free slot and
+# slots (`max_inputs`): Modal routes a new conversation to a worker with a free slot and
 # starts another GPU only when every worker is full, up to `MOSHI_MAX_WORKERS`; workers stay warm
-# five minutes after use (and `MOSHI_MIN_WORKERS` always). Audio travels between them as Opus
-# over the worker's `/api/chat` websocket. A cold worker takes a minute or two; the page says so.
+# five minutes after use (and `MOSHI_MIN_WORKERS` always). Every worker loads every voice, and the
+# page's `?voice=` rides on to it. Audio travels between them as Opus over the worker's
+# `/api/chat` websocket. A cold worker takes a minute or two; the page says so.
 
 if SCALE_OUT:
 
@@ -216,17 +227,17 @@ if SCALE_OUT:
         scaledown_window=5 * MINUTES,
         timeout=REQUEST_TIMEOUT_S,
     )
-    @modal.concurrent(max_inputs=SLOTS)
+    @modal.concurrent(max_inputs=SLOTS_PER_GPU)
     class MoshiWorker:
         @modal.enter()
         def load(self):
-            self.engine = load_warm_engine()
+            self.voices = load_warm_voices()
 
         @modal.asgi_app()
         def web(self):
             from moshi_engine.wire.server import create_api
 
-            self.app = create_api(self.engine, session_limits(), token=access_token())
+            self.app = create_api(self.voices, session_limits(), token=access_token())
             return self.app
 
         @modal.exit()
@@ -237,7 +248,7 @@ if SCALE_OUT:
                 drain_from_thread(self.app)
 
     @app.function(secrets=SECRETS, max_containers=1, scaledown_window=5 * MINUTES, timeout=REQUEST_TIMEOUT_S)
-    @modal.concurrent(max_inputs=PAGE_REQUESTS + REQUESTS_PER_CONVERSATION * SLOTS * MAX_WORKERS)
+    @modal.concurrent(max_inputs=PAGE_REQUESTS + REQUESTS_PER_CONVERSATION * SLOTS_PER_GPU * MAX_WORKERS)
     @modal.asgi_app()
     def ui():
         from urllib.parse import quote
@@ -248,7 +259,8 @@ if SCALE_OUT:
         return create_app(
             # the workers are as private as the page: the page passes the token on
             remote=MoshiWorker().web.get_web_url() + "/api/chat" + (f"?token={quote(token)}" if token else ""),
-            remote_capacity=MAX_WORKERS * SLOTS,
+            remote_capacity=MAX_WORKERS * SLOTS_PER_GPU,
+            remote_voices=[voice.name for voice in VOICES],
             poll_remote_status=False,  # a status poll would wake a GPU worker
             connect_timeout_s=10 * MINUTES,  # cold start: image, weights from the Volume, warm-up
             limits=session_limits(),
@@ -278,12 +290,14 @@ def parse_args(argv=None):
     on_space = bool(os.environ.get("SPACE_ID"))
     parser = argparse.ArgumentParser(description="Talk with Moshi: a full-duplex voice chat page.")
     parser.add_argument("--model", default=os.environ.get("MOSHI_MODEL", MODEL),
-                        help="Hugging Face repo, checkpoint directory, or 'tiny' (offline, random weights)")
+                        help="Hugging Face repo, checkpoint directory, or 'tiny' (offline, random weights); "
+                             "a comma-separated list serves each as a voice the visitor picks "
+                             "(kyutai/moshiko-pytorch-bf16,kyutai/moshika-pytorch-bf16; NAME=MODEL names one)")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cuda', 'cuda:1', 'cpu'")
     parser.add_argument("--sessions", type=sessions_arg, default=os.environ.get("MOSHI_SESSIONS", AUTO),
-                        help="conversations at once (slots of one batched Moshi), or 'auto': as many as fit "
-                             "the GPU's free memory (up to 32); on a CPU 8 for the tiny model, else 1. "
-                             "With --remote: sessions the page holds on the server")
+                        help="conversations at once for each voice (slots of one batched Moshi), or 'auto': as "
+                             "many as fit the GPU's free memory (up to 32; several voices share it); on a CPU 8 "
+                             "for the tiny model, else 1. With --remote: sessions the page holds on the server")
     parser.add_argument("--context", type=int, default=CONTEXT, metavar="STEPS",
                         help="the LM's attention window per conversation, in 80 ms steps (default: the "
                              "checkpoint's, 3000 = 240 s for Moshiko): the KV cache of each slot, so a shorter "
@@ -316,6 +330,10 @@ def parse_args(argv=None):
         parser.error("--ssl-certfile and --ssl-keyfile go together")
     if args.context is not None and args.context < 1:
         parser.error("--context is a number of 80 ms steps, at least 1")
+    try:
+        args.voices = parse_voices(args.model)
+    except ValueError as error:
+        parser.error(str(error))
     if args.share and (args.https or args.ssl_certfile):
         parser.error("--share serves its own public https link (to this server's plain http): use it, or https")
     return args
@@ -323,8 +341,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     from moshi_engine.conversation import SessionLimits
-    from moshi_engine.engine import load_engine
-    from moshi_engine.model.checkpoint import ModelUnavailableError
+    from moshi_engine.engine import load_voices
+    from moshi_engine.model.checkpoint import TINY, TINY_Q8, ModelUnavailableError
     from moshi_engine.model.loading import pick_device
     from moshi_engine.model.sizing import CapacityError
     from moshi_engine.web import announce, create_app, serve
@@ -345,19 +363,20 @@ def main(argv=None) -> int:
         capacity = 1 if args.sessions == AUTO else args.sessions
         web_app = create_app(remote=args.remote, remote_capacity=capacity, limits=limits, host=public_host,
                              token=args.token)
-        engine = None
+        voices = None
     else:
-        if pick_device(args.device).type == "cpu" and args.model != "tiny":
-            log.warning("loading %s on a CPU: Moshi will not speak in real time; use a GPU, or --model tiny "
-                        "to try the page", args.model)
+        for voice in args.voices:
+            if pick_device(args.device).type == "cpu" and voice.model not in (TINY, TINY_Q8):
+                log.warning("loading %s on a CPU: Moshi will not speak in real time; use a GPU, or --model tiny "
+                            "to try the page", voice.model)
         try:
-            engine = load_engine(args.model, device=args.device, sessions=args.sessions, queue=args.queue,
+            voices = load_voices(args.model, device=args.device, sessions=args.sessions, queue=args.queue,
                                  queue_timeout_s=args.queue_timeout, model_process=not args.in_process,
                                  context=args.context)
         except (ModelUnavailableError, CapacityError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        web_app = create_app(engine, limits=limits, host=public_host, token=args.token)
+        web_app = create_app(voices, limits=limits, host=public_host, token=args.token)
 
     for level, message in announce(args.host, args.port, certificate or tls, share=args.share, private=bool(args.token),
                                    behind_https=bool(os.environ.get("SPACE_ID"))):
@@ -365,9 +384,10 @@ def main(argv=None) -> int:
     try:
         serve(web_app, args.host, args.port, tls=certificate.files if certificate else tls)
     finally:
-        if engine is not None:
-            engine.close()
-    return 1 if engine is not None and engine.lost else 0  # lost: serve() stopped for it
+        if voices is not None:
+            voices.close()
+    lost = voices is not None and any(engine.lost for engine in voices)
+    return 1 if lost else 0  # lost: serve() stopped for it
 
 
 def open_share_link(host: str, port: int, log) -> str | None:

@@ -1,6 +1,7 @@
 """Talk to a Moshi server from the command line: stream a WAV, print the transcript, save the answer.
 
     python -m moshi_engine.client ws://127.0.0.1:7860/api/chat --wav assets/speech/hello.wav --out reply.wav
+    python -m moshi_engine.client ws://127.0.0.1:7860/api/chat --voice moshika --wav ...   # = ...?voice=moshika
 
 Speaks both protocols (the URL's path picks one; a bare http://host:port means /api/chat),
 against this app's server or moshi's reference server, and waits in line when every slot is
@@ -13,11 +14,12 @@ import argparse
 import asyncio
 import logging
 import sys
+from urllib.parse import urlencode
 
 from .audio import read_wav, write_wav
 from .conversation import BusyError, Sampling, SessionClosed, SessionError
 from .door.line import LinePosition
-from .wire.remote import exchange
+from .wire.remote import exchange, websocket_url, with_query
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temp-text", type=float)
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-k-text", type=int)
+    parser.add_argument("--voice", help="one of the server's voices (its /status lists them): the same as ?voice=NAME")
     args = parser.parse_args(argv)
+    url = with_query(websocket_url(args.url), "?" + urlencode({"voice": args.voice})) if args.voice else args.url
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
     overrides = {"seed": args.seed, "temp": args.temp, "temp_text": args.temp_text, "top_k": args.top_k,
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Sent as fast as the server takes them, the frames are all queued long before the last
         # answer comes: wait longer for it then.
-        result = asyncio.run(exchange(args.url, read_wav(args.wav), sampling, realtime=not args.fast,
+        result = asyncio.run(exchange(url, read_wav(args.wav), sampling, realtime=not args.fast,
                                       tail_s=5.0 if args.fast else 1.0, on_position=in_line))
     except (OSError, BusyError, SessionClosed, SessionError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,8 +1,11 @@
-"""The engine: a loaded checkpoint with N conversation slots that sessions lease.
+"""The engine: a loaded checkpoint with N conversation slots that sessions lease, and the
+voices of one server, each such an engine.
 
     engine = load_engine("tiny", sessions=16)       # or a HF repo id, or a directory
     async with engine.session(Sampling(seed=1)) as session:
         ...
+    voices = load_voices("kyutai/moshiko-pytorch-bf16,kyutai/moshika-pytorch-bf16")
+    name, engine = voices.pick("moshika")           # None: the first, the default
 
 One copy of the weights serves every conversation: a slot is a row of one
 batched Mimi + LMGen (`model.batched.BatchedMoshi`). A session leases one slot
@@ -17,17 +20,18 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from .conversation import BusyError, ModelRestarting, Sampling
 from .door.line import QUEUE_PLACES, QUEUE_TIMEOUT_S, LinePosition, WaitingLine
 from .model.batched import BatchedMoshi
-from .model.checkpoint import DEFAULT_MODEL
-from .model.loading import WARMUP_FRAMES, EngineInfo, Weights, freeze_garbage_collector, load_slots
+from .model.checkpoint import DEFAULT_MODEL, weights_bytes
+from .model.loading import WARMUP_FRAMES, EngineInfo, Weights, freeze_garbage_collector, load_slots, pick_device
 from .model.process import ModelProcess
-from .model.sizing import AUTO
+from .model.sizing import AUTO, AutoShare
+from .model.voices import UnknownVoice, parse_voices, short_name
 from .session import MAX_OUTPUT_FRAMES, MAX_PENDING_FRAMES, MoshiSession
 from .timings import STEP, STEP_WAIT
 
@@ -143,11 +147,76 @@ class MoshiEngine:
         self.model.close()
 
 
+class Voices:
+    """The voices one server offers, in order (the first is the default): each a `MoshiEngine`
+    of its own, with its own weights, model process, slots and waiting line, on one device."""
+
+    def __init__(self, engines: dict[str, MoshiEngine]) -> None:
+        if not engines:
+            raise ValueError("a server offers at least one voice")
+        self.engines = dict(engines)
+
+    @classmethod
+    def of(cls, engine: MoshiEngine | Voices) -> Voices:
+        """`engine` as the one voice of a server (named after its model), or the voices as given."""
+        return engine if isinstance(engine, Voices) else cls({short_name(engine.info.model): engine})
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.engines)
+
+    @property
+    def default(self) -> MoshiEngine:
+        return next(iter(self.engines.values()))
+
+    def pick(self, name: str | None = None) -> tuple[str, MoshiEngine]:
+        """The voice called `name` (None or empty: the default) and its engine; UnknownVoice
+        (a ValueError naming the voices) for a name this server does not offer."""
+        if not name:
+            return next(iter(self.engines.items()))
+        if name not in self.engines:
+            raise UnknownVoice(name, self.names)
+        return name, self.engines[name]
+
+    def __iter__(self) -> Iterator[MoshiEngine]:
+        return iter(self.engines.values())
+
+    def __len__(self) -> int:
+        return len(self.engines)
+
+    @property
+    def active(self) -> int:
+        return sum(engine.active for engine in self)
+
+    def status(self) -> dict:
+        """One voice: its engine's status, exactly. Several: the first voice's, with `sessions`,
+        `queue` and `model_restarts` summed over the voices (so that a client that knows one voice
+        reads the whole server), `unavailable` only while no voice admits anybody, and `voices`:
+        each voice's own status, with its `name`."""
+        if len(self) == 1:
+            return self.default.status()
+        each = [{"name": name, **engine.status()} for name, engine in self.engines.items()]
+        reasons = [voice["unavailable"] for voice in each]
+        first = {key: value for key, value in each[0].items() if key != "name"}
+        return {
+            **first,
+            "sessions": {key: sum(voice["sessions"][key] for voice in each) for key in ("active", "capacity")},
+            "queue": {key: sum(voice["queue"][key] for voice in each) for key in ("waiting", "places")},
+            "unavailable": "; ".join(f"{v['name']}: {r}" for v, r in zip(each, reasons)) if all(reasons) else None,
+            "model_restarts": sum(voice["model_restarts"] for voice in each),
+            "voices": each,
+        }
+
+    def close(self) -> None:
+        for engine in self:
+            engine.close()
+
+
 
 def load_engine(
     model: str = DEFAULT_MODEL,
     device: str = "auto",
-    sessions: int | str = AUTO,
+    sessions: int | str | AutoShare = AUTO,
     warmup_frames: int = WARMUP_FRAMES,
     gather_ms: float = 0.0,
     queue: int = QUEUE_PLACES,
@@ -175,3 +244,38 @@ def load_engine(
                                                    context=context)
     freeze_garbage_collector()
     return MoshiEngine(info, slots, default_sampling, queue, queue_timeout_s)
+
+
+def load_voices(
+    models: str | list[str] = DEFAULT_MODEL,
+    device: str = "auto",
+    sessions: int | str = AUTO,
+    **engine_options,
+) -> Voices:
+    """The voices of a comma-separated model list (`model.voices.parse_voices`: `moshiko`,
+    `moshika`, ...; `NAME=MODEL` names one), each loaded by `load_engine` on the one `device`
+    with `sessions` slots of its own, in order. One model is one voice, loaded exactly as
+    `load_engine` loads it.
+
+    With `sessions="auto"` on CUDA the voices share the GPU's free memory: each, in turn, takes
+    its equal part of what is left once the weights of those still to load are set aside
+    (estimated from their files), in slots of what one of its own slots measures
+    (`model.sizing.AutoShare`). If one voice fails to load, those already loaded are closed.
+    """
+    voices = parse_voices(models)
+    share = sessions == AUTO and len(voices) > 1 and pick_device(device).type == "cuda"
+    engines: dict[str, MoshiEngine] = {}
+    try:
+        for index, voice in enumerate(voices):
+            slots: int | str | AutoShare = sessions
+            if share:
+                later = voices[index + 1 :]
+                slots = AutoShare(voices=len(voices) - index, reserve_bytes=sum(weights_bytes(v.model) for v in later))
+            if len(voices) > 1:
+                log.info("voice %s: loading %s", voice.name, voice.model)
+            engines[voice.name] = load_engine(voice.model, device, slots, **engine_options)
+    except BaseException:
+        for engine in engines.values():
+            engine.close()
+        raise
+    return Voices(engines)

@@ -1,6 +1,7 @@
 """The one ASGI app factory, served alike by `python app.py`, Spaces and Modal.
 
     create_app(engine)                              # API (/status, /ws, /api/chat) + page at /
+    create_app(load_voices("tiny,tiny-q8"))         # two voices: ?voice=tiny-q8, a picker on the page
     create_app(remote="wss://worker/api/chat")      # the page alone, each session on that server
     create_app(engine, token="...")                 # private: nothing but /status without the token
     serve(app, "0.0.0.0", 7860, tls=self_signed_certificate("0.0.0.0").files)   # https
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse
 
 from .conversation import SessionLimits
 from .door.access import TokenGate
-from .engine import MoshiEngine
+from .engine import MoshiEngine, Voices
 from .model.loading import freeze_garbage_collector
 from .page.endings import remote_http_warning
 from .page.ui import mount_ui
@@ -36,9 +37,10 @@ DRAIN_TIMEOUT_S = 3.0
 
 
 def create_app(
-    engine: MoshiEngine | None = None,
+    engine: Voices | MoshiEngine | None = None,
     *,
     remote: str | None = None,
+    remote_voices: list[str] | None = None,
     limits: SessionLimits = SessionLimits(),
     host: str = "127.0.0.1",
     remote_capacity: int = 1,
@@ -46,7 +48,8 @@ def create_app(
     connect_timeout_s: float = 10.0,
     token: str | None = None,
 ) -> FastAPI:
-    """The app for a local `engine`, or the page alone bound to a `remote` Moshi server.
+    """The app for a local `engine` (one voice, or several: `engine.Voices`), or the page alone
+    bound to a `remote` Moshi server (offering `remote_voices`, by name, if it has several).
 
     `host` is the address the page is reached on (it picks the WebRTC ICE
     servers). In remote mode the page holds at most `remote_capacity` sessions
@@ -97,6 +100,7 @@ def create_app(
     app.state.page = mount_ui(
         app,
         remote=remote,
+        remote_voices=remote_voices,
         capacity=remote_capacity,
         status=remote_status if poll_remote_status else None,
         limits=limits,
@@ -120,7 +124,7 @@ async def drain(app: FastAPI, reason: str = RESTART_REASON, timeout_s: float = D
     async def all_ended() -> None:
         await asyncio.gather(*ending)
         # Websockets end on their own tasks; this runs once, at exit, for a few loop turns.
-        while server is not None and (server.connections or (server.engine and server.engine.active)):
+        while server is not None and (server.connections or (server.voices and server.voices.active)):
             await asyncio.sleep(0.02)
 
     try:
@@ -176,13 +180,14 @@ def serve(app: FastAPI, host: str, port: int, tls: tuple[Path, Path] | None = No
     import uvicorn
 
     server: MoshiServer | None = getattr(app.state, "moshi", None)
-    if server is not None and server.engine is not None:
+    if server is not None and server.voices is not None:
 
         def stop_serving(reason: str) -> None:
             log.critical("stopping the server: %s", reason)
             os.kill(os.getpid(), signal.SIGTERM)
 
-        server.engine.on_model_lost = stop_serving
+        for engine in server.voices:  # a voice lost for good: a fresh start brings every voice back
+            engine.on_model_lost = stop_serving
 
     class DrainingServer(uvicorn.Server):
         draining = False

@@ -20,6 +20,8 @@ from urllib.parse import urlparse
 
 from moshi.models import loaders
 
+from .sizing import moshi_7b_weights_bytes
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = loaders.DEFAULT_REPO  # kyutai/moshiko-pytorch-bf16
@@ -69,6 +71,17 @@ def resolve_checkpoint(spec: str) -> loaders.CheckpointInfo:
             f"(owner/name, e.g. {DEFAULT_MODEL}). {_OFFLINE_HINT}"
         )
     return checkpoint_from_hub(spec)
+
+
+def weights_bytes(spec: str) -> int:
+    """About what `spec`'s weights take on a GPU, before loading them: the size of its LM and
+    Mimi files (stored in the precision they load in: bf16, or int8 for a q8 checkpoint), or
+    for `random` / `random-q8` moshi 7B's count. Resolves (downloads) the checkpoint."""
+    if spec in (RANDOM, RANDOM_Q8):
+        return moshi_7b_weights_bytes(quantized=spec == RANDOM_Q8)
+    checkpoint = resolve_checkpoint(spec)
+    files = [checkpoint.moshi_weights, checkpoint.mimi_weights]
+    return sum(Path(path).stat().st_size for path in files if path is not None and Path(path).is_file())
 
 
 def checkpoint_from_directory(directory: Path) -> loaders.CheckpointInfo:

@@ -29,7 +29,7 @@ from ..timings import StageTimings
 from .batched import BatchedMoshi
 from .checkpoint import DEFAULT_MODEL, ModelUnavailableError, resolve_checkpoint
 from .memory import slot_bytes
-from .sizing import AUTO, AUTO_CPU_SESSIONS, explicit_sessions, fit_sessions
+from .sizing import AUTO, AUTO_CPU_SESSIONS, AutoShare, explicit_sessions, fit_sessions
 
 log = logging.getLogger(__name__)
 
@@ -122,15 +122,15 @@ def keep_freed_memory() -> bool:
     return all(kept)
 
 
-def choose_sessions(requested: int | str, device: torch.device, mimi: MimiModel, lm: LMModel,
+def choose_sessions(requested: int | str | AutoShare, device: torch.device, mimi: MimiModel, lm: LMModel,
                     parameters: int) -> int:
     """How many slots to allocate: `requested`, or for "auto" the most that fit the free GPU
-    memory with headroom (see `fit_sessions`); on CPU, "auto" is AUTO_CPU_SESSIONS for a
-    small model and 1 for a full-size one."""
+    memory with headroom (see `fit_sessions`; an `AutoShare`: one voice's part of it); on CPU,
+    "auto" (and an `AutoShare`) is AUTO_CPU_SESSIONS for a small model and 1 for a full-size one."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return fit_sessions(requested, free, total, slot_bytes(mimi, lm))
-    if requested == AUTO:
+    if requested == AUTO or isinstance(requested, AutoShare):
         return AUTO_CPU_SESSIONS if parameters < SMALL_MODEL_PARAMETERS else 1
     return explicit_sessions(requested)
 
@@ -218,7 +218,7 @@ def restore_int8_scales(lm: LMModel, weights_file: Path, device: torch.device) -
 def load_slots(
     model: str = DEFAULT_MODEL,
     device: str = "auto",
-    sessions: int | str = AUTO,
+    sessions: int | str | AutoShare = AUTO,
     warmup_frames: int = WARMUP_FRAMES,
     gather_ms: float = 0.0,
     weights: Weights | None = None,

@@ -52,6 +52,7 @@ from ..conversation import BusyError, Sampling, SessionClosed
 from ..timings import STEP, StageTimings
 from .batched import Delivery, Lease, StepOutput, deliver_to_loops
 from .child import _CLOSE, _FAILED, _FRAME, _LEASE, _RELEASE, _RESULT, _RUN, _STEP
+from .sizing import AutoShare
 
 if TYPE_CHECKING:
     from .loading import EngineInfo
@@ -83,7 +84,7 @@ class _Launch:
 
     model: str
     device: str
-    sessions: int | str
+    sessions: int | str | AutoShare
     warmup_frames: int
     gather_ms: float
     context: int | None = None
@@ -157,7 +158,7 @@ class ModelProcess:
         self._reader.start()
 
     @classmethod
-    def start(cls, model: str, device: str, sessions: int | str, warmup_frames: int,
+    def start(cls, model: str, device: str, sessions: int | str | AutoShare, warmup_frames: int,
               gather_ms: float, context: int | None = None) -> ModelProcess:
         """Start the child, which loads `model` on `device` (with an attention window of `context`
         steps) with `sessions` slots and warms them up (`loading.load_slots`); returns once it is

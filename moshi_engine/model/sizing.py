@@ -6,6 +6,7 @@ time, on a machine that may have no torch). Imports nothing heavy.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,17 @@ class CapacityError(RuntimeError):
     """The conversation slots asked for do not fit in the device's memory."""
 
 
+@dataclass(frozen=True)
+class AutoShare:
+    """`sessions="auto"` for one of several voices loaded in turn on one GPU: this voice takes
+    one part in `voices` of the free memory left once `reserve_bytes` (the weights of the
+    voices still to load) and the headroom are set aside. The voices after it, each taking its
+    part of what is then left, end with equal memory for their slots. On a CPU it is auto."""
+
+    voices: int = 1
+    reserve_bytes: int = 0
+
+
 def explicit_sessions(requested: int | str) -> int:
     """A slot count given as a number (or its string); ValueError otherwise."""
     try:
@@ -38,25 +50,29 @@ def explicit_sessions(requested: int | str) -> int:
     return sessions
 
 
-def slots_that_fit(free: int, total: int, per_slot: int) -> int:
+def slots_that_fit(free: int, total: int, per_slot: int, share: AutoShare = AutoShare()) -> int:
     """Slots of `per_slot` bytes in `free` bytes of a `total`-byte GPU, keeping
-    GPU_HEADROOM_BYTES + GPU_HEADROOM_FRACTION of the GPU free (no cap)."""
+    GPU_HEADROOM_BYTES + GPU_HEADROOM_FRACTION of the GPU free (no cap); for one voice of
+    several, in its `share` of that memory."""
     headroom = GPU_HEADROOM_BYTES + GPU_HEADROOM_FRACTION * total
-    return max(0, int((free - headroom) // max(per_slot, 1)))
+    return max(0, int((free - share.reserve_bytes - headroom) / share.voices // max(per_slot, 1)))
 
 
-def fit_sessions(requested: int | str, free: int, total: int, per_slot: int) -> int:
+def fit_sessions(requested: int | str | AutoShare, free: int, total: int, per_slot: int) -> int:
     """Slots for `free` bytes of a `total`-byte GPU, `per_slot` bytes each, keeping
     GPU_HEADROOM_BYTES + GPU_HEADROOM_FRACTION of the GPU free: "auto" takes the most that
-    fit (at most MAX_AUTO_SESSIONS); a number that does not fit raises CapacityError naming
-    the number that would."""
-    fits = slots_that_fit(free, total, per_slot)
-    log.info("GPU memory: %.1f GiB free of %.1f GiB; a conversation slot takes %.2f GiB; %d slot(s) fit",
-             free / GIB, total / GIB, per_slot / GIB, fits)
+    fit (at most MAX_AUTO_SESSIONS), an `AutoShare` the most that fit its share; a number that
+    does not fit raises CapacityError naming the number that would."""
+    share = requested if isinstance(requested, AutoShare) else AutoShare()
+    fits = slots_that_fit(free, total, per_slot, share)
+    shared = f" (this voice's part: 1 of {share.voices}, {share.reserve_bytes / GIB:.1f} GiB set aside for the " \
+             "voices after it)" if share.voices > 1 else ""
+    log.info("GPU memory: %.1f GiB free of %.1f GiB%s; a conversation slot takes %.2f GiB; %d slot(s) fit",
+             free / GIB, total / GIB, shared, per_slot / GIB, fits)
     if fits < 1:
         raise CapacityError(f"not even one conversation slot ({per_slot / GIB:.2f} GiB) fits in the "
-                            f"{free / GIB:.1f} GiB of free GPU memory, headroom kept")
-    if requested == AUTO:
+                            f"{free / GIB:.1f} GiB of free GPU memory{shared}, headroom kept")
+    if requested == AUTO or isinstance(requested, AutoShare):
         sessions = min(fits, MAX_AUTO_SESSIONS)
         log.info("sessions auto: %d conversation slot(s)", sessions)
         return sessions
@@ -100,26 +116,39 @@ def moshi_7b_slot_bytes(context: int = MOSHI_7B_CONTEXT) -> int:
     return 2 * MOSHI_7B_LAYERS * MOSHI_7B_DIM * context * KV_BYTES + MIMI_SLOT_BYTES
 
 
-def estimate_sessions(gpu_bytes: int, quantized: bool = False, context: int = MOSHI_7B_CONTEXT,
+def estimate_sessions(gpu_bytes: int, quantized: bool | list[bool] = False, context: int = MOSHI_7B_CONTEXT,
                       requested: int | str = AUTO) -> int:
     """What `--sessions auto` would find on a GPU of `gpu_bytes` for Moshi 7B (`fit_sessions`
-    over the estimates above); a number asked for is checked the same way."""
-    free = gpu_bytes - CUDA_CONTEXT_BYTES - moshi_7b_weights_bytes(quantized)
-    return fit_sessions(requested, free, gpu_bytes, moshi_7b_slot_bytes(context))
+    over the estimates above), per voice: `quantized` says it of each voice (one bool: one
+    voice); with several, the least any voice gets. A number asked for is checked the same way."""
+    kinds = quantized if isinstance(quantized, list) else [quantized]
+    free = gpu_bytes - CUDA_CONTEXT_BYTES - sum(moshi_7b_weights_bytes(kind) for kind in kinds)
+    if len(kinds) == 1:
+        return fit_sessions(requested, free, gpu_bytes, moshi_7b_slot_bytes(context))
+    # Each voice's part of the memory left after every voice's weights; a number asked for must fit it.
+    share = AutoShare(voices=len(kinds))
+    sessions = fit_sessions(share, free, gpu_bytes, moshi_7b_slot_bytes(context))
+    if requested != AUTO and explicit_sessions(requested) > slots_that_fit(free, gpu_bytes,
+                                                                           moshi_7b_slot_bytes(context), share):
+        raise CapacityError(f"{requested} conversation slots for each of {len(kinds)} voices do not fit in "
+                            f"{gpu_bytes / GIB:.0f} GiB of GPU memory: {sessions} would")
+    return sessions if requested == AUTO else explicit_sessions(requested)
 
 
-def estimate_fit(gpu_bytes: int, quantized: bool = False, context: int = MOSHI_7B_CONTEXT) -> int:
-    """How many Moshi 7B slots the memory of a GPU of `gpu_bytes` holds, estimated (no cap)."""
-    free = gpu_bytes - CUDA_CONTEXT_BYTES - moshi_7b_weights_bytes(quantized)
-    return slots_that_fit(free, gpu_bytes, moshi_7b_slot_bytes(context))
+def estimate_fit(gpu_bytes: int, quantized: bool = False, context: int = MOSHI_7B_CONTEXT, voices: int = 1) -> int:
+    """How many Moshi 7B slots the memory of a GPU of `gpu_bytes` holds, estimated (no cap), for
+    each of `voices` voices of that precision."""
+    free = gpu_bytes - CUDA_CONTEXT_BYTES - voices * moshi_7b_weights_bytes(quantized)
+    return slots_that_fit(free, gpu_bytes, moshi_7b_slot_bytes(context), AutoShare(voices=voices))
 
 
 GPU_TABLE_GB = (16, 24, 48, 80, 141)
 
 
-def slots_table(contexts: tuple[int, ...] = (MOSHI_7B_CONTEXT,)) -> str:
+def slots_table(contexts: tuple[int, ...] = (MOSHI_7B_CONTEXT,), voices: int = 1) -> str:
     """README's table: how many Moshi 7B conversation slots each GPU size's memory holds,
-    estimated, bf16 and q8 (`--sessions auto` takes at most MAX_AUTO_SESSIONS of them)."""
+    estimated, bf16 and q8 (`--sessions auto` takes at most MAX_AUTO_SESSIONS of them); with
+    `voices`, the slots of each of that many voices sharing the GPU."""
     header = "| GPU memory | " + " | ".join(
         f"bf16, {context} steps | q8, {context} steps" for context in contexts) + " |"
     lines = [header, "| --- |" + " --- | --- |" * len(contexts)]
@@ -127,10 +156,12 @@ def slots_table(contexts: tuple[int, ...] = (MOSHI_7B_CONTEXT,)) -> str:
         cells = []
         for context in contexts:
             for quantized in (False, True):
-                cells.append(str(estimate_fit(gigabytes * 10**9, quantized, context)))
+                cells.append(str(estimate_fit(gigabytes * 10**9, quantized, context, voices)))
         lines.append(f"| {gigabytes} GB | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     print(slots_table((MOSHI_7B_CONTEXT, 1500)))
+    print("\nEach of two voices (Moshiko and Moshika) on one GPU:\n")
+    print(slots_table((MOSHI_7B_CONTEXT, 1500), voices=2))

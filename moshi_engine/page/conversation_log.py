@@ -45,6 +45,7 @@ class ConversationRecord:
     webrtc_id: str
     started_at: float
     sampling: Sampling | None = None
+    voice: str | None = None  # the voice picked, on a page that offers several
     line: LinePosition | None = None  # where it stands while waiting for a slot
     ending: Ending | None = None
     message: str | None = None
@@ -103,7 +104,8 @@ class ConversationLog:
 
     def recording_path(self, record: ConversationRecord) -> Path:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(record.started_at))
-        return self.directory / f"moshi-conversation-{stamp}-{record.webrtc_id[:8]}.wav"
+        voice = f"{record.voice}-" if record.voice else ""
+        return self.directory / f"moshi-conversation-{voice}{stamp}-{record.webrtc_id[:8]}.wav"
 
     def saved(self, record: ConversationRecord, path: Path) -> None:
         """`path` holds `record`'s recording, until `recording_ttl_s` from now."""

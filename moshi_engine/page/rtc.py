@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 
 PositionCallback = Callable[[LinePosition], None]
 # A conversation for a sampling, leased once a slot is free (the local engine's `acquire`,
-# which waits in line), or one whose `start()` waits (a remote server's line).
-OpenConversation = Callable[[Sampling | None, PositionCallback], Awaitable[Conversation]]
+# which waits in line), or one whose `start()` waits (a remote server's line); with a page's
+# voice picker, called with `voice=` the name picked too.
+OpenConversation = Callable[..., Awaitable[Conversation]]
 
 
 class MoshiHandler(AsyncStreamHandler):
@@ -53,7 +54,8 @@ class MoshiHandler(AsyncStreamHandler):
     room, and `start()` may wait or raise it too (a remote server's line). Stop leaves the
     line. `sampling_from_args(inputs)` turns the page's inputs (the values
     after the WebRTC component's) into a Sampling; without it the backend's default
-    sampling is used and the page's inputs are never waited for.
+    sampling is used and the page's inputs are never waited for. With `voice_from_args`,
+    the voice it reads from them goes to `open_conversation(..., voice=...)`.
 
     The conversation ends, and is closed (its slot released and reset) when the
     connection stops (`shutdown`), after `limits.max_session_s`, after `limits.idle_s`
@@ -66,6 +68,7 @@ class MoshiHandler(AsyncStreamHandler):
         conversations: ConversationLog,
         *,
         sampling_from_args: Callable[[list[Any]], Sampling | None] | None = None,
+        voice_from_args: Callable[[list[Any]], str | None] | None = None,
         limits: SessionLimits = SessionLimits(),
         args_timeout_s: float = 10.0,
         slow_start_s: float = 3.0,
@@ -76,6 +79,7 @@ class MoshiHandler(AsyncStreamHandler):
         self.open_conversation = open_conversation
         self.conversations = conversations
         self.sampling_from_args = sampling_from_args
+        self.voice_from_args = voice_from_args
         self.limits = limits
         self.args_timeout_s = args_timeout_s
         self.slow_start_s = slow_start_s
@@ -97,6 +101,7 @@ class MoshiHandler(AsyncStreamHandler):
             self.open_conversation,
             self.conversations,
             sampling_from_args=self.sampling_from_args,
+            voice_from_args=self.voice_from_args,
             limits=self.limits,
             args_timeout_s=self.args_timeout_s,
             slow_start_s=self.slow_start_s,
@@ -137,14 +142,18 @@ class MoshiHandler(AsyncStreamHandler):
             else:
                 self._last_heard = asyncio.get_running_loop().time()
                 self._watchdog = asyncio.create_task(self._watch(), name=f"moshi-rtc-watch-{self.record.webrtc_id}")
-                log.info("connection %s: conversation started (%s)", self.record.webrtc_id, sampling)
+                voice = f" on voice {self.record.voice}" if self.record.voice else ""
+                log.info("connection %s: conversation started%s (%s)", self.record.webrtc_id, voice, sampling)
         finally:
             self._started.set()
 
     async def _open(self, sampling: Sampling | None) -> Conversation:
         """A started conversation: in line until a slot is free, then started (its slot goes
         back if starting fails)."""
-        conversation = await self.open_conversation(sampling, self._in_line)
+        if self.voice_from_args is None:
+            conversation = await self.open_conversation(sampling, self._in_line)
+        else:
+            conversation = await self.open_conversation(sampling, self._in_line, voice=self.record.voice)
         try:
             await self._start(conversation)
         except BaseException:
@@ -204,7 +213,10 @@ class MoshiHandler(AsyncStreamHandler):
             log.warning("the page sent no sampling settings in %.0f s; using the defaults", self.args_timeout_s)
             return None
         try:
-            return self.sampling_from_args(list(self.latest_args[2:]))
+            inputs = list(self.latest_args[2:])
+            if self.voice_from_args is not None:
+                self.record.voice = self.voice_from_args(inputs)
+            return self.sampling_from_args(inputs)
         except (TypeError, ValueError) as error:
             raise ValueError(f"invalid sampling settings: {error}") from error
 

@@ -2,9 +2,11 @@
 
     app = create_api(engine)
     mount_ui(app, engine)                       # a local engine: one slot per browser session
+    mount_ui(app, voices)                       # several voices (engine.Voices): the visitor picks one
     mount_ui(app, remote="ws://host/api/chat")  # or every session on a Moshi server elsewhere
 
-The page: what Moshi is, the WebRTC audio component (press, talk, hear Moshi),
+The page: what Moshi is, a voice picker (with two voices or more), the WebRTC audio
+component (press, talk, hear Moshi),
 the live transcript, sampling controls applied when a conversation starts, a
 status line (model, device, free slots, frame time), and after each
 conversation its stereo recording to download. Busy, time limit and errors are
@@ -23,7 +25,8 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+from urllib.parse import urlencode
 
 import gradio as gr
 from fastapi import FastAPI, HTTPException, Request
@@ -35,7 +38,7 @@ from ..door.access import BROWSER_COOKIE, BrowserIdentity, cookie_value
 from ..door.line import QUEUE_PLACES, QUEUE_TIMEOUT_S
 from ..timings import LM_STEP, MIMI_DECODE, MIMI_ENCODE
 from ..wire.protocol import Protocol
-from ..wire.remote import RemoteSession
+from ..wire.remote import RemoteSession, with_query
 from .conversation_log import ConversationLog, ConversationRecord
 from .endings import Ending, ending_message, line_message
 from .ice import browser_rtc_configuration, ice_source, notice_vanished_browsers_sooner, server_rtc_configuration
@@ -43,8 +46,7 @@ from .pagescript import RECORDING_LINK, RECORDING_READY, page_config, page_head
 from .rtc import MoshiHandler, OpenConversation, abandon_unconnected
 from .static_files import STATIC_PATH, mount_static
 
-if TYPE_CHECKING:
-    from ..engine import MoshiEngine
+from ..engine import MoshiEngine, Voices
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +121,25 @@ class MoshiPage:
     handler: MoshiHandler
 
 
-def status_line(status: dict | None, remote: str | None = None) -> str:
-    """One line of Markdown from a /status-like dict: model, device, free slots, frame time."""
+def voice_status(status: dict | None, voice: str | None) -> dict | None:
+    """The part of a /status-like dict about `voice` (its entry of `voices`), or the whole
+    status when it lists no voices (one voice) or not that one."""
+    for entry in (status or {}).get("voices") or ():
+        if entry.get("name") == voice:
+            return entry
+    return status
+
+
+def status_line(status: dict | None, remote: str | None = None, voice: str | None = None) -> str:
+    """One line of Markdown from a /status-like dict: model, device, free slots, frame time;
+    with a `voice` of several, that voice's."""
+    status = voice_status(status, voice)
     if not status:
         return f"Moshi runs at `{remote}`." if remote else "Moshi's status is not available right now."
     if status.get("unavailable"):
         return f"Moshi is unavailable right now: {status['unavailable']}."
-    parts = [f"Model `{status.get('model', '?')}`"]
+    parts = [f"Voice **{voice}**: model `{status.get('model', '?')}`" if voice and status.get("name") == voice
+             else f"Model `{status.get('model', '?')}`"]
     if "device" in status:
         precision = status.get("dtype")
         if precision and status.get("weights") and status["weights"] != precision:
@@ -163,8 +177,9 @@ def free_slots(status: dict | None) -> int | None:
 
 def sampling_from_inputs(inputs: list[Any]) -> Sampling:
     """The page's controls, in order (audio temperature, audio top-k, text temperature,
-    text top-k, seed), as a Sampling; a negative or blank seed is a random one. ValueError if invalid."""
-    temp, top_k, temp_text, top_k_text, seed = inputs
+    text top-k, seed; then the voice, if the page offers several), as a Sampling; a negative
+    or blank seed is a random one. ValueError if invalid."""
+    temp, top_k, temp_text, top_k_text, seed = inputs[:5]
     return Sampling(
         temp=float(temp),
         top_k=int(round(top_k)),
@@ -189,12 +204,15 @@ def build_page(
     chat_path: str | None = None,
     abandon_path: str = ABANDON_PATH,
     static_path: str = STATIC_PATH,
+    voices: list[str] | None = None,
 ) -> MoshiPage:
     """The page as a Blocks, one conversation per browser session from `open_conversation`.
 
     `capacity` is the number of conversation slots behind the page, and `line_places`
-    the places in its waiting line (each waits at most `line_timeout_s`): together they
-    bound concurrent WebRTC connections. `host` is where the server listens, which decides
+    the places in its waiting lines (each waits at most `line_timeout_s`): together they
+    bound concurrent WebRTC connections. With two `voices` or more the page offers a picker,
+    and `open_conversation` is called with `voice=` the one picked (its status line is that
+    voice's). `host` is where the server listens, which decides
     the ICE servers (`rtc.ice_source`); `status` feeds the status line. `chat_path` is the
     app's `/api/chat`, where the page talks when WebRTC cannot connect (None: nowhere);
     the page's script is served from `static_path` (`static_files.mount_static`).
@@ -203,10 +221,12 @@ def build_page(
     notice_vanished_browsers_sooner()
     log.info("WebRTC ICE servers for host %s: %s", host, source)
     conversations = conversations or ConversationLog()
+    picking = len(voices or ()) > 1
     handler = MoshiHandler(
         open_conversation,
         conversations,
         sampling_from_args=sampling_from_inputs,
+        voice_from_args=voice_from_inputs if picking else None,
         limits=limits,
     )
 
@@ -223,7 +243,6 @@ def build_page(
             log.warning("reading the status failed", exc_info=True)
             return None
 
-    d = default_sampling
     theme = gr.themes.Soft(font=["system-ui", "sans-serif"])  # no web fonts to fetch
     config = page_config(limits, line_timeout_s=line_timeout_s, places=line_places, chat_path=chat_path,
                          abandon_path=abandon_path)
@@ -231,6 +250,9 @@ def build_page(
     with gr.Blocks(title="Moshi voice chat", theme=theme, css=CSS, head=head) as blocks:
         gr.Markdown(INTRO)
         status_md = gr.Markdown(status_line(None, remote), elem_id="moshi-status")
+        # page.js reads the voice picked for a conversation over the websocket
+        voice = gr.Radio(voices or [], value=(voices or [None])[0], label="Voice", visible=picking,
+                         elem_id="moshi-voice", info="Each voice is a Moshi of its own, with its own free slots.")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 gr.HTML(MICROPHONE_HTML, elem_id="moshi-microphone")
@@ -260,26 +282,13 @@ def build_page(
                 # (CSS hides it while empty): page.js puts the websocket path's link here too.
                 recording = gr.HTML("", elem_id="moshi-recording")
             with gr.Column(scale=2):
-                with gr.Accordion("Sampling, applied when a conversation starts", open=True):
-                    # elem_ids: page.js reads these for a conversation over the websocket
-                    temp = gr.Slider(0.0, 2.0, value=d.temp, step=0.05, label="Audio temperature",
-                                     elem_id="moshi-temp")
-                    top_k = gr.Slider(1, max(500, d.top_k), value=d.top_k, step=1, label="Audio top-k",
-                                      elem_id="moshi-top-k")
-                    temp_text = gr.Slider(0.0, 2.0, value=d.temp_text, step=0.05, label="Text temperature",
-                                          elem_id="moshi-temp-text")
-                    top_k_text = gr.Slider(1, max(100, d.top_k_text), value=d.top_k_text, step=1,
-                                           label="Text top-k", elem_id="moshi-top-k-text")
-                    seed = gr.Number(
-                        value=-1 if d.seed is None else d.seed, precision=0, minimum=-1, label="Seed (-1: random)",
-                        elem_id="moshi-seed",
-                    )
+                controls = sampling_controls(default_sampling)
         shown = gr.State(None)  # the WebRTC id whose ending the page already shows
         timer = gr.Timer(STATUS_REFRESH_S)
 
         webrtc.stream(
             handler,
-            inputs=[webrtc, temp, top_k, temp_text, top_k_text, seed],
+            inputs=[webrtc, *controls] + ([voice] if picking else []),
             outputs=[webrtc],
             # Visitors in line hold a connection too, and their time in line is not talk time.
             concurrency_limit=capacity + line_places,
@@ -289,26 +298,27 @@ def build_page(
         # Gradio's default limit of 1 would stall every transcript but the first.
         webrtc.on_additional_outputs(lambda text: text, outputs=[transcript], concurrency_limit=None)
 
-        async def on_start():
-            """Clear the last conversation; if no slot is free and the line is full, say so
-            before FastRTC refuses."""
+        async def on_start(picked: str | None):
+            """Clear the last conversation; if no slot of the voice is free and its line is full,
+            say so before FastRTC refuses."""
             message = ""
-            status_now = await read_status()
+            status_now = voice_status(await read_status(), picked)
             queue = (status_now or {}).get("queue") or {}
             if free_slots(status_now) == 0 and queue.get("waiting", 0) >= queue.get("places", line_places):
                 message = ending_message(Ending.BUSY, limits)
             return message, "", gr.update(value="")
 
         webrtc.start_recording(
-            on_start, outputs=[message_md, transcript, recording], concurrency_limit=None, show_progress="hidden"
+            on_start, inputs=[voice], outputs=[message_md, transcript, recording], concurrency_limit=None,
+            show_progress="hidden",
         )
 
-        async def refresh(webrtc_id: str | None, shown_id: str | None, request: gr.Request):
+        async def refresh(webrtc_id: str | None, shown_id: str | None, picked: str | None, request: gr.Request):
             """Every second: the status line; while in line, its place; once per conversation, how
             it ended. The first browser to ask about a connection owns its record. Only a WebRTC
             connection has a record: while the page talks over its websocket (page.js), this
             leaves the message, transcript and recording alone."""
-            line = status_line(await read_status(), remote)
+            line = status_line(await read_status(), remote, picked if picking else None)
             record = conversations.claim(webrtc_id, cookie_value(request.headers, BROWSER_COOKIE))
             if record is not None and not record.ended:
                 return line, line_message(record.line) if record.line else "", gr.update(), gr.update(), shown_id
@@ -321,18 +331,39 @@ def build_page(
                 download = gr.update(value=_download_link(record))
             return line, message, record.transcript, download, webrtc_id
 
-        async def show_status() -> str:
-            return status_line(await read_status(), remote)
+        async def show_status(picked: str | None) -> str:
+            return status_line(await read_status(), remote, picked if picking else None)
 
-        blocks.load(show_status, outputs=[status_md], concurrency_limit=None, show_progress="hidden")
+        blocks.load(show_status, inputs=[voice], outputs=[status_md], concurrency_limit=None, show_progress="hidden")
+        voice.change(show_status, inputs=[voice], outputs=[status_md], concurrency_limit=None, show_progress="hidden")
         timer.tick(
             refresh,
-            inputs=[webrtc, shown],
+            inputs=[webrtc, shown, voice],
             outputs=[status_md, message_md, transcript, recording, shown],
             concurrency_limit=None,
             show_progress="hidden",
         )
     return MoshiPage(blocks=blocks, webrtc=webrtc, conversations=conversations, handler=handler)
+
+
+def voice_from_inputs(inputs: list[Any]) -> str | None:
+    """The voice picked on the page: the input after the sampling controls."""
+    return str(inputs[5]) if len(inputs) > 5 and inputs[5] else None
+
+
+def sampling_controls(d: Sampling) -> list[gr.components.Component]:
+    """The sampling controls, in `sampling_from_inputs`' order, starting at `d`."""
+    with gr.Accordion("Sampling, applied when a conversation starts", open=True):
+        # elem_ids: page.js reads these for a conversation over the websocket
+        return [
+            gr.Slider(0.0, 2.0, value=d.temp, step=0.05, label="Audio temperature", elem_id="moshi-temp"),
+            gr.Slider(1, max(500, d.top_k), value=d.top_k, step=1, label="Audio top-k", elem_id="moshi-top-k"),
+            gr.Slider(0.0, 2.0, value=d.temp_text, step=0.05, label="Text temperature", elem_id="moshi-temp-text"),
+            gr.Slider(1, max(100, d.top_k_text), value=d.top_k_text, step=1, label="Text top-k",
+                      elem_id="moshi-top-k-text"),
+            gr.Number(value=-1 if d.seed is None else d.seed, precision=0, minimum=-1, label="Seed (-1: random)",
+                      elem_id="moshi-seed"),
+        ]
 
 
 def _download_link(record: ConversationRecord) -> str:
@@ -342,9 +373,10 @@ def _download_link(record: ConversationRecord) -> str:
 
 def mount_ui(
     app: FastAPI,
-    engine: MoshiEngine | None = None,
+    engine: Voices | MoshiEngine | None = None,
     *,
     remote: str | None = None,
+    remote_voices: list[str] | None = None,
     capacity: int | None = None,
     status: StatusSource | None = None,
     limits: SessionLimits = SessionLimits(),
@@ -355,10 +387,11 @@ def mount_ui(
 ) -> MoshiPage:
     """Mount the page on `app` at `path`; mount it after the app's own routes.
 
-    Give either a local `engine` (capacity: its slots, status: its status) or
-    the `remote` URL of a Moshi server (`/api/chat` or `/ws`; capacity defaults to 1,
-    the number of sessions the page may hold on it at once; `connect_timeout_s`: how
-    long a session may take to connect, e.g. while a worker starts from cold).
+    Give either a local `engine` (one voice, or several as `engine.Voices`; capacity: their
+    slots, status: theirs) or the `remote` URL of a Moshi server (`/api/chat` or `/ws`; capacity
+    defaults to 1, the number of sessions the page may hold on it at once; `remote_voices`: the
+    names of its voices, if it has several, for `?voice=`; `connect_timeout_s`: how long a
+    session may take to connect, e.g. while a worker starts from cold).
 
     Also served: the page's scripts (`static_files.mount_static`, under `path`), each
     browser's recordings, and a route where the page abandons a WebRTC attempt that
@@ -376,22 +409,30 @@ def mount_ui(
         "static_path": base + STATIC_PATH,
     }
     if engine is not None:
+        voices = Voices.of(engine)
+
+        async def open_local(sampling: Sampling | None, on_position, voice: str | None = None):
+            return await voices.pick(voice)[1].acquire(sampling, on_position)
+
+        default = voices.default
         page = build_page(
-            engine.acquire,
-            capacity=capacity or engine.capacity,
-            line_places=engine.line.places,
-            line_timeout_s=engine.line.timeout_s,
-            default_sampling=engine.default_sampling,
-            status=status or engine.status,
+            open_local,
+            capacity=capacity or sum(engine.capacity for engine in voices),
+            line_places=sum(engine.line.places for engine in voices),
+            line_timeout_s=default.line.timeout_s,
+            default_sampling=default.default_sampling,
+            status=status or voices.status,
             limits=limits,
             host=host,
             conversations=conversations,
+            voices=voices.names,
             **where,
         )
     else:
-        async def open_remote(sampling: Sampling | None, on_position) -> RemoteSession:
+        async def open_remote(sampling: Sampling | None, on_position, voice: str | None = None) -> RemoteSession:
             # The remote server keeps its own line: start() waits in it.
-            return RemoteSession(remote, sampling=sampling, open_timeout=connect_timeout_s, on_position=on_position)
+            url = with_query(remote, "?" + urlencode({"voice": voice})) if voice else remote
+            return RemoteSession(url, sampling=sampling, open_timeout=connect_timeout_s, on_position=on_position)
 
         page = build_page(
             open_remote,
@@ -401,6 +442,7 @@ def mount_ui(
             limits=limits,
             host=host,
             conversations=conversations,
+            voices=remote_voices,
             **where,
         )
     app.add_middleware(BrowserIdentity)

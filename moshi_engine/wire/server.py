@@ -22,7 +22,8 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from ..conversation import AudioOut, BusyError, ServerRestarting, SessionError, SessionLimits
 from ..door.access import TokenGate
 from ..door.line import LinePosition
-from ..engine import MoshiEngine
+from ..engine import MoshiEngine, Voices
+from ..model.voices import UnknownVoice
 from ..session import MoshiSession
 from ..timings import OPUS_DECODE, OPUS_ENCODE, StageTimings
 from .codec import OpusDecoder, OpusEncoder, OpusError
@@ -52,11 +53,11 @@ class _ClientGone(Exception):
 
 
 class MoshiServer:
-    """The state behind the routes: the engine (None while it loads), the live connections
+    """The state behind the routes: the voices (None while they load), the live connections
     and counters."""
 
-    def __init__(self, engine: MoshiEngine | None, limits: SessionLimits) -> None:
-        self.engine = engine
+    def __init__(self, voices: Voices | MoshiEngine | None, limits: SessionLimits) -> None:
+        self.voices = Voices.of(voices) if voices is not None else None
         self.limits = limits
         self.connections_served = 0
         self.restarting: str | None = None  # why new conversations are refused, once draining
@@ -65,14 +66,23 @@ class MoshiServer:
         self._waiting: set[asyncio.Task] = set()
 
     @property
+    def engine(self) -> MoshiEngine | None:
+        """The default voice's engine (None while loading)."""
+        return self.voices.default if self.voices is not None else None
+
+    @engine.setter
+    def engine(self, engine: Voices | MoshiEngine | None) -> None:
+        self.voices = Voices.of(engine) if engine is not None else None
+
+    @property
     def dropped_audio_frames(self) -> int:
         """Outgoing audio frames dropped because a client could not keep up."""
         return self._dropped_in_closed_sessions + sum(s.dropped_frames for s in self._live)
 
     def status(self) -> tuple[int, dict]:
-        if self.engine is None:
+        if self.voices is None:
             return 503, {"status": "loading"}
-        engine = self.engine.status()
+        engine = self.voices.status()
         return 503 if engine["unavailable"] else 200, {
             "status": "restarting" if self.restarting else "unavailable" if engine["unavailable"] else "ready",
             **engine,
@@ -85,8 +95,8 @@ class MoshiServer:
         """Stop admitting and end every live and waiting conversation, telling each `reason`
         (close 1012). Each connection's slot is released as it ends."""
         self.restarting = reason
-        if self.engine is not None:
-            self.engine.line.close(ServerRestarting(reason))  # nobody gets a slot any more
+        for engine in self.voices or ():
+            engine.line.close(ServerRestarting(reason))  # nobody gets a slot any more
         for connection in list(self._live.values()):
             connection.end(CloseCode.SERVICE_RESTART, reason)
         for waiting in list(self._waiting):
@@ -101,7 +111,8 @@ class MoshiServer:
         """One websocket conversation, from accept to close: in line while every slot is taken."""
         await ws.accept()
         try:
-            session, carried = await self._wait_for_slot(ws, protocol)
+            voice, engine = self._voice(ws)
+            session, carried = await self._wait_for_slot(ws, protocol, engine)
         except _ClientGone:
             log.info("a %s client left the line", protocol.path)
             return
@@ -110,7 +121,7 @@ class MoshiServer:
             await _close(ws, close.code, close.reason)
             return
         self.connections_served += 1
-        connection = _Connection(ws, protocol, session, self.limits, self.engine.timings, carried)
+        connection = _Connection(ws, protocol, session, self.limits, engine.timings, carried)
         self._live[session] = connection
         code, reason = CloseCode.GOING_AWAY, "the server is shutting down"  # if cancelled
         try:
@@ -119,36 +130,47 @@ class MoshiServer:
             await session.close()
             self._live.pop(session, None)
             self._dropped_in_closed_sessions += session.dropped_frames
-            log.info("%s session on slot %d ended (%s, %s) after %d frames",
-                     protocol.path, session.slot, code, reason, session.frames_in)
+            log.info("%s session on %sslot %d ended (%s, %s) after %d frames", protocol.path,
+                     f"voice {voice}'s " if len(self.voices) > 1 else "", session.slot, code, reason,
+                     session.frames_in)
             if code is not None:
                 await _close(ws, code, reason)
 
-    async def _wait_for_slot(self, ws: WebSocket, protocol: Protocol) -> tuple[MoshiSession, list[bytes]]:
+    def _voice(self, ws: WebSocket) -> tuple[str, MoshiEngine]:
+        """The voice that `?voice=NAME` asks for (none: the default); 1008 naming the voices for
+        one this server does not offer."""
+        if self.voices is None:
+            raise ConnectionClose(CloseCode.TRY_AGAIN_LATER, "Moshi is still loading, try again in a minute")
+        try:
+            return self.voices.pick(ws.query_params.get("voice"))
+        except UnknownVoice as error:
+            raise ProtocolError(CloseCode.POLICY_VIOLATION, str(error)) from None
+
+    async def _wait_for_slot(self, ws: WebSocket, protocol: Protocol,
+                             engine: MoshiEngine) -> tuple[MoshiSession, list[bytes]]:
         """A slot for this connection, waiting in line while every slot is taken, and the audio
         the client sent after the slot came, before the wait stopped reading. Meanwhile the
         client's audio is read and dropped (so its conversation starts fresh), and with `?queue=1`
         its place is sent as `KIND_METADATA` JSON whenever the line moves."""
-        if self.engine is None:
-            raise ConnectionClose(CloseCode.TRY_AGAIN_LATER, "Moshi is still loading, try again in a minute")
         if self.restarting:
             raise ConnectionClose(CloseCode.SERVICE_RESTART, self.restarting)
         query = dict(ws.query_params)
         announce = query.pop("queue", "0") == "1"
         query.pop("token", None)  # the access token rides on the URL too; it is no sampling parameter
+        query.pop("voice", None)
         try:
-            sampling = self.engine.default_sampling.updated(**parse_sampling_query(query))
+            sampling = engine.default_sampling.updated(**parse_sampling_query(query))
         except ValueError as error:
             raise ProtocolError(CloseCode.POLICY_VIOLATION, str(error)) from None
-        if not self.engine.line.waiting:  # a free slot and nobody ahead: no waiting, nothing dropped
+        if not engine.line.waiting:  # a free slot and nobody ahead: no waiting, nothing dropped
             try:
-                return self.engine.open_session(sampling), []
+                return engine.open_session(sampling), []
             except BusyError:
                 pass
         waiting = _Waiting(ws, protocol, announce)
         self._waiting.add(waiting)
         try:
-            return await waiting.run(lambda on_position: self.engine.acquire(sampling, on_position)), waiting.carried
+            return await waiting.run(lambda on_position: engine.acquire(sampling, on_position)), waiting.carried
         except BusyError as error:
             raise ConnectionClose(CloseCode.TRY_AGAIN_LATER, str(error)) from None
         finally:
@@ -345,9 +367,10 @@ async def _remember_loop(app: FastAPI):
     yield
 
 
-def create_api(engine: MoshiEngine | None = None, limits: SessionLimits = SessionLimits(),
+def create_api(engine: Voices | MoshiEngine | None = None, limits: SessionLimits = SessionLimits(),
                token: str | None = None) -> FastAPI:
-    """The app serving `/status`, `/ws` and `/api/chat` over `engine`.
+    """The app serving `/status`, `/ws` and `/api/chat` over `engine`: one voice, or several
+    (`engine.Voices`, each route's `?voice=NAME` picks one; the first without it).
 
     With `engine=None` the app answers 503 / 1013 until `app.state.moshi.engine`
     is set, so a server can listen while the model loads. With a `token`, every route

@@ -34,9 +34,9 @@ const STATS_TIMEOUT_MS = 500;
 /**
  * The websocket URL of a server's /api/chat: `server` is a ws(s):// or http(s)://
  * URL (a bare origin means its /api/chat), or nothing for this page's own server.
- * Set `sampling` keys ride on the query, and `queue` adds queue=1.
+ * Set `sampling` keys ride on the query, `queue` adds queue=1, and `voice` picks one of the server's voices.
  */
-export function chatUrl(server = null, { sampling = {}, queue = false } = {}) {
+export function chatUrl(server = null, { sampling = {}, queue = false, voice = null } = {}) {
   const url = new URL(server ?? "/api/chat", location.href);
   if (url.protocol === "http:") url.protocol = "ws:";
   if (url.protocol === "https:") url.protocol = "wss:";
@@ -46,6 +46,7 @@ export function chatUrl(server = null, { sampling = {}, queue = false } = {}) {
     if (value !== undefined && value !== null && value !== "") url.searchParams.set(key, String(value));
   }
   if (queue) url.searchParams.set("queue", "1");
+  if (voice) url.searchParams.set("voice", voice);
   return url.href;
 }
 

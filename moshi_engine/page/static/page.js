@@ -145,14 +145,14 @@ function removeRecording() {
 }
 
 /** The websocket path's recording as a Blob link where the WebRTC path puts its own: it never leaves this browser. */
-function offerRecording(recording, startedAt) {
+function offerRecording(recording, startedAt, voice = null) {
   const block = $("#moshi-recording");
   if (!block) return false;
   removeRecording();
   recordingUrl = URL.createObjectURL(recording.wav());
   const link = document.createElement("a");
   link.href = recordingUrl;
-  link.download = recordingName(startedAt);
+  link.download = recordingName(startedAt, voice);
   link.textContent = WORDS.words.recordingLink;
   link.dataset.moshiWebsocket = "";
   (block.querySelector(".prose") ?? block).append(link);
@@ -173,6 +173,13 @@ function readSampling() {
   return sampling;
 }
 
+/** The voice picked on a page that offers several (null: the server's default, the only one). */
+function readVoice() {
+  const picker = $("#moshi-voice");
+  if (!picker || picker.closest("[hidden], .hidden") || !picker.offsetParent) return null;
+  return picker.querySelector("input[type=radio]:checked")?.value || null;
+}
+
 // ## The websocket path
 
 async function talkOverWebsocket(why, context = null) {
@@ -184,6 +191,7 @@ async function talkOverWebsocket(why, context = null) {
   showStop(true);
   const recording = new Recording();
   const startedAt = new Date();
+  const voice = readVoice();
   let queued = false;
   let live = false;
   let byUser = false;
@@ -191,11 +199,13 @@ async function talkOverWebsocket(why, context = null) {
     if (page.conversation?.socket !== socket) return;
     page.conversation = null;
     showStop(false);
-    if (recording.personSamples && offerRecording(recording, startedAt)) sentence += WORDS.words.recordingReady;
+    if (recording.personSamples && offerRecording(recording, startedAt, voice)) {
+      sentence += WORDS.words.recordingReady;
+    }
     showMessage(sentence);
   };
   const socket = new MoshiSocket({
-    url: chatUrl(CONFIG.chat, { sampling: readSampling(), queue: true }),
+    url: chatUrl(CONFIG.chat, { sampling: readSampling(), queue: true, voice }),
     context,
     onQueue: (info) => {
       queued = true;

@@ -93,12 +93,15 @@ export function wavBytes(samples, channels, sampleRate) {
   return bytes;
 }
 
-/** A file name like the WebRTC path's: moshi-conversation-YYYYmmdd-HHMMSS-xxxxxxxx.wav (local time). */
-export function recordingName(startedAt = new Date()) {
+/**
+ * A file name like the WebRTC path's: moshi-conversation-YYYYmmdd-HHMMSS-xxxxxxxx.wav (local time),
+ * with the voice's name after "moshi-conversation-" on a page that offers several.
+ */
+export function recordingName(startedAt = new Date(), voice = null) {
   const two = (n) => String(n).padStart(2, "0");
   const d = startedAt;
   const day = `${d.getFullYear()}${two(d.getMonth() + 1)}${two(d.getDate())}`;
   const stamp = `${day}-${two(d.getHours())}${two(d.getMinutes())}${two(d.getSeconds())}`;
   const tag = Array.from(crypto.getRandomValues(new Uint8Array(4)), (b) => b.toString(16).padStart(2, "0")).join("");
-  return `moshi-conversation-${stamp}-${tag}.wav`;
+  return `moshi-conversation-${voice ? `${voice}-` : ""}${stamp}-${tag}.wav`;
 }
