@@ -120,7 +120,7 @@ def test_the_modal_class_serves_the_same_app_factory_as_python_app_py(monkeypatc
     module, _ = load_app_module(monkeypatch)
     user_class = module.Moshi._get_user_cls()  # the plain class Modal instantiates in the container
     instance = user_class()
-    monkeypatch.setattr(module, "load_warm_engine", lambda: tiny_engine)
+    monkeypatch.setattr(module, "load_warm_voices", lambda: tiny_engine)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         user_class.__dict__["load"]._get_raw_f()(instance)  # what @modal.enter runs
