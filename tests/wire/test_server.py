@@ -99,6 +99,7 @@ async def test_status_reports_model_sessions_timings_and_uptime(server, tiny_eng
     assert code == 200 and status["status"] == "ready"
     assert status["model"] == "tiny" and status["device"] == DEVICE
     assert status["sessions"] == {"active": 0, "capacity": 2}
+    assert "voices" not in status  # one voice: /status as it always was
     for stage in ("opus_decode", "mimi_encode", "lm_step", "mimi_decode", "opus_encode"):
         assert status["timings"][stage]["count"] > 0
         assert 0 < status["timings"][stage]["p50_ms"] <= status["timings"][stage]["p95_ms"]
