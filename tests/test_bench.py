@@ -19,11 +19,13 @@ from moshi_engine.timings import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAMES = 8
-SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "page", "compare", "stepping", "precision")
+SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "page", "compare", "stepping", "precision",
+            "voices")
 REPORT_HEADINGS = ("# Benchmarks", "## Runs", "## Targets", "## Frame budget", "## End to end over loopback",
                    "## Idle session", "## Batched steps", "## Capacity", "## The door", "## The page's two paths",
                    "## Side by side with moshi's reference server", "## Where the model steps",
-                   "## Full precision against 8 bits", "## GPU: the full-size architecture")
+                   "## Full precision against 8 bits", "## Two voices on one machine",
+                   "## GPU: the full-size architecture")
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,19 @@ def test_the_frame_budget_splits_every_answered_frame_on_both_transports(bench_r
             assert run[key]["n"] == FRAMES - 1
         assert run["misaligned_frames"] == 0  # the stages nest inside each frame's interval
     assert runs[1]["websocket_echo"]["n"] == FRAMES - 1  # the same stream to a model-less echo
+
+
+def test_the_voices_section_serves_the_same_conversations_on_one_voice_then_on_two(bench_run):
+    doc, _ = bench_run
+    result = doc["sections"]["voices"]
+    one, two = result["settings"]
+    assert one["voices"] == ["tiny"] and two["voices"] == ["tiny", "tiny-2"]
+    assert one["slots_per_voice"] == 2 * two["slots_per_voice"] == result["conversations"] == 2
+    for setting in (one, two):
+        assert setting["sessions"] == 2 and setting["answered"] == setting["expected"] == 2 * (FRAMES - 1)
+        assert setting["server_cpu_percent"] > 0
+    # the second voice is a second model process with its own weights: more memory, never less
+    assert two["resident_bytes"] > one["resident_bytes"]
 
 
 def test_end_to_end_covers_both_paths(bench_run):

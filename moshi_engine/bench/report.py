@@ -32,6 +32,7 @@ from .plot import GPU_FRAME_TARGET_MS, draw_plot
 from .precision import precision_section
 from .stats import OTHER
 from .stepping import stepping_section
+from .voices import voices_section
 
 OVERHEAD_TARGET_MS = 1.0  # per frame on CPU, outside the model and the codec
 IDLE_CPU_TARGET_PERCENT = 1.0  # "near 0 %": below 1 % of one core
@@ -47,7 +48,7 @@ RENDER_COMMAND = "python -m moshi_engine.bench --report docs/BENCHMARKS.md cpu.j
 SECTIONS = (("frame", tables.frame_budget_section), ("e2e", tables.end_to_end_section), ("idle", tables.idle_section),
             ("batch", tables.batch_section), ("capacity", tables.capacity_section), ("door", tables.door_section),
             ("page", tables.page_section), ("compare", tables.compare_section), ("stepping", stepping_section),
-            ("precision", precision_section))
+            ("precision", precision_section), ("voices", voices_section))
 
 
 def render_report(documents: list[dict], path: Path, plot_path: Path | None = None) -> Path:

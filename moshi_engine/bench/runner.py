@@ -19,14 +19,15 @@ import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from . import batch, browser, capacity, door, precision, sections, stepping
+from . import batch, browser, capacity, door, precision, sections, stepping, voices
 from .machine import describe_machine, load_average
 from .resources import BROWSER_STACK, PAGE_STACK, REFERENCE_STACK, WEB_STACK, Bench, BenchConfig, missing_packages
 
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
-SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "page", "compare", "stepping", "precision")
+SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "page", "compare", "stepping", "precision",
+            "voices")
 
 
 def _attempt(name: str, measure: Callable[[], dict]) -> dict:
@@ -138,6 +139,11 @@ def run_benchmark(config: BenchConfig, chosen: tuple[str, ...] = SECTIONS,
                 results["stepping"] = {"skipped": no_web}
             else:
                 part("stepping", "the model process against the thread", lambda: stepping.stepping(bench))
+        if "voices" in results:
+            if no_web:
+                results["voices"] = {"skipped": no_web}
+            else:
+                part("voices", "two voices on one machine", lambda: voices.voices(bench))
         for transport in ("websocket", "webrtc"):
             if "capacity" in results and transport in transports:
                 missing = no_web or (missing_packages(PAGE_STACK) if transport == "webrtc" else None)

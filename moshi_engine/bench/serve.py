@@ -236,19 +236,21 @@ def _serve_in_child(kind: str, model: str, device: str, sessions: int, page: boo
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     ready = False
     try:
-        engine = None
+        engine = voices = None
         if kind == OURS:
-            from ..engine import load_engine
+            from ..engine import load_voices
             from ..wire.server import create_api
 
-            engine = load_engine(model, device=device, sessions=sessions, model_process=model_process,
+            # `model` may list several voices, each with `sessions` slots of its own
+            voices = load_voices(model, device=device, sessions=sessions, model_process=model_process,
                                  **({} if queue is None else {"queue": queue}))
+            engine = voices.default  # its stage timings and info; status and idleness are every voice's
             if page:
                 from ..web import create_app
 
-                serving = serve_asgi(create_app(engine))
+                serving = serve_asgi(create_app(voices))
             else:
-                serving = serve_asgi(create_api(engine))
+                serving = serve_asgi(create_api(voices))
         elif kind == REFERENCE:
             from ..wire.reference import reference_app
 
@@ -268,15 +270,15 @@ def _serve_in_child(kind: str, model: str, device: str, sessions: int, page: boo
                     engine.timings.clear()
                     conn.send(None)
                 elif command == "status":
-                    conn.send(engine.status())
+                    conn.send(voices.status())
                 elif command == "wait_idle":
                     # The engine has no event for "all released"; this runs between measurements, never in one.
                     deadline = time.monotonic() + 30
-                    while engine.active and time.monotonic() < deadline:
+                    while voices.active and time.monotonic() < deadline:
                         time.sleep(0.005)
-                    conn.send(engine.active)
+                    conn.send(voices.active)
         if engine is not None:
-            engine.close()
+            voices.close()
     except EOFError:
         pass  # the benchmark went away; so do we
     except BaseException:

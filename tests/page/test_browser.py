@@ -111,10 +111,17 @@ def open_page(browser, url: str, token: str | None = None) -> Page:
     return page
 
 
+# The message's own text, without Gradio's progress timer ("0.3s") that shows over it while an update is pending.
+MESSAGE_TEXT = """() => {
+  const message = document.querySelector('#moshi-message')?.cloneNode(true);
+  message?.querySelectorAll('.wrap, .progress-text, .meta-text, .eta-bar').forEach((e) => e.remove());
+  return message?.innerText || '';
+}"""
+
+
 def message_containing(page: Page, text: str) -> str:
-    page.wait_for_function("t => (document.querySelector('#moshi-message')?.innerText || '').includes(t)",
-                           arg=text, timeout=30_000)
-    return page.inner_text("#moshi-message").strip()
+    page.wait_for_function(f"t => ({MESSAGE_TEXT})().includes(t)", arg=text, timeout=30_000)
+    return page.evaluate(MESSAGE_TEXT).strip()
 
 
 def wait_until(condition, timeout: float = 15.0) -> None:
