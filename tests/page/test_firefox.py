@@ -1,6 +1,7 @@
 """The page in Firefox (Debian's firefox-esr, headless, under Selenium) as in Chromium: a
-conversation over WebRTC and one over the page's websocket, with a PulseAudio microphone playing
-hello.wav; and over http from another machine, the microphone's message."""
+conversation over WebRTC on the voice picked (of two: tiny and tiny-q8) and one over the page's
+websocket on the default voice, with a PulseAudio microphone playing hello.wav; and over http
+from another machine, the microphone's message."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
 from moshi_engine.conversation import SessionLimits  # noqa: E402
-from moshi_engine.engine import load_engine  # noqa: E402
+from moshi_engine.engine import load_voices  # noqa: E402
 from moshi_engine.web import create_app  # noqa: E402
 from tests.conftest import HELLO_WAV  # noqa: E402
 from tests.firefox import firefox, pulse_microphone  # noqa: E402
@@ -28,12 +29,12 @@ NAME = "gpubox"  # resolved to this machine by Firefox itself (network.dns.local
 
 @pytest.fixture(scope="module")
 def served():
-    engine = load_engine("tiny", device="cpu", sessions=1)
+    voices = load_voices("tiny,tiny-q8", device="cpu", sessions=1)
     try:
-        with serve_asgi(create_app(engine, limits=SessionLimits(idle_s=120))) as url:
-            yield url, engine
+        with serve_asgi(create_app(voices, limits=SessionLimits(idle_s=120))) as url:
+            yield url, voices
     finally:
-        engine.close()
+        voices.close()
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +68,24 @@ def transcript(driver) -> str:
     return driver.execute_script("return document.querySelector('#moshi-transcript textarea').value").strip()
 
 
-@pytest.mark.parametrize("query", ["", "?transport=websocket"], ids=["webrtc", "websocket"])
-def test_firefox_talks_with_moshi_and_stop_releases_the_slot(served, driver, query):
-    url, engine = served
+def leased(voices) -> dict[str, int]:
+    return {name: engine.active for name, engine in voices.engines.items()}
+
+
+@pytest.mark.parametrize(("query", "voice"), [("", "tiny-q8"), ("?transport=websocket", None)],
+                         ids=["webrtc", "websocket"])
+def test_firefox_talks_with_moshi_and_stop_releases_the_slot(served, driver, query, voice):
+    url, voices = served
     open_page(driver, url + "/" + query)
     assert driver.execute_script("return window.moshiPage.microphone") is None
+    if voice:
+        driver.find_element(By.CSS_SELECTOR, f"#moshi-voice input[type=radio][value='{voice}']").click()
     driver.find_element(By.CSS_SELECTOR, ACCESS).click()
     wait_for(driver, f"document.querySelector(\"{TALK}\")")
     driver.find_element(By.CSS_SELECTOR, TALK).click()
     wait_for(driver, "document.querySelector('#moshi-transcript textarea').value.trim().length > 0")
-    assert engine.active == 1  # the conversation holds its slot
+    picked = voice or "tiny"  # the first voice, unless the visitor picks another
+    assert leased(voices) == {"tiny": int(picked == "tiny"), "tiny-q8": int(picked == "tiny-q8")}
     first = transcript(driver)
     time.sleep(2)
     assert len(transcript(driver)) > len(first)  # and goes on
@@ -88,7 +97,7 @@ def test_firefox_talks_with_moshi_and_stop_releases_the_slot(served, driver, que
     else:
         assert transport == "webrtc"
         driver.find_element(By.CSS_SELECTOR, TALK).click()  # "Stop"
-    until(lambda: engine.active == 0)
+    until(lambda: sum(leased(voices).values()) == 0)
 
 
 def test_firefox_over_http_from_another_machine_says_how_to_get_a_microphone(served, driver):
