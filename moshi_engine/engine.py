@@ -54,6 +54,10 @@ class MoshiEngine:
             model.on_stop = self._model_stopped
             model.on_restart = self._model_restarted
             model.on_lost = self._model_lost
+        self._sessions: set[MoshiSession] = set()  # live ones
+        self._dropped_in_closed_sessions = 0
+        # Told how long each conversation waited for its slot, in seconds (0: one was free).
+        self.on_queue_wait: Callable[[float], None] | None = None
         self._stopped_reason: BusyError | ModelRestarting | None = None
         self.lost: str | None = None  # why the model is gone for good, once it is
         # Told (from another thread) why, once the model is gone for good: no replacement of a
@@ -97,16 +101,35 @@ class MoshiEngine:
     ) -> MoshiSession:
         """Lease a free slot (BusyError if none) for a session; call it from the event loop."""
         session = MoshiSession(self.model, sampling or self.default_sampling, max_pending_frames, max_output_frames,
-                               on_release=self.line.freed)
+                               on_release=self._released)
+        self._sessions.add(session)
         self.line.started(session)
         return session
+
+    def _released(self, session: MoshiSession) -> None:
+        self._sessions.discard(session)
+        self._dropped_in_closed_sessions += session.dropped_frames
+        self.line.freed(session)
+
+    @property
+    def dropped_audio_frames(self) -> int:
+        """Answer frames of this voice's conversations dropped because a reader fell behind."""
+        return self._dropped_in_closed_sessions + sum(session.dropped_frames for session in list(self._sessions))
+
+    def waited(self, seconds: float) -> None:
+        """A conversation got its slot after `seconds` in line (0: at once), for `on_queue_wait`."""
+        if self.on_queue_wait is not None:
+            self.on_queue_wait(seconds)
 
     async def acquire(self, sampling: Sampling | None = None,
                       on_position: Callable[[LinePosition], None] | None = None, **limits) -> MoshiSession:
         """A session on a free slot, waiting in line (first come, first served) while every slot is
         taken; `on_position` hears where it stands as the line moves. LineFull at once when the line
         is full, LineTimeout after the line's timeout (both BusyError); cancelling leaves the line."""
-        return await self.line.wait(functools.partial(self.open_session, sampling, **limits), on_position)
+        joined = time.monotonic()
+        session = await self.line.wait(functools.partial(self.open_session, sampling, **limits), on_position)
+        self.waited(time.monotonic() - joined)
+        return session
 
     @contextlib.asynccontextmanager
     async def session(self, sampling: Sampling | None = None, **limits):
@@ -202,7 +225,8 @@ class Voices:
             **first,
             "sessions": {key: sum(voice["sessions"][key] for voice in each) for key in ("active", "capacity")},
             "queue": {key: sum(voice["queue"][key] for voice in each) for key in ("waiting", "places")},
-            "unavailable": "; ".join(f"{v['name']}: {r}" for v, r in zip(each, reasons)) if all(reasons) else None,
+            "unavailable": "; ".join(f"{v['name']}: {r}" for v, r in zip(each, reasons, strict=True))
+                            if all(reasons) else None,
             "model_restarts": sum(voice["model_restarts"] for voice in each),
             "voices": each,
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -27,12 +28,22 @@ class StageTimings:
         self._lock = threading.Lock()
         self._samples: dict[str, deque[float]] = {name: deque(maxlen=window) for name in SERIES}
         self._journal: list[tuple[str, float]] | None = None
+        self._observers: dict[str, list[Callable[[float], None]]] = {name: [] for name in SERIES}
 
     def record(self, stage: str, seconds: float) -> None:
         with self._lock:
             self._samples[stage].append(seconds)
             if self._journal is not None:
                 self._journal.append((stage, seconds))
+            observers = self._observers[stage]
+        for observe in observers:
+            observe(seconds)
+
+    def observe(self, stage: str, observer: Callable[[float], None]) -> None:
+        """Also hand every duration of `stage` to `observer` as it is recorded (a Prometheus
+        histogram's `observe`), from whatever thread records it."""
+        with self._lock:
+            self._observers[stage] = [*self._observers[stage], observer]
 
     def take_journal(self) -> list[tuple[str, float]]:
         """Every (stage, seconds) recorded since the last call (the first call starts the

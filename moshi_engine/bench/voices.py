@@ -101,7 +101,8 @@ def voices_section(runs: list[tuple[int, dict]]) -> list[str]:
                          f"{fmt_ms(latency['p50_ms'])} / {fmt_ms(latency['p95_ms'])}",
                          "yes" if setting["keeps_real_time"] else "no: " + "; ".join(setting["failures"]),
                          f"{setting['server_cpu_percent']:.0f} %",
-                         f"{setting['resident_bytes'] / 2**20:,.0f} / {setting['resident_bytes_after'] / 2**20:,.0f} MiB"])
+                         f"{setting['resident_bytes'] / 2**20:,.0f} / "
+                         f"{setting['resident_bytes_after'] / 2**20:,.0f} MiB"])
     lines += markdown_table(["run", "voices", "slots each", "conversations", "latency p50 / p95 ms",
                              "real time", "server CPU", "server memory, loaded / after"], rows)
     lines += [note for item in notes for note in (item, "")]

@@ -15,6 +15,7 @@ import signal
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
+from ..watch.logs import configure_logging
 from .batched import BatchedMoshi, Lease, StepOutput
 from .loading import freeze_garbage_collector, load_slots
 
@@ -34,8 +35,8 @@ def serve(fd: int) -> None:
     says, then take messages until told to close (or until the server is gone: the pipe ends)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server closes us
     conn = Connection(fd)
-    model, device, sessions, warmup_frames, gather_ms, context, log_level = conn.recv()
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model, device, sessions, warmup_frames, gather_ms, context, log_level, log_format = conn.recv()
+    configure_logging(log_format, log_level)  # as the server logs: text, or JSON lines
     try:
         batched, info, default_sampling = load_slots(model, device, sessions, warmup_frames, gather_ms, thread=False,
                                                      context=context)

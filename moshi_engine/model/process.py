@@ -50,6 +50,7 @@ import numpy as np
 
 from ..conversation import BusyError, Sampling, SessionClosed
 from ..timings import STEP, StageTimings
+from ..watch.logs import current_format
 from .batched import Delivery, Lease, StepOutput, deliver_to_loops
 from .child import _CLOSE, _FAILED, _FRAME, _LEASE, _RELEASE, _RESULT, _RUN, _STEP
 from .sizing import AutoShare
@@ -103,7 +104,7 @@ class _Launch:
             if on_spawn is not None:
                 on_spawn(process)
             conn.send((self.model, self.device, self.sessions, self.warmup_frames, self.gather_ms, self.context,
-                       logging.getLogger().getEffectiveLevel()))
+                       logging.getLogger().getEffectiveLevel(), current_format()))
             if not conn.poll(START_TIMEOUT_S):
                 raise TimeoutError(f"the model process did not start in {START_TIMEOUT_S:.0f} s")
             message = conn.recv()

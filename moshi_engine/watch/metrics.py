@@ -1,0 +1,212 @@
+"""What the server does, as Prometheus metrics (`GET /metrics`), and the end of each conversation.
+
+    metrics = Metrics()                         # one registry per app, not the process's global
+    metrics.watch("moshiko", engine)            # its slots, line, restarts, steps, queue waits
+    clock = metrics.conversation("moshiko", "webrtc", conversation_id)
+    clock.talking(); clock.heard(); clock.answered()   # as audio goes in and out
+    clock.end("normal")                         # counted and logged once, with its figures
+    body = metrics.exposition()                 # Prometheus' text format
+
+Every family carries a `voice` label (the voice's short name; with one voice, its model's).
+Buckets are set for 80 ms frames: a step must end well inside one, a frame is late by
+multiples of one, and Moshi's first answer comes some frames after the first words.
+
+Live figures (slots, the line, restarts, dropped frames, the model) are read from each
+watched engine when scraped; the rest is observed as it happens. The batched step is timed
+where it runs, in the model's own process too: its timings come back with each step's
+outputs (`model.process`) and are observed here, in the server's process, as they arrive.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from ..audio import FRAME_SIZE, SAMPLE_RATE
+from ..timings import STEP
+from .logs import log_fields
+
+log = logging.getLogger("moshi_engine.conversations")
+disable_created_metrics()  # no `_created` series beside each counter and histogram: Prometheus needs none
+
+# The classic text format, which every Prometheus (2.x and 3.x) and Grafana agent reads; our
+# names need none of 1.0.0's UTF-8.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+FRAME_S = FRAME_SIZE / SAMPLE_RATE
+
+# How a conversation ended, the `ending` label of moshi_conversations_total.
+NORMAL = "normal"  # the visitor stopped (the stop button, a websocket closed cleanly)
+LIMIT = "limit"  # the session limit
+IDLE = "idle"  # no microphone audio for the idle limit
+CLIENT_GONE = "client_gone"  # the connection dropped, or the visitor left the waiting line
+ERROR = "error"  # the model, the server or the client's bytes failed
+REFUSED = "refused"  # never started: no slot or place in line, a timed-out wait, still loading
+RESTART = "restart"  # the server is restarting (a redeploy, a scale-down)
+ENDINGS = (NORMAL, LIMIT, IDLE, CLIENT_GONE, ERROR, REFUSED, RESTART)
+
+# Transports, the `transport` label: the page's WebRTC, and the two websocket protocols.
+WEBRTC = "webrtc"
+WS = "ws"  # QuiLLMan's /ws
+API_CHAT = "api/chat"  # moshi's /api/chat (also the page's websocket path)
+
+STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.12, 0.16, 0.24, 0.5, 1.0)
+LAG_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.24, 0.32, 0.48, 0.64, 0.96, 1.28, 2.0, 5.0)
+FIRST_AUDIO_BUCKETS = (0.08, 0.16, 0.24, 0.32, 0.48, 0.64, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+QUEUE_WAIT_BUCKETS = (0.1, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
+
+
+class Metrics:
+    """The app's metric families, in a registry of its own (two apps in one process, as in the
+    tests, do not share figures)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.conversations = Counter(
+            "moshi_conversations", "Conversations ended, by voice, transport and how they ended "
+            "(normal, limit, idle, client_gone, error, refused, restart).",
+            ["voice", "transport", "ending"], registry=registry)
+        self.first_audio = Histogram(
+            "moshi_first_audio_seconds", "From a conversation's first audio in to Moshi's first audio out.",
+            ["voice", "transport"], buckets=FIRST_AUDIO_BUCKETS, registry=registry)
+        self.step = Histogram(
+            "moshi_step_seconds", "One batched step of the model (Mimi encode, LM step, Mimi decode of every row "
+            "in it); real time needs it under 0.08 s.", ["voice"], buckets=STEP_BUCKETS, registry=registry)
+        self.frame_lag = Histogram(
+            "moshi_frame_lag_seconds", "How late each answer frame leaves against real time: against a steady "
+            "80 ms stream from the conversation's first answer frame.", ["voice", "transport"],
+            buckets=LAG_BUCKETS, registry=registry)
+        self.queue_wait = Histogram(
+            "moshi_queue_wait_seconds", "How long a conversation that got a slot waited for it (0: one was free).",
+            ["voice"], buckets=QUEUE_WAIT_BUCKETS, registry=registry)
+        self._engines: dict[str, object] = {}
+        registry.register(_LiveFigures(self._engines))
+
+    def watch(self, voice: str, engine) -> None:
+        """Report `engine` (a `engine.MoshiEngine`) as `voice`: its live figures when scraped,
+        each batched step and each wait for a slot as they happen."""
+        self._engines[voice] = engine
+        step = self.step.labels(voice)
+        engine.timings.observe(STEP, step.observe)
+        engine.on_queue_wait = self.queue_wait.labels(voice).observe
+
+    def conversation(self, voice: str | None, transport: str, conversation_id: str) -> ConversationClock:
+        return ConversationClock(self, voice or "", transport, conversation_id)
+
+    def exposition(self) -> bytes:
+        """Every family in Prometheus' text format (`CONTENT_TYPE`)."""
+        return generate_latest(self.registry)
+
+
+class ConversationClock:
+    """One conversation's times: when it got its slot, its first audio in and out, each answer
+    frame against real time; at its end, counted once and logged once."""
+
+    def __init__(self, metrics: Metrics | None, voice: str, transport: str, conversation_id: str) -> None:
+        self.metrics = metrics
+        self.voice = voice
+        self.transport = transport
+        self.id = conversation_id
+        self.opened = time.monotonic()
+        self.started: float | None = None  # when it got its slot
+        self.first_in: float | None = None
+        self.first_out: float | None = None
+        self.frames_out = 0
+        self.ending: str | None = None
+        self._lag = None  # the frame lag's series, once the voice is known (the first answer)
+
+    def talking(self) -> None:
+        """It has its slot: the conversation proper starts."""
+        if self.started is None:
+            self.started = time.monotonic()
+
+    def heard(self) -> None:
+        """Audio of the visitor's went to Moshi."""
+        if self.first_in is None:
+            self.first_in = time.monotonic()
+
+    def answered(self) -> None:
+        """A frame of Moshi's voice left for the visitor."""
+        now = time.monotonic()
+        if self.first_out is None:
+            self.first_out = now
+            if self.first_in is not None and self.metrics is not None:
+                self.metrics.first_audio.labels(self.voice, self.transport).observe(now - self.first_in)
+        elif self.metrics is not None:
+            if self._lag is None:
+                self._lag = self.metrics.frame_lag.labels(self.voice, self.transport).observe
+            self._lag(max(0.0, now - (self.first_out + self.frames_out * FRAME_S)))
+        self.frames_out += 1
+
+    @property
+    def first_audio_s(self) -> float | None:
+        if self.first_in is None or self.first_out is None:
+            return None
+        return self.first_out - self.first_in
+
+    def end(self, ending: str, reason: str = "", **figures: object) -> bool:
+        """Count the conversation as ended so (one of ENDINGS) and log its one end line; only the
+        first call counts. Returns whether this call did."""
+        if self.ending is not None:
+            return False
+        if ending not in ENDINGS:
+            raise ValueError(f"unknown ending {ending!r}")
+        self.ending = ending
+        if self.metrics is not None:
+            self.metrics.conversations.labels(self.voice, self.transport, ending).inc()
+        now = time.monotonic()
+        first_audio = self.first_audio_s
+        fields = {
+            "transport": self.transport,
+            "voice": self.voice or None,
+            "ending": ending,
+            "duration_s": round(now - self.started, 3) if self.started is not None else 0.0,
+            "waited_s": round((self.started or now) - self.opened, 3),
+            "first_audio_s": round(first_audio, 3) if first_audio is not None else None,
+            "frames_out": self.frames_out,
+            **figures,
+            "reason": reason or None,
+        }
+        log.info("conversation refused" if ending == REFUSED else "conversation ended", extra=log_fields(**fields))
+        return True
+
+
+class _LiveFigures:
+    """The watched engines' figures of the moment, read at each scrape."""
+
+    def __init__(self, engines: dict[str, object]) -> None:
+        self._engines = engines
+
+    def collect(self) -> Iterator[Metric]:
+        slots = GaugeMetricFamily("moshi_slots", "Conversation slots (batch rows) of the voice's model.",
+                                  labels=["voice"])
+        leased = GaugeMetricFamily("moshi_slots_leased", "Slots held by a conversation now.", labels=["voice"])
+        waiting = GaugeMetricFamily("moshi_queue_waiting", "Visitors waiting in line for a slot now.",
+                                    labels=["voice"])
+        restarts = CounterMetricFamily("moshi_model_restarts", "Model processes that died and were replaced.",
+                                       labels=["voice"])
+        dropped = CounterMetricFamily("moshi_dropped_audio_frames", "Answer frames dropped because a "
+                                      "client could not take them in time.", labels=["voice"])
+        model = InfoMetricFamily("moshi_model", "The voice's model: its name, the weights' precision, the "
+                                 "compute dtype and the device.", labels=["voice"])
+        for voice, engine in list(self._engines.items()):
+            slots.add_metric([voice], engine.capacity)
+            leased.add_metric([voice], engine.active)
+            waiting.add_metric([voice], engine.line.waiting)
+            restarts.add_metric([voice], engine.model.restarts)
+            dropped.add_metric([voice], engine.dropped_audio_frames)
+            info = engine.info
+            model.add_metric([voice], {"model": str(info.model), "weights": str(info.weights),
+                                       "dtype": str(info.dtype), "device": str(info.device)})
+        yield from (slots, leased, waiting, restarts, dropped, model)
