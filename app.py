@@ -48,6 +48,7 @@ CONFIG = {
     "MOSHI_MAX_WORKERS": os.environ.get("MOSHI_MAX_WORKERS", "10"),
     "MOSHI_MIN_WORKERS": os.environ.get("MOSHI_MIN_WORKERS", "0"),
     "MOSHI_MODAL_SECRET": os.environ.get("MOSHI_MODAL_SECRET", ""),
+    "MOSHI_LOG_FORMAT": os.environ.get("MOSHI_LOG_FORMAT", "text"),  # or json, for a log collector
 }
 MODEL = CONFIG["MOSHI_MODEL"]  # one model, or a comma-separated list: one voice each
 VOICES = parse_voices(MODEL)
@@ -147,6 +148,9 @@ def load_warm_voices():
     import modal.experimental
 
     from moshi_engine.engine import load_voices
+    from moshi_engine.watch.logs import configure_logging
+
+    configure_logging(CONFIG["MOSHI_LOG_FORMAT"])  # every line about a conversation carries its id
 
     voices = load_voices(MODEL, sessions=SESSIONS if not SCALE_OUT else SLOTS, queue=QUEUE,
                          queue_timeout_s=QUEUE_TIMEOUT_S, context=CONTEXT)
@@ -159,6 +163,11 @@ def load_warm_voices():
 def access_token():
     """The deployment's access token, from its Secret (None: public)."""
     return os.environ.get("MOSHI_ACCESS_TOKEN") or None
+
+
+def metrics_token():
+    """The token Prometheus sends for `/metrics`, from the Secret (None: open like /status)."""
+    return os.environ.get("MOSHI_METRICS_TOKEN") or None
 
 
 def session_limits():
@@ -194,7 +203,8 @@ if not SCALE_OUT:
         def web(self):
             from moshi_engine.web import create_app
 
-            self.app = create_app(self.voices, limits=session_limits(), host="modal.run", token=access_token())
+            self.app = create_app(self.voices, limits=session_limits(), host="modal.run", token=access_token(),
+                                  metrics_token=metrics_token())
             return self.app
 
         # A scale-down or a redeploy: tell every conversation (and everyone in line) why it ends.
@@ -237,7 +247,7 @@ if SCALE_OUT:
         def web(self):
             from moshi_engine.wire.server import create_api
 
-            self.app = create_api(self.voices, session_limits(), token=access_token())
+            self.app = create_api(self.voices, session_limits(), token=access_token(), metrics_token=metrics_token())
             return self.app
 
         @modal.exit()
@@ -253,7 +263,10 @@ if SCALE_OUT:
     def ui():
         from urllib.parse import quote
 
+        from moshi_engine.watch.logs import configure_logging
         from moshi_engine.web import create_app
+
+        configure_logging(CONFIG["MOSHI_LOG_FORMAT"])
 
         token = access_token()
         return create_app(
@@ -266,6 +279,7 @@ if SCALE_OUT:
             limits=session_limits(),
             host="modal.run",
             token=token,
+            metrics_token=metrics_token(),
         )
 
 
@@ -321,8 +335,13 @@ def parse_args(argv=None):
     parser.add_argument("--queue-timeout", type=float, default=QUEUE_TIMEOUT_S,
                         help="seconds a conversation may wait in line")
     parser.add_argument("--token", default=os.environ.get("MOSHI_ACCESS_TOKEN"),
-                        help="make the app private: every route but /status asks for this token "
+                        help="make the app private: every route but /status and /metrics asks for this token "
                              "(better: set MOSHI_ACCESS_TOKEN, which no process list shows)")
+    parser.add_argument("--metrics-token", default=os.environ.get("MOSHI_METRICS_TOKEN"),
+                        help="put /metrics (Prometheus) behind this token of its own, sent as Authorization: "
+                             "Bearer (better: set MOSHI_METRICS_TOKEN); without it /metrics is open like /status")
+    parser.add_argument("--log-format", choices=("text", "json"), default=os.environ.get("MOSHI_LOG_FORMAT", "text"),
+                        help="'text': readable lines; 'json': one JSON object a line, for log collectors")
     parser.add_argument("--session-limit", type=float, default=SESSION_LIMIT_S, help="seconds per conversation")
     parser.add_argument("--idle-limit", type=float, default=IDLE_LIMIT_S, help="seconds without audio")
     args = parser.parse_args(argv)
@@ -345,11 +364,12 @@ def main(argv=None) -> int:
     from moshi_engine.model.checkpoint import TINY, TINY_Q8, ModelUnavailableError
     from moshi_engine.model.loading import pick_device
     from moshi_engine.model.sizing import CapacityError
+    from moshi_engine.watch.logs import configure_logging
     from moshi_engine.web import announce, create_app, serve
     from moshi_engine.wire.tls import self_signed_certificate
 
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_format)
     log = logging.getLogger("app")
     limits = SessionLimits(max_session_s=args.session_limit, idle_s=args.idle_limit)
     tls = (Path(args.ssl_certfile), Path(args.ssl_keyfile)) if args.ssl_certfile else None
@@ -362,7 +382,7 @@ def main(argv=None) -> int:
     if args.remote:
         capacity = 1 if args.sessions == AUTO else args.sessions
         web_app = create_app(remote=args.remote, remote_capacity=capacity, limits=limits, host=public_host,
-                             token=args.token)
+                             token=args.token, metrics_token=args.metrics_token)
         voices = None
     else:
         for voice in args.voices:
@@ -376,7 +396,8 @@ def main(argv=None) -> int:
         except (ModelUnavailableError, CapacityError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        web_app = create_app(voices, limits=limits, host=public_host, token=args.token)
+        web_app = create_app(voices, limits=limits, host=public_host, token=args.token,
+                             metrics_token=args.metrics_token)
 
     for level, message in announce(args.host, args.port, certificate or tls, share=args.share, private=bool(args.token),
                                    behind_https=bool(os.environ.get("SPACE_ID"))):

@@ -25,10 +25,11 @@ from .engine import MoshiEngine, Voices
 from .model.loading import freeze_garbage_collector
 from .page.endings import remote_http_warning
 from .page.ui import mount_ui
+from .watch.metrics import Metrics
 from .wire.protocol import Protocol
 from .wire.relay import relay
 from .wire.remote import websocket_url
-from .wire.server import RESTART_REASON, MoshiServer, create_api
+from .wire.server import RESTART_REASON, MoshiServer, add_metrics_route, create_api
 from .wire.tls import Certificate, browser_addresses, is_loopback
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def create_app(
     poll_remote_status: bool = True,
     connect_timeout_s: float = 10.0,
     token: str | None = None,
+    metrics_token: str | None = None,
 ) -> FastAPI:
     """The app for a local `engine` (one voice, or several: `engine.Voices`), or the page alone
     bound to a `remote` Moshi server (offering `remote_voices`, by name, if it has several).
@@ -56,13 +58,14 @@ def create_app(
     on the server at once; `poll_remote_status=False` keeps the page from
     polling the server's /status (on Modal that would wake a GPU worker), and
     `connect_timeout_s` bounds how long a session may wait for the server (a cold
-    GPU worker takes minutes). With a `token`, every route but `/status` asks for it
-    (`door.access.TokenGate`).
+    GPU worker takes minutes). With a `token`, every route but `/status` and `/metrics` asks
+    for it (`door.access.TokenGate`); `/metrics` (Prometheus) asks for `metrics_token` if set.
+    A page-only app's `/metrics` counts the page's conversations; its server has its own.
     """
     if (engine is None) == (remote is None):
         raise ValueError("give either a local engine or the URL of a remote Moshi server")
     if engine is not None:
-        app = create_api(engine, limits, token=token)
+        app = create_api(engine, limits, token=token, metrics_token=metrics_token)
         app.state.page = mount_ui(app, engine, limits=limits, host=host)
         freeze_garbage_collector()  # Gradio's objects too
         return app
@@ -72,6 +75,8 @@ def create_app(
     app = FastAPI(title="Moshi (page only)", docs_url=None, redoc_url=None)
     if token:
         app.add_middleware(TokenGate, token=token)
+    metrics = Metrics()
+    add_metrics_route(app, metrics, metrics_token)
 
     async def remote_status() -> dict | None:
         try:
@@ -106,6 +111,7 @@ def create_app(
         limits=limits,
         host=host,
         connect_timeout_s=connect_timeout_s,
+        metrics=metrics,
     )
     return app
 
@@ -216,8 +222,9 @@ def serve(app: FastAPI, host: str, port: int, tls: tuple[Path, Path] | None = No
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         certfile, keyfile = tls or (None, None)
-        DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning", ssl_certfile=certfile,
-                                      ssl_keyfile=keyfile)).run()
+        # log_config=None: uvicorn's own lines go through the root logger, in its format (text or JSON)
+        DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None,
+                                      ssl_certfile=certfile, ssl_keyfile=keyfile)).run()
     except KeyboardInterrupt:
         pass  # the same for SIGINT, as uvicorn.run does
     finally:

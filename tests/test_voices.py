@@ -68,6 +68,16 @@ async def test_a_conversation_on_a_voice_leases_a_slot_of_that_voice_only(server
     await until(lambda: voices.active == 0)
 
 
+def test_metrics_carry_each_voice_as_its_label(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(server + "/metrics", timeout=10) as response:
+        families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+    assert {s.labels["voice"]: s.value for s in families["moshi_slots"].samples} == {"tiny": 1, "tiny-q8": 1}
+    assert {s.labels["voice"]: s.labels["weights"] for s in families["moshi_model_info"].samples} == {
+        "tiny": "float32", "tiny-q8": "int8"}
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=lambda p: p.value)
 async def test_an_unknown_voice_is_closed_with_1008_naming_the_voices(server, protocol):
     ws = await connect(websocket_url(server + protocol.path) + "?voice=nobody")
@@ -129,7 +139,8 @@ async def test_when_one_voices_model_process_dies_the_other_voice_keeps_talking(
     # the conversation that was going on tiny-q8 goes on: its answers keep coming
     encoder = OpusEncoder()
     for index in range(5):
-        await talking.send(bytes([KIND_AUDIO]) + encoder.encode(hello_pcm[index * FRAME_SIZE : (index + 1) * FRAME_SIZE]))
+        frame = hello_pcm[index * FRAME_SIZE : (index + 1) * FRAME_SIZE]
+        await talking.send(bytes([KIND_AUDIO]) + encoder.encode(frame))
     answered = 0
     while answered < 4:  # 5 frames answer 4 (the first step answers nothing)
         answered += (await next_message(talking))[0] == KIND_AUDIO

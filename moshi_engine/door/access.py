@@ -1,7 +1,7 @@
 """Who may talk to this app: an access token for private deployments, and an identity
 cookie for each browser (so that a recording goes to the browser that made it alone).
 
-Private deployments: one access token in front of everything but `/status`.
+Private deployments: one access token in front of everything but `/status` and `/metrics`.
 
     app = TokenGate(app, token="...")       # an ASGI app wrapping an ASGI app
 
@@ -10,7 +10,8 @@ to the same page without the token in its address, and the cookie carries it fro
 then on (the page, Gradio's routes, WebRTC offers, downloads, the page's own
 websocket). Programs pass `?token=...` or `Authorization: Bearer ...`. Without it an
 HTTP request gets 401, with a wrong one 403; a websocket upgrade is refused (403)
-before any handshake. `/status` stays open, for health checks and load balancers.
+before any handshake. `/status` stays open, for health checks and load balancers, and so
+does `/metrics`, for Prometheus (`wire.server.add_metrics_route` can give it a token of its own).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 COOKIE = "moshi_token"
 BROWSER_COOKIE = "moshi_browser"
-OPEN_PATHS = frozenset({"/status"})
+OPEN_PATHS = frozenset({"/status", "/metrics"})  # /metrics may have a token of its own
 COOKIE_MAX_AGE_S = 30 * 24 * 3600
 
 _REFUSALS = {

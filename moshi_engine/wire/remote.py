@@ -107,6 +107,9 @@ class RemoteSession(OutputIteration):
         self.open_timeout = open_timeout
         self.close_code: int | None = None
         self.close_reason = ""
+        # Our server's id for this conversation (in its logs), told to clients that read its
+        # metadata (`on_position` given); None from other servers.
+        self.conversation_id: str | None = None
         self._outputs = OutputQueue(max_output_frames)
         self._encoder = OpusEncoder()
         self._decoder = OpusDecoder()
@@ -144,13 +147,27 @@ class RemoteSession(OutputIteration):
             if message == HANDSHAKE:
                 return
             if isinstance(message, bytes) and message[:1] == bytes([KIND_METADATA]):
-                queue = json.loads(message[1:]).get("queue")
+                queue = self._metadata(message[1:]).get("queue")
                 if queue and self.on_position is not None:
                     in_line = True
                     self.on_position(LinePosition(queue["position"], queue["waiting"], queue["eta_s"]))
                 continue
             await self._ws.close()
             raise SessionClosed(f"expected the handshake {HANDSHAKE!r}, got {message[:8]!r}")
+
+    def _metadata(self, payload: bytes) -> dict:
+        """The server's JSON metadata (its line, this conversation's id); {} if it is not JSON."""
+        try:
+            metadata = json.loads(payload)
+        except ValueError:
+            log.warning("ignoring metadata that is not JSON")
+            return {}
+        if not isinstance(metadata, dict):
+            return {}
+        conversation = metadata.get("conversation")
+        if isinstance(conversation, dict) and isinstance(conversation.get("id"), str):
+            self.conversation_id = conversation["id"]
+        return metadata
 
     async def send_pcm(self, pcm: np.ndarray) -> None:
         check_pcm(pcm)
@@ -178,7 +195,9 @@ class RemoteSession(OutputIteration):
                     self._queue_audio(self._decoder.decode(payload))
                 elif kind == KIND_TEXT:
                     self._outputs.put(TextOut(payload.decode("utf-8", errors="replace")))
-                elif kind not in (KIND_HANDSHAKE, KIND_METADATA):
+                elif kind == KIND_METADATA:
+                    self._metadata(payload)
+                elif kind != KIND_HANDSHAKE:
                     log.warning("ignoring a message of unknown kind %d", kind)
             self._outputs.end(self._closed())
         except ConnectionClosed:

@@ -12,20 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 
-from fastapi import FastAPI, WebSocket
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from ..conversation import AudioOut, BusyError, ServerRestarting, SessionError, SessionLimits
-from ..door.access import TokenGate
+from ..door.access import TokenGate, presented_token
 from ..door.line import LinePosition
 from ..engine import MoshiEngine, Voices
 from ..model.voices import UnknownVoice
 from ..session import MoshiSession
 from ..timings import OPUS_DECODE, OPUS_ENCODE, StageTimings
+from ..watch.logs import conversation_context, log_fields, new_conversation_id
+from ..watch.metrics import CLIENT_GONE, ERROR, IDLE, LIMIT, NORMAL, REFUSED, RESTART, ConversationClock, Metrics
+from ..watch.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .codec import OpusDecoder, OpusEncoder, OpusError
 from .protocol import (
     HANDSHAKE,
@@ -51,13 +55,24 @@ RESTART_REASON = "the server is restarting; connect again in a minute"
 class _ClientGone(Exception):
     """The client disconnected; nothing is left to tell it."""
 
+    def __init__(self, code: int | None = None) -> None:
+        super().__init__(code)
+        self.code = code  # the close code it sent (1000, 1001: it hung up cleanly), None if it dropped
+
+    @property
+    def cleanly(self) -> bool:
+        return self.code in (CloseCode.NORMAL, CloseCode.GOING_AWAY)
+
 
 class MoshiServer:
     """The state behind the routes: the voices (None while they load), the live connections
     and counters."""
 
-    def __init__(self, voices: Voices | MoshiEngine | None, limits: SessionLimits) -> None:
-        self.voices = Voices.of(voices) if voices is not None else None
+    def __init__(self, voices: Voices | MoshiEngine | None, limits: SessionLimits,
+                 metrics: Metrics | None = None) -> None:
+        self.metrics = metrics or Metrics()
+        self.voices = None
+        self.engine = voices
         self.limits = limits
         self.connections_served = 0
         self.restarting: str | None = None  # why new conversations are refused, once draining
@@ -73,6 +88,8 @@ class MoshiServer:
     @engine.setter
     def engine(self, engine: Voices | MoshiEngine | None) -> None:
         self.voices = Voices.of(engine) if engine is not None else None
+        for name, voice in (self.voices.engines.items() if self.voices else ()):
+            self.metrics.watch(name, voice)
 
     @property
     def dropped_audio_frames(self) -> int:
@@ -108,20 +125,31 @@ class MoshiServer:
         return len(self._live) + len(self._waiting)
 
     async def serve(self, ws: WebSocket, protocol: Protocol) -> None:
-        """One websocket conversation, from accept to close: in line while every slot is taken."""
+        """One websocket conversation, from accept to close: in line while every slot is taken.
+        Everything logged about it carries its id, and its end is counted and logged once."""
+        conversation_id = new_conversation_id()
+        with conversation_context(conversation_id):
+            await self._serve(ws, protocol, conversation_id)
+
+    async def _serve(self, ws: WebSocket, protocol: Protocol, conversation_id: str) -> None:
         await ws.accept()
+        clock = self.metrics.conversation(None, protocol.value, conversation_id)
         try:
-            voice, engine = self._voice(ws)
+            clock.voice, engine = self._voice(ws)
             session, carried = await self._wait_for_slot(ws, protocol, engine)
         except _ClientGone:
-            log.info("a %s client left the line", protocol.path)
+            clock.end(CLIENT_GONE, "left the line")
             return
         except ConnectionClose as close:
-            log.info("refused %s connection: %s", protocol.path, close.reason)
+            clock.end(RESTART if close.code == CloseCode.SERVICE_RESTART else REFUSED, close.reason,
+                      code=int(close.code))
             await _close(ws, close.code, close.reason)
             return
         self.connections_served += 1
-        connection = _Connection(ws, protocol, session, self.limits, engine.timings, carried)
+        clock.talking()
+        log.info("conversation started", extra=log_fields(transport=protocol.value, voice=clock.voice,
+                                                          slot=session.slot))
+        connection = _Connection(ws, protocol, session, self.limits, engine.timings, carried, clock)
         self._live[session] = connection
         code, reason = CloseCode.GOING_AWAY, "the server is shutting down"  # if cancelled
         try:
@@ -130,9 +158,8 @@ class MoshiServer:
             await session.close()
             self._live.pop(session, None)
             self._dropped_in_closed_sessions += session.dropped_frames
-            log.info("%s session on %sslot %d ended (%s, %s) after %d frames", protocol.path,
-                     f"voice {voice}'s " if len(self.voices) > 1 else "", session.slot, code, reason,
-                     session.frames_in)
+            clock.end(connection.ending or RESTART, reason, code=int(code) if code is not None else None,
+                      slot=session.slot, frames_in=session.frames_in, dropped_frames=session.dropped_frames)
             if code is not None:
                 await _close(ws, code, reason)
 
@@ -164,9 +191,12 @@ class MoshiServer:
             raise ProtocolError(CloseCode.POLICY_VIOLATION, str(error)) from None
         if not engine.line.waiting:  # a free slot and nobody ahead: no waiting, nothing dropped
             try:
-                return engine.open_session(sampling), []
+                session = engine.open_session(sampling)
             except BusyError:
                 pass
+            else:
+                engine.waited(0.0)
+                return session, []
         waiting = _Waiting(ws, protocol, announce)
         self._waiting.add(waiting)
         try:
@@ -231,12 +261,24 @@ class _Waiting:
             await _send(self.ws, metadata_message({"queue": position.as_dict()}))
 
 
+class _Limit(ConnectionClose):
+    """The session limit or the idle limit ended the conversation (`ending` says which)."""
+
+    def __init__(self, ending: str, code: CloseCode, reason: str) -> None:
+        super().__init__(code, reason)
+        self.ending = ending
+
+
 class _Connection:
     """The receive / send / watchdog tasks of one websocket over one session."""
 
     def __init__(self, ws: WebSocket, protocol: Protocol, session: MoshiSession,
-                 limits: SessionLimits, timings: StageTimings, carried: list[bytes] | None = None) -> None:
+                 limits: SessionLimits, timings: StageTimings, carried: list[bytes] | None = None,
+                 clock: ConversationClock | None = None) -> None:
         self.ws = ws
+        self.clock = clock or ConversationClock(None, "", protocol.value, "")
+        self.announce = ws.query_params.get("queue") == "1"  # it reads metadata
+        self.ending: str | None = None  # how it ended (`metrics.ENDINGS`), once it has
         self.carried = carried or []  # the client's first audio, read while its wait was ending
         self.protocol = protocol
         self.session = session
@@ -254,24 +296,34 @@ class _Connection:
 
     async def run(self) -> tuple[CloseCode | None, str]:
         """Run until something ends the conversation; returns the close code and reason
-        (code None when the client is already gone)."""
+        (code None when the client is already gone), and sets how it ended (`ending`)."""
         tasks: list[asyncio.Task] = []
+        self.ending = None  # stays None if cancelled: the server is going away
         try:
             await self.session.start()
             if self.protocol is Protocol.MOSHI:
                 await self._send(HANDSHAKE)
+            if self.announce:  # a client that reads metadata learns the conversation's id
+                await self._send(metadata_message({"conversation": {"id": self.clock.id, "voice": self.clock.voice}}))
             self.started = self.last_audio = time.monotonic()
             tasks = [asyncio.create_task(coro) for coro in (self._receive(), self._send_outputs(), self._watch(),
                                                              self._until_ended())]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             raise next(iter(done)).exception() or ConnectionClose(CloseCode.NORMAL, "conversation ended")
-        except _ClientGone:
-            return None, "client disconnected"
-        except ConnectionClose as close:
+        except _ClientGone as gone:
+            self.ending = NORMAL if gone.cleanly else CLIENT_GONE
+            return None, "client disconnected" if gone.cleanly else "connection lost"
+        except _Limit as limit:
+            self.ending = limit.ending
+            return limit.code, limit.reason
+        except ConnectionClose as close:  # the server restarting, or the client broke the protocol
+            self.ending = {CloseCode.SERVICE_RESTART: RESTART, CloseCode.NORMAL: NORMAL}.get(close.code, ERROR)
             return close.code, close.reason
         except SessionError as error:
+            self.ending = ERROR
             return CloseCode.INTERNAL_ERROR, str(error)
         except Exception:
+            self.ending = ERROR
             log.exception("connection failed")
             return CloseCode.INTERNAL_ERROR, "internal error"
         finally:
@@ -296,6 +348,7 @@ class _Connection:
             self.timings.record(OPUS_DECODE, time.perf_counter() - started)
             if pcm.size:
                 self.last_audio = time.monotonic()
+                self.clock.heard()
                 await self.session.send_pcm(pcm)
 
     async def _send_outputs(self) -> None:
@@ -307,6 +360,7 @@ class _Connection:
                 self.timings.record(OPUS_ENCODE, time.perf_counter() - started)
                 if ogg:
                     await self._send(audio_message(ogg))
+                self.clock.answered()
             else:
                 await self._send(text_message(out.text))
 
@@ -319,9 +373,9 @@ class _Connection:
         while True:
             now = time.monotonic()
             if now - self.started >= limits.max_session_s:
-                raise ConnectionClose(CloseCode.NORMAL, time_limit_reason(limits.max_session_s))
+                raise _Limit(LIMIT, CloseCode.NORMAL, time_limit_reason(limits.max_session_s))
             if now - self.last_audio >= limits.idle_s:
-                raise ConnectionClose(CloseCode.POLICY_VIOLATION, idle_reason(limits.idle_s))
+                raise _Limit(IDLE, CloseCode.POLICY_VIOLATION, idle_reason(limits.idle_s))
             await asyncio.sleep(min(self.started + limits.max_session_s, self.last_audio + limits.idle_s) - now)
 
     async def _send(self, data: bytes) -> None:
@@ -333,7 +387,7 @@ async def _receive_ogg(ws: WebSocket, protocol: Protocol) -> bytes:
     hung up, ProtocolError when the message breaks the protocol."""
     message = await ws.receive()
     if message["type"] == "websocket.disconnect":
-        raise _ClientGone
+        raise _ClientGone(message.get("code"))
     if message.get("text") is not None:
         raise ProtocolError(CloseCode.UNSUPPORTED_DATA, "text frames are not part of the protocol; send Opus")
     return client_audio(protocol, message.get("bytes") or b"")
@@ -367,14 +421,34 @@ async def _remember_loop(app: FastAPI):
     yield
 
 
+def add_metrics_route(app: FastAPI, metrics: Metrics, metrics_token: str | None = None) -> None:
+    """`GET /metrics`: `metrics` in Prometheus' text format. Open like `/status` (counts and
+    timings, nothing about anybody), unless `metrics_token` is set: then only a request that
+    carries it (`Authorization: Bearer ...`, as Prometheus' `authorization` sends it, or
+    `?token=...`) gets them; 401 without a token, 403 with another."""
+    expected = metrics_token.encode() if metrics_token else None
+
+    @app.get("/metrics")
+    async def prometheus_metrics(request: Request) -> Response:
+        if expected is not None:
+            presented, where = presented_token(request.scope)
+            if presented is None or where == "cookie":
+                return PlainTextResponse("these metrics ask for a token: Authorization: Bearer ...", 401,
+                                         headers={"www-authenticate": 'Bearer realm="moshi metrics"'})
+            if not hmac.compare_digest(presented.encode(), expected):
+                return PlainTextResponse("that is not the metrics' token", 403)
+        return Response(metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
+
 def create_api(engine: Voices | MoshiEngine | None = None, limits: SessionLimits = SessionLimits(),
-               token: str | None = None) -> FastAPI:
-    """The app serving `/status`, `/ws` and `/api/chat` over `engine`: one voice, or several
-    (`engine.Voices`, each route's `?voice=NAME` picks one; the first without it).
+               token: str | None = None, metrics_token: str | None = None) -> FastAPI:
+    """The app serving `/status`, `/metrics`, `/ws` and `/api/chat` over `engine`: one voice, or
+    several (`engine.Voices`, each route's `?voice=NAME` picks one; the first without it).
 
     With `engine=None` the app answers 503 / 1013 until `app.state.moshi.engine`
     is set, so a server can listen while the model loads. With a `token`, every route
-    but `/status` (and any mounted later, such as the page) asks for it.
+    but `/status` and `/metrics` (and any mounted later, such as the page) asks for it;
+    `metrics_token` puts `/metrics` behind a token of its own (`add_metrics_route`).
     """
     app = FastAPI(title="Moshi", docs_url=None, redoc_url=None, lifespan=_remember_loop)
     if token:
@@ -386,6 +460,8 @@ def create_api(engine: Voices | MoshiEngine | None = None, limits: SessionLimits
     async def status() -> JSONResponse:
         code, body = server.status()
         return JSONResponse(body, status_code=code)
+
+    add_metrics_route(app, server.metrics, metrics_token)
 
     @app.websocket(Protocol.QUILLMAN.path)
     async def quillman(ws: WebSocket) -> None:
