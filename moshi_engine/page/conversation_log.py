@@ -62,6 +62,11 @@ class ConversationRecord:
     def ended(self) -> bool:
         return self.ending is not None
 
+    @property
+    def conversation_id(self) -> str:
+        """The conversation's short id: in its log lines, its recording's name and the page's details."""
+        return self.webrtc_id[:8]
+
 
 class ConversationLog:
     """The records of recent connections by WebRTC id, and the directory of their WAVs.
@@ -105,7 +110,7 @@ class ConversationLog:
     def recording_path(self, record: ConversationRecord) -> Path:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(record.started_at))
         voice = f"{record.voice}-" if record.voice else ""
-        return self.directory / f"moshi-conversation-{voice}{stamp}-{record.webrtc_id[:8]}.wav"
+        return self.directory / f"moshi-conversation-{voice}{stamp}-{record.conversation_id}.wav"
 
     def saved(self, record: ConversationRecord, path: Path) -> None:
         """`path` holds `record`'s recording, until `recording_ttl_s` from now."""

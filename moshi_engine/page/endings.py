@@ -52,6 +52,19 @@ def ending_message(ending: Ending, limits: SessionLimits = SessionLimits(), deta
     return f"Conversation ended after {detail}." if detail else "Conversation ended."
 
 
+# The live readout during a conversation (the page's script fills them): how far behind real
+# time Moshi's voice arrives as the browser sees it, and the time left before the session limit.
+READOUT_WORDS = {
+    "behind": "Moshi's voice arrives {ms} ms behind",
+    "behindWebrtc": "Moshi's voice arrives {ms} ms behind (jitter buffer {jitter} ms, round trip {rtt} ms)",
+    "behindWebsocket": "Moshi's voice arrives {ms} ms behind (queued in the player)",
+    "left": "{time} left",
+    "lastMinute": (
+        "Less than a minute left: the conversation ends at the {limit} limit. "
+        "Press the button afterwards to start a new one."
+    ),
+}
+
 LEFT_LINE_MESSAGE = "You left the line. Press the button to wait for a conversation again."
 STARTING_MESSAGE = "Connecting to Moshi: its server may be starting up, which can take a minute or two."
 
@@ -176,4 +189,6 @@ def page_words(limits: SessionLimits, line_timeout_s: float, places: int) -> dic
         "seconds": SECONDS,
         "ordinals": [ordinal(n) for n in range(1, places + 1)],
         "microphone": MICROPHONE_WORDS,
+        "readout": {**READOUT_WORDS, "lastMinute": READOUT_WORDS["lastMinute"].replace(
+            "{limit}", duration_words(limits.max_session_s))},
     }

@@ -31,6 +31,8 @@ CONFIG_ID = "moshi-page-config"
 WEBRTC_TIMEOUT_S = 5.0
 RECORDING_READY = " Its recording is ready to download below."
 RECORDING_LINK = "Download the conversation (WAV: you left, Moshi right)"
+DETAILS_SUMMARY = "Details"
+DETAILS_ID = "Conversation {id}: the id in the server's log and in the recording's name."
 
 
 def page_config(
@@ -49,6 +51,7 @@ def page_config(
         "chat": chat_path,
         "abandon": abandon_path,
         "webrtcTimeoutS": WEBRTC_TIMEOUT_S,
+        "sessionLimitS": limits.max_session_s,  # the readout counts down to it
         "reasons": {
             "timeLimit": time_limit_reason(limits.max_session_s),
             "idle": idle_reason(limits.idle_s),
@@ -57,6 +60,8 @@ def page_config(
             **page_words(limits, line_timeout_s, places),
             "recordingReady": RECORDING_READY,
             "recordingLink": RECORDING_LINK,
+            "detailsSummary": DETAILS_SUMMARY,
+            "detailsId": DETAILS_ID,
         },
     }
 

@@ -30,6 +30,19 @@ from fastrtc.utils import create_message, current_context
 from ..audio import SAMPLE_RATE, int16_to_pcm
 from ..conversation import AudioOut, BusyError, Conversation, Sampling, ServerRestarting, SessionLimits, TextOut
 from ..door.line import LinePosition
+from ..watch.logs import conversation_context
+from ..watch.metrics import (
+    CLIENT_GONE,
+    ERROR,
+    IDLE,
+    LIMIT,
+    NORMAL,
+    REFUSED,
+    RESTART,
+    WEBRTC,
+    ConversationClock,
+    Metrics,
+)
 from .conversation_log import ConversationLog, ConversationRecord
 from .endings import LEFT_LINE_MESSAGE, STARTING_MESSAGE, Ending, duration_words, ending_for, ending_message
 from .recording import Recording
@@ -37,6 +50,17 @@ from .recording import Recording
 log = logging.getLogger(__name__)
 
 # ## The handler
+
+# How each ending is counted (`metrics.ENDINGS`); a visitor who stopped before talking left.
+ENDING_LABELS = {
+    Ending.STOPPED: NORMAL,
+    Ending.BUSY: REFUSED,
+    Ending.LINE_TIMEOUT: REFUSED,
+    Ending.TIME_LIMIT: LIMIT,
+    Ending.IDLE: IDLE,
+    Ending.RESTART: RESTART,
+    Ending.ERROR: ERROR,
+}
 
 PositionCallback = Callable[[LinePosition], None]
 # A conversation for a sampling, leased once a slot is free (the local engine's `acquire`,
@@ -60,6 +84,10 @@ class MoshiHandler(AsyncStreamHandler):
     The conversation ends, and is closed (its slot released and reset) when the
     connection stops (`shutdown`), after `limits.max_session_s`, after `limits.idle_s`
     without microphone audio, or on an error; then the page gets `CloseStream(message)`.
+
+    Its id is the first 8 characters of the WebRTC connection's (as in the recording's name):
+    every line logged about it carries that id, and its end is counted in `metrics` (as the
+    voice picked, or `voice` on a page of one) and logged once.
     """
 
     def __init__(
@@ -72,6 +100,8 @@ class MoshiHandler(AsyncStreamHandler):
         limits: SessionLimits = SessionLimits(),
         args_timeout_s: float = 10.0,
         slow_start_s: float = 3.0,
+        metrics: Metrics | None = None,
+        voice: str = "",
     ) -> None:
         # input_sample_rate: FastRTC resamples the microphone to 24 kHz mono int16 itself
         # (StreamHandlerBase.resample), so receive() gets Mimi's rate.
@@ -83,6 +113,9 @@ class MoshiHandler(AsyncStreamHandler):
         self.limits = limits
         self.args_timeout_s = args_timeout_s
         self.slow_start_s = slow_start_s
+        self.metrics = metrics
+        self.voice = voice
+        self.clock: ConversationClock | None = None
         self.record: ConversationRecord | None = None
         self.recording = Recording()
         self._conversation: Conversation | None = None
@@ -105,18 +138,30 @@ class MoshiHandler(AsyncStreamHandler):
             limits=self.limits,
             args_timeout_s=self.args_timeout_s,
             slow_start_s=self.slow_start_s,
+            metrics=self.metrics,
+            voice=self.voice,
         )
 
     @property
     def transcript(self) -> str:
         return "".join(self._pieces).strip()
 
+    @property
+    def conversation_id(self) -> str:
+        """The conversation's id, in its log lines, its recording's name and the page's details."""
+        return self.record.conversation_id if self.record else "?"
+
     async def start_up(self) -> None:
         """Open and start this connection's conversation with the page's sampling, in line while
         every slot is taken."""
         context = current_context.get()
         self.record = self.conversations.open(context.webrtc_id if context else uuid.uuid4().hex)
+        self.clock = ConversationClock(self.metrics, self.voice, WEBRTC, self.record.conversation_id)
         self.conversations.live.add(self)
+        with conversation_context(self.record.conversation_id):
+            await self._start_up()
+
+    async def _start_up(self) -> None:
         try:
             sampling = await self._sampling()
             self.record.sampling = sampling
@@ -127,13 +172,8 @@ class MoshiHandler(AsyncStreamHandler):
                 return
         except Exception as error:
             busy = isinstance(error, (BusyError, ServerRestarting))  # expected; anything else deserves its traceback
-            log.log(
-                logging.INFO if busy else logging.ERROR,
-                "connection %s: the conversation could not start: %r",
-                self.record.webrtc_id,
-                error,
-                exc_info=not busy,
-            )
+            log.log(logging.INFO if busy else logging.ERROR, "the conversation could not start: %r", error,
+                    exc_info=not busy)
             self._end(*ending_for(error))
         else:
             self._conversation = conversation
@@ -141,9 +181,10 @@ class MoshiHandler(AsyncStreamHandler):
                 await conversation.close()
             else:
                 self._last_heard = asyncio.get_running_loop().time()
+                self.clock.talking()
                 self._watchdog = asyncio.create_task(self._watch(), name=f"moshi-rtc-watch-{self.record.webrtc_id}")
                 voice = f" on voice {self.record.voice}" if self.record.voice else ""
-                log.info("connection %s: conversation started%s (%s)", self.record.webrtc_id, voice, sampling)
+                log.info("conversation started%s (%s)", voice, sampling)
         finally:
             self._started.set()
 
@@ -216,6 +257,7 @@ class MoshiHandler(AsyncStreamHandler):
             inputs = list(self.latest_args[2:])
             if self.voice_from_args is not None:
                 self.record.voice = self.voice_from_args(inputs)
+                self.clock.voice = self.record.voice or self.voice
             return self.sampling_from_args(inputs)
         except (TypeError, ValueError) as error:
             raise ValueError(f"invalid sampling settings: {error}") from error
@@ -228,12 +270,14 @@ class MoshiHandler(AsyncStreamHandler):
         pcm = int16_to_pcm(frame[1])
         self._last_heard = asyncio.get_running_loop().time()
         self.recording.add_person(pcm)
+        self.clock.heard()
         try:
             await conversation.send_pcm(pcm)  # waits while the model is behind
         except Exception as error:  # SessionClosed after _end(); else the backend ended it
             if self._ending is None:
-                log.info("connection %s: sending audio failed: %r", self._webrtc_id, error)
-                self._end(*ending_for(error))
+                with conversation_context(self.conversation_id):
+                    log.info("sending audio failed: %r", error)
+                    self._end(*ending_for(error))
 
     async def emit(self):
         """Moshi's next 80 ms frame `(24000, float32 [1, 1920])`, or the transcript so far
@@ -255,6 +299,7 @@ class MoshiHandler(AsyncStreamHandler):
                 break
             if isinstance(out, AudioOut):
                 self.recording.add_moshi(out.pcm)
+                self.clock.answered()
                 return SAMPLE_RATE, out.pcm.reshape(1, -1)
             if isinstance(out, TextOut):
                 self._pieces.append(out.text)
@@ -306,7 +351,9 @@ class MoshiHandler(AsyncStreamHandler):
         """Decide how the conversation ends (the first caller wins) and start finishing."""
         if self._finishing is None:
             self._ending = ending
-            self._finishing = asyncio.create_task(self._finish(ending, detail), name=f"moshi-rtc-end-{self._webrtc_id}")
+            with conversation_context(self.conversation_id):  # the finishing task's lines carry the id
+                self._finishing = asyncio.create_task(self._finish(ending, detail),
+                                                      name=f"moshi-rtc-end-{self._webrtc_id}")
         return self._finishing
 
     async def _finished(self) -> None:
@@ -322,7 +369,7 @@ class MoshiHandler(AsyncStreamHandler):
             try:
                 await self._conversation.close()
             except Exception:
-                log.exception("connection %s: closing the conversation failed", self._webrtc_id)
+                log.exception("closing the conversation failed")
         self.conversations.live.discard(self)
         record = self.record
         if record is None:  # shut down before start-up began
@@ -330,6 +377,9 @@ class MoshiHandler(AsyncStreamHandler):
         if ending is Ending.STOPPED and self.recording.samples:
             detail = duration_words(round(self.recording.samples / SAMPLE_RATE))
         message = ending_message(ending, self.limits, detail)
+        label = ENDING_LABELS[ending]
+        if ending is Ending.STOPPED and (record.line is not None or self.clock.started is None):
+            label = CLIENT_GONE  # it left before talking: in line, or before its conversation started
         if ending is Ending.STOPPED and record.line is not None:
             message = LEFT_LINE_MESSAGE
         record.line = None
@@ -344,19 +394,13 @@ class MoshiHandler(AsyncStreamHandler):
                 await asyncio.to_thread(self.recording.write_wav, path)
                 self.conversations.saved(record, path)
             except OSError:
-                log.exception("connection %s: writing the recording failed", self._webrtc_id)
+                log.exception("writing the recording failed")
         # Last: the page shows an ending once (the first time it sees one), so whatever it
         # shows with it, the recording's link above all, must be filed by then.
         record.message = message
         record.ending = ending
-        log.info(
-            "connection %s ended (%s): %.1f s heard, %d Moshi frames, %d text pieces",
-            record.webrtc_id,
-            ending.value,
-            record.person_samples / SAMPLE_RATE,
-            record.moshi_frames,
-            record.text_pieces,
-        )
+        self.clock.end(label, detail or ending.value, heard_s=round(record.person_samples / SAMPLE_RATE, 3),
+                       text_pieces=record.text_pieces, recording=record.recording.name if record.recording else None)
 
 
 # ## Abandoned attempts

@@ -9,8 +9,8 @@
 `worklets/` (microphone frames, the bounded player), `moshi-socket.js` (a
 conversation over `/api/chat`), `ws-demo.html` (a harness page), and the voice chat
 page's own script: `page.js` (WebRTC, or this websocket when WebRTC cannot connect;
-`ui.mount_ui` mounts this directory itself), `webrtc-watch.js`, `page-words.js` and
-`recording.js`. Vendored
+`ui.mount_ui` mounts this directory itself), `webrtc-watch.js`, `page-words.js`,
+`recording.js` and `readout.js` (how late Moshi's voice arrives, the time left). Vendored
 libraries sit in `static/vendor/<name>/` with their licenses. Nothing is fetched
 from elsewhere at run time, so the page works offline.
 """

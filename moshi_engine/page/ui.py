@@ -36,17 +36,17 @@ from fastrtc import WebRTC
 from ..conversation import Sampling, SessionLimits
 from ..door.access import BROWSER_COOKIE, BrowserIdentity, cookie_value
 from ..door.line import QUEUE_PLACES, QUEUE_TIMEOUT_S
+from ..engine import MoshiEngine, Voices
 from ..timings import LM_STEP, MIMI_DECODE, MIMI_ENCODE
+from ..watch.metrics import Metrics
 from ..wire.protocol import Protocol
 from ..wire.remote import RemoteSession, with_query
 from .conversation_log import ConversationLog, ConversationRecord
 from .endings import Ending, ending_message, line_message
 from .ice import browser_rtc_configuration, ice_source, notice_vanished_browsers_sooner, server_rtc_configuration
-from .pagescript import RECORDING_LINK, RECORDING_READY, page_config, page_head
+from .pagescript import DETAILS_ID, DETAILS_SUMMARY, RECORDING_LINK, RECORDING_READY, page_config, page_head
 from .rtc import MoshiHandler, OpenConversation, abandon_unconnected
 from .static_files import STATIC_PATH, mount_static
-
-from ..engine import MoshiEngine, Voices
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,14 @@ CSS = """
   content: ""; width: 0.7em; height: 0.7em; border-radius: 2px; background: var(--color-accent);
 }
 #moshi-transport .moshi-transport-stop[hidden] { display: none; }
+/* The live readout (static/readout.js): how late Moshi's voice arrives, and the time left. */
+#moshi-transport .moshi-readout { font-size: 0.85em; margin: 0.4em 0 0; font-variant-numeric: tabular-nums; }
+#moshi-transport .moshi-readout-left:not(:empty)::before { content: " · "; }
+#moshi-transport .moshi-readout-warning {
+  border-left: 4px solid var(--color-accent); padding-left: 0.75em; margin: 0.5em 0 0; font-weight: 600;
+}
+#moshi-transport [hidden] { display: none; }
+#moshi-recording .moshi-details { font-size: 0.85em; opacity: 0.85; margin-top: 0.4em; }
 /* The recording's block shows only when it holds a link (from either transport). */
 #moshi-recording:not(:has(a)) { display: none; }
 /* Why this page cannot have a microphone (page.js fills it): in view, and not a toast that fades. */
@@ -107,6 +115,9 @@ MICROPHONE_HTML = '<p class="moshi-microphone-problem" role="alert"></p>'
 TRANSPORT_HTML = """
 <p class="moshi-transport-status" aria-live="polite"></p>
 <p class="moshi-transport-message" aria-live="polite"></p>
+<p class="moshi-readout" hidden><span class="moshi-readout-behind"></span>
+<span class="moshi-readout-left"></span></p>
+<p class="moshi-readout-warning" role="status" hidden></p>
 <button class="moshi-transport-stop" type="button" hidden>Stop</button>
 """
 
@@ -205,6 +216,7 @@ def build_page(
     abandon_path: str = ABANDON_PATH,
     static_path: str = STATIC_PATH,
     voices: list[str] | None = None,
+    metrics: Metrics | None = None,
 ) -> MoshiPage:
     """The page as a Blocks, one conversation per browser session from `open_conversation`.
 
@@ -215,7 +227,8 @@ def build_page(
     voice's). `host` is where the server listens, which decides
     the ICE servers (`rtc.ice_source`); `status` feeds the status line. `chat_path` is the
     app's `/api/chat`, where the page talks when WebRTC cannot connect (None: nowhere);
-    the page's script is served from `static_path` (`static_files.mount_static`).
+    the page's script is served from `static_path` (`static_files.mount_static`). Each
+    conversation's end is counted in `metrics`, as the voice picked (the first: `voices[0]`).
     """
     source = ice_source(host)  # fails here, at start, on a half-set TURN configuration
     notice_vanished_browsers_sooner()
@@ -228,6 +241,8 @@ def build_page(
         sampling_from_args=sampling_from_inputs,
         voice_from_args=voice_from_inputs if picking else None,
         limits=limits,
+        metrics=metrics,
+        voice=(voices or [""])[0],
     )
 
     async def rtc_configuration() -> dict:  # a plain function: FastRTC calls it per connection
@@ -368,7 +383,15 @@ def sampling_controls(d: Sampling) -> list[gr.components.Component]:
 
 def _download_link(record: ConversationRecord) -> str:
     name = html.escape(record.recording.name)
-    return f'<a href="recordings/{record.download_id}" download="{name}">{html.escape(RECORDING_LINK)}</a>'
+    link = f'<a href="recordings/{record.download_id}" download="{name}">{html.escape(RECORDING_LINK)}</a>'
+    return link + details_html(record.conversation_id)
+
+
+def details_html(conversation_id: str) -> str:
+    """The conversation's details under its recording: its id, as in the server's log and the
+    recording's name (static/page.js writes the same for the websocket path)."""
+    words = html.escape(DETAILS_ID).replace("{id}", f"<code>{html.escape(conversation_id)}</code>")
+    return f'<details class="moshi-details"><summary>{html.escape(DETAILS_SUMMARY)}</summary><p>{words}</p></details>'
 
 
 def mount_ui(
@@ -384,6 +407,7 @@ def mount_ui(
     path: str = "/",
     conversations: ConversationLog | None = None,
     connect_timeout_s: float = 10.0,
+    metrics: Metrics | None = None,
 ) -> MoshiPage:
     """Mount the page on `app` at `path`; mount it after the app's own routes.
 
@@ -397,11 +421,14 @@ def mount_ui(
     browser's recordings, and a route where the page abandons a WebRTC attempt that
     never connected. When `app` serves `/api/chat` (a local engine's `wire.server.create_api`, or
     a page-only app's relay to its remote server), the page talks over it whenever WebRTC
-    cannot connect.
+    cannot connect. The page's conversations are counted in `metrics` (by default the app's
+    server's, `app.state.moshi.metrics`, if it has one).
     """
     if (engine is None) == (remote is None):
         raise ValueError("give either a local engine or the URL of a remote Moshi server")
     base = path.rstrip("/")
+    server = getattr(app.state, "moshi", None)
+    metrics = metrics or (server.metrics if server is not None else None)
     serves_chat = any(getattr(route, "path", None) == Protocol.MOSHI.path for route in app.routes)
     where = {
         "chat_path": Protocol.MOSHI.path if serves_chat else None,
@@ -426,6 +453,7 @@ def mount_ui(
             host=host,
             conversations=conversations,
             voices=voices.names,
+            metrics=metrics,
             **where,
         )
     else:
@@ -443,6 +471,7 @@ def mount_ui(
             host=host,
             conversations=conversations,
             voices=remote_voices,
+            metrics=metrics,
             **where,
         )
     app.add_middleware(BrowserIdentity)

@@ -19,6 +19,7 @@ import { BLOCKING, MicrophoneWatch } from "./microphone.js";
 import { chatUrl, MoshiSocket } from "./moshi-socket.js";
 import { SAMPLE_RATE } from "./opus.js";
 import { PageWords } from "./page-words.js";
+import { Readout } from "./readout.js";
 import { Recording, recordingName } from "./recording.js";
 import { watchPeerConnections, WebRTCAttempt } from "./webrtc-watch.js";
 
@@ -75,7 +76,10 @@ const page = (window.moshiPage = {
   webrtcFailed: false, // once true, later conversations go straight to the websocket (auto mode)
   microphone: undefined, // why this page cannot have a microphone (microphone.js), null if it can
   peerConnections: new Set(), // FastRTC's connections not yet closed
+  conversationId: null, // the server's id of the last websocket conversation (WebRTC's: in its details)
 });
+// How late Moshi's voice arrives and the time left, during a conversation (readout.js).
+const readout = (page.readout = new Readout(() => $("#moshi-transport"), CONFIG.words.readout, CONFIG.sessionLimitS));
 
 // ## The page's elements (Gradio renders them after this script may have run)
 
@@ -139,23 +143,42 @@ function appendTranscript(piece) {
 let recordingUrl = null;
 
 function removeRecording() {
-  document.querySelectorAll("#moshi-recording a[data-moshi-websocket]").forEach((link) => link.remove());
+  document.querySelectorAll("#moshi-recording [data-moshi-websocket]").forEach((element) => element.remove());
   if (recordingUrl) URL.revokeObjectURL(recordingUrl);
   recordingUrl = null;
 }
 
-/** The websocket path's recording as a Blob link where the WebRTC path puts its own: it never leaves this browser. */
-function offerRecording(recording, startedAt, voice = null) {
+/**
+ * The websocket path's recording as a Blob link where the WebRTC path puts its own: it never
+ * leaves this browser. Its details below it, as the WebRTC path's (ui.details_html): the
+ * conversation's id, as in the server's log and the file's name.
+ */
+function offerRecording(recording, startedAt, voice = null, id = null) {
   const block = $("#moshi-recording");
   if (!block) return false;
   removeRecording();
   recordingUrl = URL.createObjectURL(recording.wav());
   const link = document.createElement("a");
   link.href = recordingUrl;
-  link.download = recordingName(startedAt, voice);
+  link.download = recordingName(startedAt, voice, id);
   link.textContent = WORDS.words.recordingLink;
   link.dataset.moshiWebsocket = "";
-  (block.querySelector(".prose") ?? block).append(link);
+  const where = block.querySelector(".prose") ?? block;
+  where.append(link);
+  if (id) {
+    const details = document.createElement("details");
+    details.className = "moshi-details";
+    details.dataset.moshiWebsocket = "";
+    const summary = document.createElement("summary");
+    summary.textContent = WORDS.words.detailsSummary;
+    const [before, after] = WORDS.words.detailsId.split("{id}");
+    const code = document.createElement("code");
+    code.textContent = id;
+    const text = document.createElement("p");
+    text.append(before, code, after ?? "");
+    details.append(summary, text);
+    where.append(details);
+  }
   return true;
 }
 
@@ -195,11 +218,13 @@ async function talkOverWebsocket(why, context = null) {
   let queued = false;
   let live = false;
   let byUser = false;
+  page.conversationId = null;
   const finish = (sentence) => {
     if (page.conversation?.socket !== socket) return;
     page.conversation = null;
     showStop(false);
-    if (recording.personSamples && offerRecording(recording, startedAt, voice)) {
+    readout.stop();
+    if (recording.personSamples && offerRecording(recording, startedAt, voice, page.conversationId)) {
       sentence += WORDS.words.recordingReady;
     }
     showMessage(sentence);
@@ -213,7 +238,12 @@ async function talkOverWebsocket(why, context = null) {
     },
     onReady: () => {
       live = true;
+      readout.talking();
       showMessage("");
+    },
+    onMetadata: (metadata) => {
+      const id = metadata?.conversation?.id;
+      if (typeof id === "string" && /^[0-9a-z]{1,32}$/i.test(id)) page.conversationId = id;
     },
     onText: appendTranscript,
     onMicrophone: (pcm) => recording.addPerson(pcm),
@@ -224,6 +254,7 @@ async function talkOverWebsocket(why, context = null) {
   });
   page.socket = socket;
   page.recording = recording;
+  readout.watchWebsocket(socket);
   page.conversation = {
     socket,
     recording,
@@ -267,9 +298,11 @@ function onPeerConnection(pc) {
     page.transport = "webrtc";
     setStatus("webrtc");
     closePrimedContext();
+    readout.watchWebrtc(pc);
   };
   attempt.onEnded = () => {
     settle();
+    if (readout.source?.pc === pc) readout.stop();
     if (page.transport === "webrtc" && page.why === "webrtc") setStatus("webrtcEnded");
     if (page.why === "connecting") setStatus("cancelled");
     closePrimedContext();

@@ -95,13 +95,14 @@ export function wavBytes(samples, channels, sampleRate) {
 
 /**
  * A file name like the WebRTC path's: moshi-conversation-YYYYmmdd-HHMMSS-xxxxxxxx.wav (local time),
- * with the voice's name after "moshi-conversation-" on a page that offers several.
+ * with the voice's name after "moshi-conversation-" on a page that offers several; xxxxxxxx is
+ * the conversation's id from the server (random if it sent none).
  */
-export function recordingName(startedAt = new Date(), voice = null) {
+export function recordingName(startedAt = new Date(), voice = null, id = null) {
   const two = (n) => String(n).padStart(2, "0");
   const d = startedAt;
   const day = `${d.getFullYear()}${two(d.getMonth() + 1)}${two(d.getDate())}`;
   const stamp = `${day}-${two(d.getHours())}${two(d.getMinutes())}${two(d.getSeconds())}`;
-  const tag = Array.from(crypto.getRandomValues(new Uint8Array(4)), (b) => b.toString(16).padStart(2, "0")).join("");
+  const tag = id ?? Array.from(crypto.getRandomValues(new Uint8Array(4)), (b) => b.toString(16).padStart(2, "0")).join("");
   return `moshi-conversation-${voice ? `${voice}-` : ""}${stamp}-${tag}.wav`;
 }
