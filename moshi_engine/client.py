@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     print(result.text.strip())
     first = result.time_to_first_audio
     seconds = result.pcm.size / 24000
-    print(f"[{seconds:.2f} s of audio back; first audio after "
+    conversation = f"conversation {result.conversation_id}: " if result.conversation_id else ""
+    print(f"[{conversation}{seconds:.2f} s of audio back; first audio after "
           f"{'-' if first is None else f'{first * 1000:.0f} ms'}; closed {result.close_code}]", file=sys.stderr)
     if args.out:
         write_wav(args.out, result.pcm)

@@ -34,6 +34,7 @@ from .model.sizing import AUTO, AutoShare
 from .model.voices import UnknownVoice, parse_voices, short_name
 from .session import MAX_OUTPUT_FRAMES, MAX_PENDING_FRAMES, MoshiSession
 from .timings import STEP, STEP_WAIT
+from .watch.logs import current_conversation
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,9 @@ class MoshiEngine:
         """A session on a free slot, waiting in line (first come, first served) while every slot is
         taken; `on_position` hears where it stands as the line moves. LineFull at once when the line
         is full, LineTimeout after the line's timeout (both BusyError); cancelling leaves the line."""
-        joined = time.monotonic()
+        joined, conversation = time.monotonic(), current_conversation()
         session = await self.line.wait(functools.partial(self.open_session, sampling, **limits), on_position)
+        session.conversation_id = conversation  # a slot freed by another conversation was leased in its context
         self.waited(time.monotonic() - joined)
         return session
 

@@ -33,6 +33,7 @@ from .conversation import (
 )
 from .model.batched import BatchedMoshi, StepOutput
 from .model.process import ModelProcess
+from .watch.logs import conversation_context, current_conversation
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ class MoshiSession(OutputIteration):
         self._failure: SessionError | None = None  # why the model ended it, if it did
         self.frames_in = 0
         self.frames_out = 0
+        # The conversation it serves, for the log lines of what happens to it off its own tasks
+        # (a step's outputs arrive from the model's thread); set by whoever leases it.
+        self.conversation_id: str | None = current_conversation()
         self._lease = model.lease(sampling, self._deliver)
 
     @property
@@ -111,7 +115,8 @@ class MoshiSession(OutputIteration):
         self._pending -= 1
         self._room.set()
         if isinstance(out, BaseException):
-            log.error("the step of slot %d failed: %r", self.slot, out)
+            with conversation_context(self.conversation_id):
+                log.error("the step of slot %d failed: %r", self.slot, out)
             self._failure = SessionError(f"model error: {out}")
             self._outbox.end(self._failure)
             self.release()

@@ -21,8 +21,8 @@ MAY_IMPORT = {
     "watch": {"vocabulary"},  # metrics and logs: below the model, whose process logs alike
     "model": {"vocabulary", "watch"},
     "door": {"vocabulary"},
-    "session": {"vocabulary", "model"},
-    "engine": {"vocabulary", "model", "door", "session"},
+    "session": {"vocabulary", "watch", "model"},
+    "engine": {"vocabulary", "watch", "model", "door", "session"},
     "wire": {"vocabulary", "watch", "model", "door", "session", "engine"},
     "page": {"vocabulary", "watch", "door", "session", "engine", "wire"},
     "client": {"vocabulary", "door", "wire"},

@@ -39,6 +39,11 @@ def new_conversation_id() -> str:
     return secrets.token_hex(4)
 
 
+def current_conversation() -> str | None:
+    """The id of the conversation the running code is about (None outside one)."""
+    return CONVERSATION.get()
+
+
 @contextlib.contextmanager
 def conversation_context(conversation_id: str | None) -> Iterator[None]:
     """Lines logged in here (and in tasks created in here) are about `conversation_id`."""

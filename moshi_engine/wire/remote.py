@@ -246,6 +246,7 @@ class Exchange:
     received_at: list[float] = field(default_factory=list)  # when each answer frame arrived
     close_code: int | None = None
     close_reason: str = ""
+    conversation_id: str | None = None  # our server's id for it, when it told one
 
     @property
     def text(self) -> str:
@@ -314,6 +315,7 @@ async def exchange(
         await asyncio.gather(feeder, return_exceptions=True)
         await session.close()
     result.close_code, result.close_reason = session.close_code, session.close_reason
+    result.conversation_id = session.conversation_id
     if answer:
         result.pcm = np.concatenate(answer)
     return result

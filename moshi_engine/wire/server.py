@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 
 RESTART_REASON = "the server is restarting; connect again in a minute"
+CLOSE_READ_S = 0.5  # how long a connection whose send failed waits to read why the client left
 
 
 class _ClientGone(Exception):
@@ -309,7 +310,14 @@ class _Connection:
             tasks = [asyncio.create_task(coro) for coro in (self._receive(), self._send_outputs(), self._watch(),
                                                              self._until_ended())]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            raise next(iter(done)).exception() or ConnectionClose(CloseCode.NORMAL, "conversation ended")
+            error = next(iter(done)).exception()
+            receiving = tasks[0]
+            if isinstance(error, _ClientGone) and error.code is None and not receiving.done():
+                # A send found the client gone: its close frame, if it sent one, is the receiver's to read.
+                await asyncio.wait({receiving}, timeout=CLOSE_READ_S)
+                if receiving.done() and isinstance(receiving.exception(), _ClientGone):
+                    error = receiving.exception()
+            raise error or ConnectionClose(CloseCode.NORMAL, "conversation ended")
         except _ClientGone as gone:
             self.ending = NORMAL if gone.cleanly else CLIENT_GONE
             return None, "client disconnected" if gone.cleanly else "connection lost"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import subprocess
 import sys
 import threading
@@ -116,6 +117,7 @@ def test_client_command_line_prints_the_transcript_and_writes_the_answer(tiny_en
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip()  # the transcript
     assert "first audio after" in run.stderr and f"closed {CloseCode.NORMAL.value}" in run.stderr
+    assert re.search(r"\[conversation [0-9a-f]{8}: ", run.stderr)  # the id in the server's log lines
     answer = read_wav(out)
     assert abs(answer.size - read_wav(HELLO_WAV).size) <= 2 * FRAME_SIZE
 
