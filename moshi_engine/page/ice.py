@@ -1,5 +1,6 @@
 """Which ICE servers WebRTC gets, by where the page is served and what the environment holds,
-and how soon the server gives up on a browser that stopped answering.
+how soon the server gives up on a browser that stopped answering, and closing the server's side
+of an attempt that the page gave up because it never connected.
 
 None on loopback (browser and server share the machine); else TURN from the
 environment (explicit servers, Cloudflare, Twilio, or FastRTC's Cloudflare
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -114,3 +116,31 @@ def server_rtc_configuration(host: str) -> dict[str, Any]:
     else STUN so that the server learns its public address. The browser's TURN relay
     is enough for the pair to connect, so the server needs no TURN of its own."""
     return {"iceServers": [] if host in LOOPBACK_HOSTS else _stun_servers()}
+
+
+# ## Attempts that never connected
+
+
+async def abandon_unconnected(pcs: dict[str, Any], ufrag: str) -> int:
+    """Close FastRTC's peer connections (`WebRTC.pcs`, aiortc) whose offer carried the ICE
+    username fragment `ufrag` and that have not connected; returns how many.
+
+    The page gives up on a WebRTC attempt that does not connect and talks over its websocket
+    instead; FastRTC itself would keep the server's side for 30 s, holding one of the page's
+    WebRTC places. The page knows its offer's ufrag, not FastRTC's connection id. Only an
+    attempt that never connected is closed: its handler never started (FastRTC starts it once
+    the data channel opens), so it holds no slot and no place in line.
+    """
+    if not ufrag:
+        return 0
+    line = re.compile(rf"^a=ice-ufrag:{re.escape(ufrag)}\r?$", re.MULTILINE)
+    closed = 0
+    for pc in list(pcs.values()):
+        offer = pc.remoteDescription
+        if offer is None or pc.connectionState == "connected" or not line.search(offer.sdp):
+            continue
+        await pc.close()  # FastRTC's "closed" listener cleans up the rest (and shuts the handler down)
+        closed += 1
+    if closed:
+        log.info("closed %d WebRTC attempt(s) that the page abandoned", closed)
+    return closed

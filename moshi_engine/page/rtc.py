@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -401,31 +400,3 @@ class MoshiHandler(AsyncStreamHandler):
         record.ending = ending
         self.clock.end(label, detail or ending.value, heard_s=round(record.person_samples / SAMPLE_RATE, 3),
                        text_pieces=record.text_pieces, recording=record.recording.name if record.recording else None)
-
-
-# ## Abandoned attempts
-
-
-async def abandon_unconnected(pcs: dict[str, Any], ufrag: str) -> int:
-    """Close FastRTC's peer connections (`WebRTC.pcs`, aiortc) whose offer carried the ICE
-    username fragment `ufrag` and that have not connected; returns how many.
-
-    The page gives up on a WebRTC attempt that does not connect and talks over its websocket
-    instead; FastRTC itself would keep the server's side for 30 s, holding one of the page's
-    WebRTC places. The page knows its offer's ufrag, not FastRTC's connection id. Only an
-    attempt that never connected is closed: its handler never started (FastRTC starts it once
-    the data channel opens), so it holds no slot and no place in line.
-    """
-    if not ufrag:
-        return 0
-    line = re.compile(rf"^a=ice-ufrag:{re.escape(ufrag)}\r?$", re.MULTILINE)
-    closed = 0
-    for pc in list(pcs.values()):
-        offer = pc.remoteDescription
-        if offer is None or pc.connectionState == "connected" or not line.search(offer.sdp):
-            continue
-        await pc.close()  # FastRTC's "closed" listener cleans up the rest (and shuts the handler down)
-        closed += 1
-    if closed:
-        log.info("closed %d WebRTC attempt(s) that the page abandoned", closed)
-    return closed

@@ -8,19 +8,20 @@
 The page: what Moshi is, a voice picker (with two voices or more), the WebRTC audio
 component (press, talk, hear Moshi),
 the live transcript, sampling controls applied when a conversation starts, a
-status line (model, device, free slots, frame time), and after each
-conversation its stereo recording to download. Busy, time limit and errors are
+status line (model, device, free slots, frame time), a live readout of how late
+Moshi's voice arrives and the time left, and after each conversation its stereo
+recording to download, with the conversation's id in its details. What it shows is
+laid out in `layout`; this module wires it to the conversations. Busy, time limit and errors are
 shown as the sentence `endings.ending_message` gives.
 
 The page's own script (`static/page.js`, see `pagescript`) watches WebRTC: when it
 cannot connect, the same conversation goes over this app's `/api/chat` websocket,
 with Opus in the browser, the same controls, messages and recording.
-This is the only module that imports gradio.
+Only this module and `layout` import gradio.
 """
 
 from __future__ import annotations
 
-import html
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -37,20 +38,24 @@ from ..conversation import Sampling, SessionLimits
 from ..door.access import BROWSER_COOKIE, BrowserIdentity, cookie_value
 from ..door.line import QUEUE_PLACES, QUEUE_TIMEOUT_S
 from ..engine import MoshiEngine, Voices
-from ..timings import LM_STEP, MIMI_DECODE, MIMI_ENCODE
 from ..watch.metrics import Metrics
 from ..wire.protocol import Protocol
 from ..wire.remote import RemoteSession, with_query
-from .conversation_log import ConversationLog, ConversationRecord
+from .conversation_log import ConversationLog
 from .endings import Ending, ending_message, line_message
-from .ice import browser_rtc_configuration, ice_source, notice_vanished_browsers_sooner, server_rtc_configuration
-from .pagescript import DETAILS_ID, DETAILS_SUMMARY, RECORDING_LINK, RECORDING_READY, page_config, page_head
-from .rtc import MoshiHandler, OpenConversation, abandon_unconnected
+from .ice import (
+    abandon_unconnected,
+    browser_rtc_configuration,
+    ice_source,
+    notice_vanished_browsers_sooner,
+)
+from .layout import CSS, download_link, free_slots, layout, status_line, voice_status
+from .pagescript import RECORDING_READY, page_config, page_head
+from .rtc import MoshiHandler, OpenConversation
 from .static_files import STATIC_PATH, mount_static
 
 log = logging.getLogger(__name__)
 
-MODEL_CARD_URL = "https://huggingface.co/kyutai/moshiko-pytorch-bf16"
 STATUS_REFRESH_S = 1.0
 # FastRTC's own time limit closes the connection abruptly; ours ends the conversation
 # first with a message, so FastRTC's only backs it up.
@@ -58,69 +63,6 @@ TIME_LIMIT_GRACE_S = 5.0
 ABANDON_PATH = "/webrtc/abandon"
 
 StatusSource = Callable[[], dict | None] | Callable[[], Awaitable[dict | None]]
-
-INTRO = f"""
-# Talk with Moshi
-
-Moshi is [Kyutai's full-duplex speech model]({MODEL_CARD_URL}): it listens and speaks at the same time,
-so you can interrupt it and it can answer while you are still talking.
-Press **Click to Access Microphone**, then **Talk to Moshi**, and speak: Moshi answers out loud and its words appear
-below as it says them. Headphones keep Moshi from hearing itself. After a conversation you can download its recording.
-"""
-
-CSS = """
-#moshi-status { font-size: 0.9em; opacity: 0.85; }
-#moshi-message:not(:empty) { border-left: 4px solid var(--color-accent); padding-left: 0.75em; }
-#moshi-transport .moshi-transport-status { font-size: 0.85em; opacity: 0.8; margin: 0; }
-#moshi-transport .moshi-transport-message {
-  border-left: 4px solid var(--color-accent); padding-left: 0.75em; margin: 0.5em 0 0;
-}
-#moshi-transport .moshi-transport-message:empty { display: none; }
-#moshi-transport .moshi-transport-stop {
-  display: inline-flex; align-items: center; gap: 0.5em; margin-top: 0.5em; padding: 0.4em 1.2em;
-  border: 1px solid var(--border-color-primary); border-radius: 999px; cursor: pointer;
-  background: var(--background-fill-primary); color: var(--body-text-color); font-weight: 600;
-}
-#moshi-transport .moshi-transport-stop::before {
-  content: ""; width: 0.7em; height: 0.7em; border-radius: 2px; background: var(--color-accent);
-}
-#moshi-transport .moshi-transport-stop[hidden] { display: none; }
-/* The live readout (static/readout.js): how late Moshi's voice arrives, and the time left. */
-#moshi-transport .moshi-readout { font-size: 0.85em; margin: 0.4em 0 0; font-variant-numeric: tabular-nums; }
-#moshi-transport .moshi-readout-left:not(:empty)::before { content: " · "; }
-#moshi-transport .moshi-readout-warning {
-  border-left: 4px solid var(--color-accent); padding-left: 0.75em; margin: 0.5em 0 0; font-weight: 600;
-}
-#moshi-transport [hidden] { display: none; }
-#moshi-recording .moshi-details { font-size: 0.85em; opacity: 0.85; margin-top: 0.4em; }
-/* The recording's block shows only when it holds a link (from either transport). */
-#moshi-recording:not(:has(a)) { display: none; }
-/* Why this page cannot have a microphone (page.js fills it): in view, and not a toast that fades. */
-#moshi-microphone .moshi-microphone-problem {
-  border-left: 4px solid var(--error-border-color, #dc2626); padding: 0.6em 0.9em; margin: 0;
-  background: var(--error-background-fill, #fef2f2); color: var(--error-text-color, #b91c1c); font-weight: 500;
-}
-#moshi-microphone .moshi-microphone-problem:empty { display: none; }
-/* ... and while that lasts, the buttons that would not work are not offered. */
-body[data-moshi-microphone] #moshi-webrtc button { display: none !important; }
-/* While a conversation goes over the websocket, FastRTC's Talk button would only start
-   another one (and its device menu means nothing there): page.js shows its own Stop. */
-body[data-moshi-transport="websocket"] #moshi-webrtc .button-wrap,
-body[data-moshi-transport="websocket"] #moshi-webrtc button[aria-label="start stream"] { visibility: hidden; }
-"""
-# Filled by static/page.js when the page cannot have a microphone (endings.MICROPHONE_WORDS).
-MICROPHONE_HTML = '<p class="moshi-microphone-problem" role="alert"></p>'
-# Filled by static/page.js: which transport carries the conversation, the websocket
-# path's messages (the WebRTC path's go to #moshi-message), and its Stop button.
-TRANSPORT_HTML = """
-<p class="moshi-transport-status" aria-live="polite"></p>
-<p class="moshi-transport-message" aria-live="polite"></p>
-<p class="moshi-readout" hidden><span class="moshi-readout-behind"></span>
-<span class="moshi-readout-left"></span></p>
-<p class="moshi-readout-warning" role="status" hidden></p>
-<button class="moshi-transport-stop" type="button" hidden>Stop</button>
-"""
-
 
 @dataclass
 class MoshiPage:
@@ -130,60 +72,6 @@ class MoshiPage:
     webrtc: WebRTC
     conversations: ConversationLog
     handler: MoshiHandler
-
-
-def voice_status(status: dict | None, voice: str | None) -> dict | None:
-    """The part of a /status-like dict about `voice` (its entry of `voices`), or the whole
-    status when it lists no voices (one voice) or not that one."""
-    for entry in (status or {}).get("voices") or ():
-        if entry.get("name") == voice:
-            return entry
-    return status
-
-
-def status_line(status: dict | None, remote: str | None = None, voice: str | None = None) -> str:
-    """One line of Markdown from a /status-like dict: model, device, free slots, frame time;
-    with a `voice` of several, that voice's."""
-    status = voice_status(status, voice)
-    if not status:
-        return f"Moshi runs at `{remote}`." if remote else "Moshi's status is not available right now."
-    if status.get("unavailable"):
-        return f"Moshi is unavailable right now: {status['unavailable']}."
-    parts = [f"Voice **{voice}**: model `{status.get('model', '?')}`" if voice and status.get("name") == voice
-             else f"Model `{status.get('model', '?')}`"]
-    if "device" in status:
-        precision = status.get("dtype")
-        if precision and status.get("weights") and status["weights"] != precision:
-            precision += f", {status['weights']} weights"
-        parts.append(f"on {status['device']}" + (f" ({precision})" if precision else ""))
-    sessions = status.get("sessions") or {}
-    if "capacity" in sessions:
-        capacity = sessions["capacity"]
-        free = max(0, capacity - sessions.get("active", 0))
-        parts.append(f"**{free} of {capacity}** conversation slot{'s' if capacity != 1 else ''} free")
-    waiting = (status.get("queue") or {}).get("waiting", 0)
-    if waiting:
-        parts.append(f"{waiting} waiting in line")
-    frame_ms = _frame_ms(status.get("timings") or {})
-    if frame_ms is not None:
-        verdict = "real time" if frame_ms < 80 else "slower than real time"
-        parts.append(f"frame time {frame_ms:.1f} ms of 80 ms ({verdict})")
-    return " · ".join(parts)
-
-
-def _frame_ms(timings: dict) -> float | None:
-    """Median compute per 80 ms frame: Mimi encode + LM step + Mimi decode (None before any)."""
-    stages = [timings.get(stage) or {} for stage in (MIMI_ENCODE, LM_STEP, MIMI_DECODE)]
-    if not all(stage.get("count") for stage in stages):
-        return None
-    return sum(stage["p50_ms"] for stage in stages)
-
-
-def free_slots(status: dict | None) -> int | None:
-    sessions = (status or {}).get("sessions") or {}
-    if "capacity" not in sessions:
-        return None
-    return max(0, sessions["capacity"] - sessions.get("active", 0))
 
 
 def sampling_from_inputs(inputs: list[Any]) -> Sampling:
@@ -263,41 +151,10 @@ def build_page(
                          abandon_path=abandon_path)
     head = page_head(config, static_path)
     with gr.Blocks(title="Moshi voice chat", theme=theme, css=CSS, head=head) as blocks:
-        gr.Markdown(INTRO)
-        status_md = gr.Markdown(status_line(None, remote), elem_id="moshi-status")
-        # page.js reads the voice picked for a conversation over the websocket
-        voice = gr.Radio(voices or [], value=(voices or [None])[0], label="Voice", visible=picking,
-                         elem_id="moshi-voice", info="Each voice is a Moshi of its own, with its own free slots.")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=3):
-                gr.HTML(MICROPHONE_HTML, elem_id="moshi-microphone")
-                webrtc = WebRTC(
-                    label="Conversation",
-                    modality="audio",
-                    mode="send-receive",
-                    variant="wave",
-                    full_screen=False,
-                    rtc_configuration=rtc_configuration,
-                    server_rtc_configuration=server_rtc_configuration(host),
-                    button_labels={"start": "Talk to Moshi", "stop": "Stop", "waiting": "Connecting"},
-                    elem_id="moshi-webrtc",
-                )
-                gr.HTML(TRANSPORT_HTML, elem_id="moshi-transport")
-                message_md = gr.Markdown(elem_id="moshi-message")
-                transcript = gr.Textbox(
-                    label="What Moshi says",
-                    lines=6,
-                    max_lines=12,
-                    interactive=False,
-                    autoscroll=True,
-                    elem_id="moshi-transcript",
-                )
-                # A plain link, so that the browser fetches the file itself, with its identity
-                # cookie: the recording is this browser's alone (`conversation_log`). Always in the page
-                # (CSS hides it while empty): page.js puts the websocket path's link here too.
-                recording = gr.HTML("", elem_id="moshi-recording")
-            with gr.Column(scale=2):
-                controls = sampling_controls(default_sampling)
+        shown_page = layout(voices, remote, host, rtc_configuration, default_sampling)
+        status_md, voice, webrtc, controls = shown_page.status, shown_page.voice, shown_page.webrtc, shown_page.controls
+        message_md, transcript = shown_page.message, shown_page.transcript
+        recording = shown_page.recording
         shown = gr.State(None)  # the WebRTC id whose ending the page already shows
         timer = gr.Timer(STATUS_REFRESH_S)
 
@@ -343,7 +200,7 @@ def build_page(
             download = gr.update()
             if record.recording:
                 message += RECORDING_READY
-                download = gr.update(value=_download_link(record))
+                download = gr.update(value=download_link(record))
             return line, message, record.transcript, download, webrtc_id
 
         async def show_status(picked: str | None) -> str:
@@ -364,34 +221,6 @@ def build_page(
 def voice_from_inputs(inputs: list[Any]) -> str | None:
     """The voice picked on the page: the input after the sampling controls."""
     return str(inputs[5]) if len(inputs) > 5 and inputs[5] else None
-
-
-def sampling_controls(d: Sampling) -> list[gr.components.Component]:
-    """The sampling controls, in `sampling_from_inputs`' order, starting at `d`."""
-    with gr.Accordion("Sampling, applied when a conversation starts", open=True):
-        # elem_ids: page.js reads these for a conversation over the websocket
-        return [
-            gr.Slider(0.0, 2.0, value=d.temp, step=0.05, label="Audio temperature", elem_id="moshi-temp"),
-            gr.Slider(1, max(500, d.top_k), value=d.top_k, step=1, label="Audio top-k", elem_id="moshi-top-k"),
-            gr.Slider(0.0, 2.0, value=d.temp_text, step=0.05, label="Text temperature", elem_id="moshi-temp-text"),
-            gr.Slider(1, max(100, d.top_k_text), value=d.top_k_text, step=1, label="Text top-k",
-                      elem_id="moshi-top-k-text"),
-            gr.Number(value=-1 if d.seed is None else d.seed, precision=0, minimum=-1, label="Seed (-1: random)",
-                      elem_id="moshi-seed"),
-        ]
-
-
-def _download_link(record: ConversationRecord) -> str:
-    name = html.escape(record.recording.name)
-    link = f'<a href="recordings/{record.download_id}" download="{name}">{html.escape(RECORDING_LINK)}</a>'
-    return link + details_html(record.conversation_id)
-
-
-def details_html(conversation_id: str) -> str:
-    """The conversation's details under its recording: its id, as in the server's log and the
-    recording's name (static/page.js writes the same for the websocket path)."""
-    words = html.escape(DETAILS_ID).replace("{id}", f"<code>{html.escape(conversation_id)}</code>")
-    return f'<details class="moshi-details"><summary>{html.escape(DETAILS_SUMMARY)}</summary><p>{words}</p></details>'
 
 
 def mount_ui(

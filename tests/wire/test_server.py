@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE
 from moshi_engine.conversation import BusyError, Sampling, SessionLimits
 from moshi_engine.engine import load_engine
-from moshi_engine.page.ui import status_line
+from moshi_engine.page.layout import status_line
 from moshi_engine.web import create_app
 from moshi_engine.wire.codec import OpusEncoder
 from moshi_engine.wire.protocol import HANDSHAKE, MAX_MESSAGE_BYTES, CloseCode, Protocol
