@@ -282,10 +282,30 @@ def test_remote_mode_page_carries_a_browser_conversation_to_a_second_server():
             browser.close()
         status = moshi_status(moshi_url)
         assert status["sessions"]["active"] == 0 and status["connections_served"] >= 2
+        # each side counts what it served: the page its WebRTC call, the server both (the relayed
+        # websocket too), and /metrics stays open on the private page
+        assert counted(page_url, ("webrtc", "normal"), 1) == 1
+        assert counted(moshi_url, ("api/chat", "normal"), 2) == 2
     finally:
         if page_only is not None:
             stop_app(page_only)
         stop_app(moshi)
+
+
+def counted(base: str, key: tuple[str, str], expected: int) -> float:
+    """moshi_conversations_total{transport, ending} of `key`, once it reaches `expected` (a server
+    counts a conversation as it finishes with it, a moment after the client left) or 10 s on."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + 10
+    while True:
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
+            families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+        value = sum(s.value for s in families["moshi_conversations"].samples
+                    if s.name.endswith("_total") and (s.labels["transport"], s.labels["ending"]) == key)
+        if value >= expected or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
 
 
 def wait_for_idle(base: str) -> None:
