@@ -40,6 +40,13 @@ def served():
         engine.close()
 
 
+def screenshot(page: Page, name: str) -> None:
+    """To $MOSHI_SCREENSHOTS (e.g. `docs`) when set."""
+    from tests.page.test_browser import screenshot as save
+
+    save(page, name)
+
+
 def ended_conversations(url: str) -> dict[tuple[str, str], float]:
     """moshi_conversations_total by (transport, ending), and each transport's count of first
     audios by (transport, "first_audio"), as Prometheus would read /metrics."""
@@ -85,6 +92,8 @@ def test_the_readout_shows_the_lag_and_the_time_left_then_the_limit_ends_the_con
         # Under a minute from the start (the limit is 10 s): the warning stays in view.
         assert page.is_visible(WARNING)
         assert page.inner_text(WARNING).startswith("Less than a minute left")
+        if not query:
+            screenshot(page, "screenshot-readout.png")
         assert engine.active == 1
 
         # The limit ends it: the readout goes, the page says why and how to start anew.
