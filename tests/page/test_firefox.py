@@ -84,6 +84,10 @@ def test_firefox_talks_with_moshi_and_stop_releases_the_slot(served, driver, que
     wait_for(driver, f"document.querySelector(\"{TALK}\")")
     driver.find_element(By.CSS_SELECTOR, TALK).click()
     wait_for(driver, "document.querySelector('#moshi-transcript textarea').value.trim().length > 0")
+    # the live readout has a number in Firefox too (its own getStats(), or the player's queue)
+    wait_for(driver, "window.moshiPage.readout.state.behindMs !== null")
+    readout = driver.find_element(By.CSS_SELECTOR, "#moshi-transport .moshi-readout").text
+    assert "ms behind" in readout and " left" in readout, readout
     picked = voice or "tiny"  # the first voice, unless the visitor picks another
     assert leased(voices) == {"tiny": int(picked == "tiny"), "tiny-q8": int(picked == "tiny-q8")}
     first = transcript(driver)
