@@ -115,12 +115,12 @@ class Limit(ConnectionClose):
 class Connection:
     """The receive / send / watchdog tasks of one websocket over one session."""
 
-    def __init__(self, ws: WebSocket, protocol: Protocol, session: MoshiSession,
-                 limits: SessionLimits, timings: StageTimings, carried: list[bytes] | None = None,
-                 clock: ConversationClock | None = None) -> None:
+    def __init__(self, ws: WebSocket, protocol: Protocol, session: MoshiSession, limits: SessionLimits,
+                 timings: StageTimings, clock: ConversationClock, announce: bool = False,
+                 carried: list[bytes] | None = None) -> None:
         self.ws = ws
-        self.clock = clock or ConversationClock(None, "", protocol.value, "")
-        self.announce = ws.query_params.get("queue") == "1"  # it reads metadata
+        self.clock = clock  # its times, counted and logged at its end
+        self.announce = announce  # it reads our metadata: tell it its conversation's id
         self.ending: str | None = None  # how it ended (`metrics.ENDINGS`), once it has
         self.carried = carried or []  # the client's first audio, read while its wait was ending
         self.protocol = protocol

@@ -109,9 +109,10 @@ class MoshiServer:
     async def _serve(self, ws: WebSocket, protocol: Protocol, conversation_id: str) -> None:
         await ws.accept()
         clock = self.metrics.conversation(None, protocol.value, conversation_id)
+        announce = ws.query_params.get("queue") == "1"  # a client that reads our metadata
         try:
             clock.voice, engine = self._voice(ws)
-            session, carried = await self._wait_for_slot(ws, protocol, engine)
+            session, carried = await self._wait_for_slot(ws, protocol, engine, announce)
         except ClientGone:
             clock.end(CLIENT_GONE, "left the line")
             return
@@ -124,7 +125,7 @@ class MoshiServer:
         clock.talking()
         log.info("conversation started", extra=log_fields(transport=protocol.value, voice=clock.voice,
                                                           slot=session.slot))
-        connection = Connection(ws, protocol, session, self.limits, engine.timings, carried, clock)
+        connection = Connection(ws, protocol, session, self.limits, engine.timings, clock, announce, carried)
         self._live[session] = connection
         code, reason = CloseCode.GOING_AWAY, "the server is shutting down"  # if cancelled
         try:
@@ -148,16 +149,16 @@ class MoshiServer:
         except UnknownVoice as error:
             raise ProtocolError(CloseCode.POLICY_VIOLATION, str(error)) from None
 
-    async def _wait_for_slot(self, ws: WebSocket, protocol: Protocol,
-                             engine: MoshiEngine) -> tuple[MoshiSession, list[bytes]]:
+    async def _wait_for_slot(self, ws: WebSocket, protocol: Protocol, engine: MoshiEngine,
+                             announce: bool) -> tuple[MoshiSession, list[bytes]]:
         """A slot for this connection, waiting in line while every slot is taken, and the audio
         the client sent after the slot came, before the wait stopped reading. Meanwhile the
-        client's audio is read and dropped (so its conversation starts fresh), and with `?queue=1`
-        its place is sent as `KIND_METADATA` JSON whenever the line moves."""
+        client's audio is read and dropped (so its conversation starts fresh), and if `announce`
+        (`?queue=1`) its place is sent as `KIND_METADATA` JSON whenever the line moves."""
         if self.restarting:
             raise ConnectionClose(CloseCode.SERVICE_RESTART, self.restarting)
         query = dict(ws.query_params)
-        announce = query.pop("queue", "0") == "1"
+        query.pop("queue", None)  # `announce`, no sampling parameter
         query.pop("token", None)  # the access token rides on the URL too; it is no sampling parameter
         query.pop("voice", None)
         try:
