@@ -128,7 +128,8 @@ hf_cache = modal.Volume.from_name("moshi-hf-cache", create_if_missing=True)
 VOLUMES = {"/cache": hf_cache}
 
 # A Modal Secret can carry HF_TOKEN (gated repos, and fastrtc's Cloudflare TURN credentials),
-# other TURN credentials (see README), and MOSHI_ACCESS_TOKEN, which makes the deployment private:
+# other TURN credentials (see README), MOSHI_METRICS_TOKEN (for /metrics), and MOSHI_ACCESS_TOKEN,
+# which makes the deployment private:
 # `modal secret create moshi-secrets HF_TOKEN=... MOSHI_ACCESS_TOKEN=...`, then deploy with
 # `MOSHI_MODAL_SECRET=moshi-secrets`. Secrets reach the containers, never the image.
 
