@@ -16,13 +16,22 @@ from typing import Protocol
 import numpy as np
 
 
+# A conversation whose connection brought nothing for this long is interrupted (an outage, a
+# handover): its grace runs, and a resume token may take it up on a new connection. Every
+# client streams its microphone without pause, so a working connection is never this quiet.
+INTERRUPTED_AFTER_S = 1.5
+
+
 @dataclass(frozen=True)
 class SessionLimits:
-    """How long one conversation may last, and how long it may go without audio;
-    the websocket server and the WebRTC page both end conversations by these."""
+    """How long one conversation may last, how long it may go without audio, and how long its
+    slot is kept for it once its connection is interrupted (`reconnect_grace_s`, counted from
+    the interruption: an outage or a handover up to that long ends nothing); the websocket
+    server and the WebRTC page both end conversations by these."""
 
     max_session_s: float = 600.0
     idle_s: float = 30.0
+    reconnect_grace_s: float = 15.0
 
 
 class BusyError(RuntimeError):
@@ -167,6 +176,15 @@ class OutputQueue:
         self._counts[kind] += 1
         self._items.append(item)
         self._ready.set()
+
+    def clear(self) -> int:
+        """Drop every output queued (counted as dropped); returns how many audio frames went."""
+        audio = self._counts[AudioOut]
+        self.dropped += audio
+        self.dropped_texts += self._counts[TextOut]
+        self._items.clear()
+        self._counts = {AudioOut: 0, TextOut: 0}
+        return audio
 
     def end(self, reason: BaseException) -> None:
         if self._end is None:

@@ -32,7 +32,7 @@ from .model.loading import WARMUP_FRAMES, EngineInfo, Weights, freeze_garbage_co
 from .model.process import ModelProcess
 from .model.sizing import AUTO, AutoShare
 from .model.voices import UnknownVoice, parse_voices, short_name
-from .session import MAX_OUTPUT_FRAMES, MAX_PENDING_FRAMES, MoshiSession
+from .session import MAX_OUTPUT_FRAMES, MAX_WAITING_FRAMES, MoshiSession
 from .timings import STEP, STEP_WAIT
 from .watch.logs import current_conversation
 
@@ -97,11 +97,11 @@ class MoshiEngine:
     def open_session(
         self,
         sampling: Sampling | None = None,
-        max_pending_frames: int = MAX_PENDING_FRAMES,
+        max_waiting_frames: int = MAX_WAITING_FRAMES,
         max_output_frames: int = MAX_OUTPUT_FRAMES,
     ) -> MoshiSession:
         """Lease a free slot (BusyError if none) for a session; call it from the event loop."""
-        session = MoshiSession(self.model, sampling or self.default_sampling, max_pending_frames, max_output_frames,
+        session = MoshiSession(self.model, sampling or self.default_sampling, max_waiting_frames, max_output_frames,
                                on_release=self._released)
         self._sessions.add(session)
         self.line.started(session)
@@ -250,6 +250,7 @@ def load_engine(
     weights: Weights | None = None,
     model_process: bool = True,
     context: int | None = None,
+    min_step_ms: float = 0.0,
 ) -> MoshiEngine:
     """A warm engine with `sessions` conversation slots (or "auto", see `model.loading.choose_sessions`) over
     `weights`, or over the checkpoint `model` loaded on `device` (see `model.loading.load_weights`).
@@ -260,14 +261,15 @@ def load_engine(
     in a process of their own (`model.process`), else by a thread of this one. `gather_ms` is the
     stepping policy (`model.batched.BatchedMoshi`); `queue` places wait at most `queue_timeout_s`
     each for a slot (`door.line.WaitingLine`). `context` is the LM's attention window in steps
-    (default the checkpoint's; see `model.loading.load_weights`).
+    (default the checkpoint's; see `model.loading.load_weights`). `min_step_ms` makes every step
+    last at least that long (tests and the benchmark: the tiny model as slow as a real one).
     """
     if model_process and weights is None and os.name == "posix":  # the child's pipe is an inherited fd
-        slots = ModelProcess.start(model, device, sessions, warmup_frames, gather_ms, context)
+        slots = ModelProcess.start(model, device, sessions, warmup_frames, gather_ms, context, min_step_ms)
         info, default_sampling = slots.info, slots.default_sampling
     else:
         slots, info, default_sampling = load_slots(model, device, sessions, warmup_frames, gather_ms, weights,
-                                                   context=context)
+                                                   context=context, min_step_ms=min_step_ms)
     freeze_garbage_collector()
     return MoshiEngine(info, slots, default_sampling, queue, queue_timeout_s)
 

@@ -5,22 +5,30 @@
         async for out in session:            # AudioOut (1920 samples) / TextOut, in order
             ...
 
-Input is cut into 80 ms frames and queued on the slot (bounded: a sender that
-outpaces the model waits); the stepping thread steps them with the other rows'
-frames; outputs are queued (bounded: a reader that cannot keep up loses its
-oldest audio, never memory). Closing, also on error or cancellation, frees the
-slot at once; its row is reset before anyone's next frame is stepped on it.
+Input is cut into 80 ms frames and queued on the slot; the stepping thread steps them with
+the other rows' frames; outputs are queued (bounded: a reader that cannot keep up loses its
+oldest audio, never memory). Closing, also on error or cancellation, frees the slot at once;
+its row is reset before anyone's next frame is stepped on it.
+
+Moshi answers what the visitor says now. Each frame has its place on the sender's clock
+(`InputClock`): a sender that runs ahead of real time (a file sent as fast as the server takes
+it) fills at most `MAX_WAITING_FRAMES` and then waits, and every frame is stepped; input that
+falls more than `STALE_AFTER_S` behind real time (the backlog a network delivers at once
+after an outage, or a model slower than real time) is dropped, oldest first, down to the
+frame of the moment, so the lag is back to normal with the next step, whatever a step takes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
 
-from .audio import FRAME_SIZE, check_pcm
+from .audio import FRAME_SECONDS, FRAME_SIZE, check_pcm
 from .conversation import (
     AudioOut,
     Output,
@@ -37,8 +45,52 @@ from .watch.logs import conversation_context, current_conversation
 
 log = logging.getLogger(__name__)
 
-MAX_PENDING_FRAMES = 25  # 2 s of input waiting for the model
+MAX_WAITING_FRAMES = 25  # 2 s of input ahead of real time a sender may queue; then it waits
 MAX_OUTPUT_FRAMES = 25  # 2 s of output waiting for its reader
+# Frames handed to the model ahead of their step: with two, the next frame is there when a
+# step ends (the hop back and forth costs no step), and at most two can no longer be dropped.
+IN_FLIGHT_FRAMES = 2
+# A frame further behind real time than this is stale. It bounds what a network hiccup may
+# cost: a TCP retransmission after a lost packet holds the stream 0.2 to 0.3 s and then
+# delivers it at once, which stays under the bound and loses nothing.
+STALE_AFTER_S = 0.4
+# Once input is stale, it is dropped down to the frames at most this far behind: back to the
+# lag of a conversation that never fell behind.
+CAUGHT_UP_S = FRAME_SECONDS
+ANCHOR_WINDOW_S = 1.0  # how long input must flow at its new pace before the clock follows it
+
+
+class InputClock:
+    """Where each input frame belongs in real time: frame i at `anchor + i * 80 ms`.
+
+    The anchor is the first frame's arrival, and it only moves later, never earlier: to the
+    earliest place any frame of the last ANCHOR_WINDOW_S had, once frames have flowed that
+    long. So a sender ahead of real time (a file sent fast) is never behind; a stream that
+    resumes after a gap in which its frames were lost (WebRTC drops what an outage holds) is
+    on time again within a second; and a backlog that arrives at once (what TCP held during
+    an outage) is as late as it is, since it arrives in less than the window.
+    """
+
+    def __init__(self, window_s: float = ANCHOR_WINDOW_S) -> None:
+        self.window_s = window_s
+        self.anchor: float | None = None
+        self._recent: deque[tuple[float, float]] = deque()  # (arrival, arrival - index * frame)
+
+    def arrived(self, index: int, at: float) -> None:
+        """Frame `index` of the stream arrived whole at `at` (time.perf_counter())."""
+        offset = at - index * FRAME_SECONDS
+        if self.anchor is None:
+            self.anchor = offset
+        recent = self._recent
+        while recent and recent[0][0] < at - self.window_s:
+            recent.popleft()
+        recent.append((at, offset))
+        if at - recent[0][0] >= self.window_s - FRAME_SECONDS:  # frames have flowed for the whole window
+            self.anchor = max(self.anchor, min(offset for _, offset in recent))
+
+    def behind(self, index: int, now: float) -> float:
+        """Seconds frame `index` is behind real time at `now` (negative: ahead)."""
+        return now - (self.anchor + index * FRAME_SECONDS) if self.anchor is not None else 0.0
 
 
 class MoshiSession(OutputIteration):
@@ -49,22 +101,28 @@ class MoshiSession(OutputIteration):
         self,
         model: BatchedMoshi | ModelProcess,
         sampling: Sampling,
-        max_pending_frames: int = MAX_PENDING_FRAMES,
+        max_waiting_frames: int = MAX_WAITING_FRAMES,
         max_output_frames: int = MAX_OUTPUT_FRAMES,
         on_release: Callable[[MoshiSession], None] | None = None,
     ) -> None:
         self.sampling = sampling
         self._on_release = on_release
         self._model = model
-        self._max_pending = max_pending_frames
-        self._pending = 0  # frames submitted and not stepped yet
+        self._max_waiting = max_waiting_frames
+        self._waiting: deque[tuple[int, np.ndarray, float]] = deque()  # (index, frame, arrival), not handed on
+        self._in_flight = 0  # frames handed to the model and not stepped yet
         self._room = asyncio.Event()
         self._outbox = OutputQueue(max_output_frames)
         self._buffer = np.zeros(0, dtype=np.float32)
+        self._clock = InputClock()
         self._closed = False
         self._failure: SessionError | None = None  # why the model ended it, if it did
-        self.frames_in = 0
+        self.frames_received = 0  # whole input frames, stepped or not
+        self.frames_in = 0  # input frames stepped
         self.frames_out = 0
+        self.stale_frames = 0  # input frames dropped as too far behind real time
+        # Told how many input frames were just dropped as stale (a metric's counter).
+        self.on_stale: Callable[[int], None] | None = None
         # The conversation it serves, for the log lines of what happens to it off its own tasks
         # (a step's outputs arrive from the model's thread); set by whoever leases it.
         self.conversation_id: str | None = current_conversation()
@@ -90,19 +148,48 @@ class MoshiSession(OutputIteration):
             raise SessionClosed("session is closed")
 
     async def send_pcm(self, pcm: np.ndarray) -> None:
-        """Queue pcm (float32 mono 24 kHz, any length); waits while the model is behind."""
+        """Queue pcm (float32 mono 24 kHz, any length). Waits while a sender ahead of real time
+        has MAX_WAITING_FRAMES queued; input behind real time is dropped instead (see above)."""
         check_pcm(pcm)
         self._buffer = np.concatenate([self._buffer, pcm])
         while self._buffer.size >= FRAME_SIZE:
-            while self._pending >= self._max_pending and not self._closed:
-                self._room.clear()
-                await self._room.wait()
             if self._closed:
                 # a sender learns why as its reader does: the model's error, if that ended it
                 raise self._failure or SessionClosed("session is closed")
             frame, self._buffer = self._buffer[:FRAME_SIZE].copy(), self._buffer[FRAME_SIZE:]
-            self._model.submit(self._lease, frame)
-            self._pending += 1
+            arrived = time.perf_counter()
+            index = self.frames_received
+            self.frames_received += 1
+            self._clock.arrived(index, arrived)
+            self._waiting.append((index, frame, arrived))
+            self._hand_on()
+            while len(self._waiting) >= self._max_waiting and not self._closed:
+                self._room.clear()
+                await self._room.wait()
+
+    def _hand_on(self) -> None:
+        """Drop what is stale, then hand the model what it may step next."""
+        waiting = self._waiting
+        if len(waiting) > 1 and self._clock.behind(waiting[0][0], time.perf_counter()) > STALE_AFTER_S:
+            now = time.perf_counter()
+            dropped = 0
+            while len(waiting) > 1 and self._clock.behind(waiting[0][0], now) > CAUGHT_UP_S:
+                waiting.popleft()
+                dropped += 1
+            self.stale_frames += dropped
+            if self.on_stale is not None:
+                self.on_stale(dropped)
+        while waiting and self._in_flight < IN_FLIGHT_FRAMES:
+            _, frame, arrived = waiting.popleft()
+            self._model.submit(self._lease, frame, arrived)
+            self._in_flight += 1
+        if len(waiting) < self._max_waiting:
+            self._room.set()
+
+    def clear_outputs(self) -> int:
+        """Drop every output not read yet (audio for a connection that could not take it);
+        returns how many audio frames went."""
+        return self._outbox.clear()
 
     async def receive(self) -> Output:
         """The next output; raises SessionClosed once closed, SessionError if the model failed."""
@@ -112,8 +199,7 @@ class MoshiSession(OutputIteration):
         """One stepped frame's output (on the event loop, from the stepping thread)."""
         if self._closed:
             return
-        self._pending -= 1
-        self._room.set()
+        self._in_flight -= 1
         if isinstance(out, BaseException):
             with conversation_context(self.conversation_id):
                 log.error("the step of slot %d failed: %r", self.slot, out)
@@ -121,6 +207,7 @@ class MoshiSession(OutputIteration):
             self._outbox.end(self._failure)
             self.release()
             return
+        self._hand_on()
         self.frames_in += 1
         if out.pcm is not None:
             self.frames_out += 1
@@ -133,6 +220,7 @@ class MoshiSession(OutputIteration):
         if not self._closed:
             self._closed = True
             self._model.release(self._lease)
+            self._waiting.clear()
             self._outbox.end(SessionClosed("session closed"))
             self._room.set()  # wakes a sender waiting for room
             if self._on_release is not None:

@@ -88,6 +88,8 @@ class BatchedMoshi:
     `gather_ms` > 0 makes a step wait up to that long after its first frame arrived for
     the other conversations' frames (fewer, fuller steps: less compute, more latency);
     0, the default, steps as soon as any frame is ready (see the module's docstring).
+    `min_step_ms` makes every step last at least that long (the LM's part waits out the rest):
+    for tests and the benchmark, a tiny model that takes as long as a real one on a loaded GPU.
     `sink` receives each step's outputs on the stepping thread; by default each goes to
     its lease's `deliver` on the lease's event loop (`deliver_to_loops`). With
     `thread=False` no thread is started: the caller steps with `step_when_due`, from the
@@ -104,6 +106,7 @@ class BatchedMoshi:
         lm_gen_kwargs: dict | None = None,
         gather_ms: float = 0.0,
         thread: bool = True,
+        min_step_ms: float = 0.0,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
@@ -115,6 +118,7 @@ class BatchedMoshi:
         self.tokenizer = tokenizer
         self.timings = timings
         self.gather_s = gather_ms / 1000.0
+        self.min_step_s = min_step_ms / 1000.0
         self.sink: Sink = deliver_to_loops
         self.rows_per_step: deque[int] = deque(maxlen=500)
         self.restarts = 0  # as `ModelProcess.restarts`: this one steps in this process, and never restarts
@@ -329,6 +333,8 @@ class BatchedMoshi:
         self.lm_gen.set_exec_mask(mask)
         tokens = self.lm_gen.step(codes)  # [N, 1 + dep_q, 1]; -2 for masked rows and the initial delay
         text_tokens = tokens[:, 0, 0].cpu().tolist()
+        if self.min_step_s > 0 and (rest := started + self.min_step_s - time.perf_counter()) > 0:
+            time.sleep(rest)  # as a real LM step would take, on a GPU busy with a full batch
         stepped = time.perf_counter()
         speaking = [row for row in rows if text_tokens[row] >= 0]
         decoded_pcm = None

@@ -35,11 +35,11 @@ def serve(fd: int) -> None:
     says, then take messages until told to close (or until the server is gone: the pipe ends)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server closes us
     conn = Connection(fd)
-    model, device, sessions, warmup_frames, gather_ms, context, log_level, log_format = conn.recv()
+    model, device, sessions, warmup_frames, gather_ms, context, min_step_ms, log_level, log_format = conn.recv()
     configure_logging(log_format, log_level)  # as the server logs: text, or JSON lines
     try:
         batched, info, default_sampling = load_slots(model, device, sessions, warmup_frames, gather_ms, thread=False,
-                                                     context=context)
+                                                     context=context, min_step_ms=min_step_ms)
     except BaseException as error:  # noqa: BLE001 - handed to the parent, which raises it
         conn.send((_FAILED, _picklable(error)))
         return

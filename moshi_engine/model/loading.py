@@ -224,6 +224,7 @@ def load_slots(
     weights: Weights | None = None,
     thread: bool = True,
     context: int | None = None,
+    min_step_ms: float = 0.0,
 ) -> tuple[BatchedMoshi, EngineInfo, Sampling]:
     """Warm batched slots over `weights` (or over the checkpoint `model` loaded on `device`
     with `context`, see `load_weights`), what they serve, and the checkpoint's default
@@ -236,7 +237,7 @@ def load_slots(
     default_sampling = Sampling.from_config(weights.lm_gen_config)
     lm_gen_kwargs = {k: v for k, v in weights.lm_gen_config.items() if not hasattr(default_sampling, k)}
     batched = BatchedMoshi(weights.mimi, weights.lm, weights.tokenizer, slots, StageTimings(), lm_gen_kwargs,
-                           gather_ms, thread)
+                           gather_ms, thread, min_step_ms)
     try:
         batched.warmup(warmup_frames)
     except BaseException as error:

@@ -89,6 +89,7 @@ class _Launch:
     warmup_frames: int
     gather_ms: float
     context: int | None = None
+    min_step_ms: float = 0.0
 
     def run(self, on_spawn: Callable[[subprocess.Popen], None] | None = None) -> tuple:
         """(process, connection, (info, default_sampling, capacity)) of a ready child, or raises
@@ -104,6 +105,7 @@ class _Launch:
             if on_spawn is not None:
                 on_spawn(process)
             conn.send((self.model, self.device, self.sessions, self.warmup_frames, self.gather_ms, self.context,
+                       self.min_step_ms,
                        logging.getLogger().getEffectiveLevel(), current_format()))
             if not conn.poll(START_TIMEOUT_S):
                 raise TimeoutError(f"the model process did not start in {START_TIMEOUT_S:.0f} s")
@@ -160,11 +162,11 @@ class ModelProcess:
 
     @classmethod
     def start(cls, model: str, device: str, sessions: int | str | AutoShare, warmup_frames: int,
-              gather_ms: float, context: int | None = None) -> ModelProcess:
+              gather_ms: float, context: int | None = None, min_step_ms: float = 0.0) -> ModelProcess:
         """Start the child, which loads `model` on `device` (with an attention window of `context`
         steps) with `sessions` slots and warms them up (`loading.load_slots`); returns once it is
         ready, or raises what it raised."""
-        launch = _Launch(model, device, sessions, warmup_frames, gather_ms, context)
+        launch = _Launch(model, device, sessions, warmup_frames, gather_ms, context, min_step_ms)
         process, conn, (info, default_sampling, capacity) = launch.run()
         return cls(dataclasses.replace(launch, sessions=capacity), process, conn, info, default_sampling, capacity)
 
@@ -202,15 +204,16 @@ class ModelProcess:
                     return lease
         raise BusyError(f"all {self.capacity} conversation slots are taken")
 
-    def submit(self, lease: Lease, frame: np.ndarray) -> None:
+    def submit(self, lease: Lease, frame: np.ndarray, arrived: float | None = None) -> None:
         """Queue one FRAME_SIZE pcm frame of `lease`'s conversation; call it from the event loop
-        that is to receive the outputs."""
+        that is to receive the outputs. `arrived`: when the frame was whole (time.perf_counter(),
+        default now)."""
         if lease.loop is None:
             lease.loop = asyncio.get_running_loop()
         if lease.released or self._slots[lease.slot] is not lease:
             raise SessionClosed("session is closed")
         # perf_counter is the system's monotonic clock: the child measures the wait from here.
-        self._send((_FRAME, lease.ident, frame, time.perf_counter()))
+        self._send((_FRAME, lease.ident, frame, time.perf_counter() if arrived is None else arrived))
 
     def release(self, lease: Lease) -> None:
         """Free `lease`'s slot at once (its row is reset before anyone else's frame). Idempotent."""
