@@ -55,6 +55,13 @@ REFUSED = "refused"  # never started: no slot or place in line, a timed-out wait
 RESTART = "restart"  # the server is restarting (a redeploy, a scale-down)
 ENDINGS = (NORMAL, LIMIT, IDLE, CLIENT_GONE, ERROR, REFUSED, RESTART)
 
+# How an interruption of a conversation's connection ended, the `outcome` label of
+# moshi_interruptions_total: its connection came back, a new one took it up, or the grace ran out.
+RECOVERED = "recovered"
+RESUMED = "resumed"
+LOST = "lost"
+INTERRUPTION_OUTCOMES = (RECOVERED, RESUMED, LOST)
+
 # Transports, the `transport` label: the page's WebRTC, and the two websocket protocols.
 WEBRTC = "webrtc"
 WS = "ws"  # QuiLLMan's /ws
@@ -90,6 +97,23 @@ class Metrics:
         self.queue_wait = Histogram(
             "moshi_queue_wait_seconds", "How long a conversation that got a slot waited for it (0: one was free).",
             ["voice"], buckets=QUEUE_WAIT_BUCKETS, registry=registry)
+        self.stale_input = Counter(
+            "moshi_stale_input_frames", "Input frames dropped because they arrived too far behind real time "
+            "(a backlog after an outage, a model slower than real time): Moshi answers what is said now.",
+            ["voice", "transport"], registry=registry)
+        self.interruptions = Counter(
+            "moshi_interruptions", "Conversations whose connection went quiet (an outage, a handover), by how "
+            "that ended: recovered (the same connection came back), resumed (a new one took it up), lost "
+            "(the grace ran out).", ["voice", "transport", "outcome"], registry=registry)
+        self.resumes = Counter(
+            "moshi_resumes", "Resume attempts, by outcome: resumed, unknown (a wrong token), used (a token "
+            "claimed already), expired (its conversation ended), connected (its connection was not "
+            "interrupted).", ["voice", "transport", "outcome"], registry=registry)
+        self.input_packets = Counter(
+            "moshi_input_packets", "The visitor's audio packets over WebRTC, by what became of them: received, "
+            "lost (never arrived), recovered (rebuilt from the next packet's in-band FEC), concealed (lost "
+            "and filled by the decoder), late (arrived after a later one, dropped).",
+            ["voice", "outcome"], registry=registry)
         self._engines: dict[str, object] = {}
         registry.register(_LiveFigures(self._engines))
 
@@ -124,6 +148,10 @@ class ConversationClock:
         self.first_out: float | None = None
         self.frames_out = 0
         self.ending: str | None = None
+        self.interrupted_at: float | None = None  # while its connection is interrupted
+        self.interruptions = 0
+        self.resumes = 0
+        self.stale_frames = 0
         self._lag = None  # the frame lag's series, once the voice is known (the first answer)
 
     def talking(self) -> None:
@@ -149,6 +177,47 @@ class ConversationClock:
             self._lag(max(0.0, now - (self.first_out + self.frames_out * FRAME_S)))
         self.frames_out += 1
 
+    def stale(self, frames: int) -> None:
+        """`frames` input frames were dropped as too far behind real time."""
+        self.stale_frames += frames
+        if self.metrics is not None and frames:
+            self.metrics.stale_input.labels(self.voice, self.transport).inc(frames)
+
+    def interrupted(self) -> None:
+        """Its connection went quiet: its grace runs from now."""
+        if self.interrupted_at is None:
+            self.interrupted_at = time.monotonic()
+            self.interruptions += 1
+            log.info("connection interrupted", extra=log_fields(transport=self.transport))
+
+    def reconnected(self, outcome: str) -> None:
+        """The interruption is over: RECOVERED or RESUMED (LOST: `end` says it). A resume while
+        not interrupted (the visitor moved first) counts as one that was."""
+        if outcome not in INTERRUPTION_OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}")
+        if self.interrupted_at is None:
+            if outcome != RESUMED:
+                return
+            self.interrupted()
+        quiet_s = round(time.monotonic() - self.interrupted_at, 3)
+        self.interrupted_at = None
+        self.resumes += outcome == RESUMED
+        if self.metrics is not None:
+            self.metrics.interruptions.labels(self.voice, self.transport, outcome).inc()
+        log.info("connection %s", outcome, extra=log_fields(transport=self.transport, interrupted_s=quiet_s))
+
+    def resume_attempt(self, outcome: str) -> None:
+        """A resume token was presented for this conversation's transport (see `door.resume`)."""
+        if self.metrics is not None:
+            self.metrics.resumes.labels(self.voice, self.transport, outcome).inc()
+
+    def input_packets(self, counts: dict[str, int]) -> None:
+        """The WebRTC audio packets of the visitor's, by outcome (received, lost, recovered, ...)."""
+        if self.metrics is not None:
+            for outcome, count in counts.items():
+                if count:
+                    self.metrics.input_packets.labels(self.voice, outcome).inc(count)
+
     @property
     def first_audio_s(self) -> float | None:
         if self.first_in is None or self.first_out is None:
@@ -165,6 +234,8 @@ class ConversationClock:
         self.ending = ending
         if self.metrics is not None:
             self.metrics.conversations.labels(self.voice, self.transport, ending).inc()
+            if self.interrupted_at is not None:  # it ended while interrupted: lost for good
+                self.metrics.interruptions.labels(self.voice, self.transport, LOST).inc()
         now = time.monotonic()
         first_audio = self.first_audio_s
         fields = {
@@ -175,6 +246,8 @@ class ConversationClock:
             "waited_s": round((self.started or now) - self.opened, 3),
             "first_audio_s": round(first_audio, 3) if first_audio is not None else None,
             "frames_out": self.frames_out,
+            **({"interruptions": self.interruptions, "resumes": self.resumes} if self.interruptions else {}),
+            **({"stale_frames": self.stale_frames} if self.stale_frames else {}),
             **figures,
             "reason": reason or None,
         }

@@ -1,7 +1,8 @@
 """One websocket conversation's loops, as QuiLLMan runs them: while it waits in line (`Waiting`:
 its audio read and dropped, its place told), then over its slot (`Connection`: receive, send and
-a watchdog for the session and idle limits), and how it ends (a close code, a reason, and which
-of `watch.metrics.ENDINGS`). `server.MoshiServer` admits each connection and runs these."""
+a watchdog for the session and idle limits and the reconnect grace, over one websocket after
+another when the client resumes it with its token), and how it ends (a close code, a reason,
+and which of `watch.metrics.ENDINGS`). `server.MoshiServer` admits each connection and runs these."""
 
 from __future__ import annotations
 
@@ -12,14 +13,25 @@ import time
 from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from ..conversation import AudioOut, ServerRestarting, SessionError, SessionLimits
+from ..conversation import INTERRUPTED_AFTER_S, AudioOut, ServerRestarting, SessionError, SessionLimits
 from ..door.line import LinePosition
 from ..session import MoshiSession
 from ..timings import OPUS_DECODE, OPUS_ENCODE, StageTimings
-from ..watch.metrics import CLIENT_GONE, ERROR, IDLE, LIMIT, NORMAL, RESTART, ConversationClock
+from ..watch.metrics import (
+    CLIENT_GONE,
+    ERROR,
+    IDLE,
+    LIMIT,
+    NORMAL,
+    RECOVERED,
+    RESTART,
+    RESUMED,
+    ConversationClock,
+)
 from .codec import OpusDecoder, OpusEncoder, OpusError
 from .protocol import (
     HANDSHAKE,
+    RESUMED_ELSEWHERE,
     CloseCode,
     ConnectionClose,
     Protocol,
@@ -27,6 +39,7 @@ from .protocol import (
     audio_message,
     client_audio,
     idle_reason,
+    lost_reason,
     metadata_message,
     text_message,
     time_limit_reason,
@@ -105,61 +118,117 @@ class Waiting:
 
 
 class Limit(ConnectionClose):
-    """The session limit or the idle limit ended the conversation (`ending` says which)."""
+    """The session limit, the idle limit or the reconnect grace ended the conversation (`ending`
+    says which)."""
 
     def __init__(self, ending: str, code: CloseCode, reason: str) -> None:
         super().__init__(code, reason)
         self.ending = ending
 
 
+class Leg:
+    """One websocket of a conversation (the one that opened it, or one that resumed it), with
+    its own Ogg streams both ways: a client that reconnects starts new ones."""
+
+    def __init__(self, ws: WebSocket, protocol: Protocol, carried: list[bytes] | None = None) -> None:
+        self.ws = ws
+        self.protocol = protocol  # a client may resume over either path
+        self.carried = carried or []  # the client's first audio, read while its wait was ending
+        self.decoder = OpusDecoder()
+        self.encoder = OpusEncoder()
+        self.last_input = time.monotonic()
+        self.broken = False  # it dropped without a close frame: the client may come back
+        self.released = asyncio.Event()  # the conversation is done with it (and has closed it)
+        self.closing: asyncio.Future | None = None  # its close, while it is sent
+
+
 class Connection:
-    """The receive / send / watchdog tasks of one websocket over one session."""
+    """One websocket conversation over one session: receive / send tasks over its current leg,
+    a watchdog for the session limit, the idle limit and the reconnect grace, and the legs that
+    take it up with a resume token when its connection breaks (`take_over`). It is
+    `door.resume.Resumable`: a token resumes it while its connection is interrupted."""
 
     def __init__(self, ws: WebSocket, protocol: Protocol, session: MoshiSession, limits: SessionLimits,
                  timings: StageTimings, clock: ConversationClock, announce: bool = False,
-                 carried: list[bytes] | None = None) -> None:
-        self.ws = ws
+                 carried: list[bytes] | None = None, resume_token: str | None = None) -> None:
+        self.leg = Leg(ws, protocol, carried)
         self.clock = clock  # its times, counted and logged at its end
-        self.announce = announce  # it reads our metadata: tell it its conversation's id
+        self.announce = announce  # it reads our metadata: tell it its conversation's id (and resume token)
+        self.resume_token = resume_token  # the first leg's; each resume brings the next
         self.ending: str | None = None  # how it ended (`metrics.ENDINGS`), once it has
-        self.carried = carried or []  # the client's first audio, read while its wait was ending
         self.protocol = protocol
         self.session = session
         self.limits = limits
         self.timings = timings
-        self.decoder = OpusDecoder()
-        self.encoder = OpusEncoder()
         self.started = self.last_audio = time.monotonic()
+        self.finished = False
         self._ended: asyncio.Future[ConnectionClose] = asyncio.get_running_loop().create_future()
+        self._arrivals: asyncio.Queue[tuple[Leg, str | None]] = asyncio.Queue()
+
+    @property
+    def ws(self) -> WebSocket:
+        return self.leg.ws
 
     def end(self, code: CloseCode, reason: str) -> None:
         """End the conversation from outside (the server is restarting) with this close."""
         if not self._ended.done():
             self._ended.set_result(ConnectionClose(code, reason))
 
+    def refusal(self) -> str | None:
+        """Why a resume token cannot take this conversation up now, else None: it can while its
+        connection is interrupted (broken, or quiet for INTERRUPTED_AFTER_S)."""
+        if self.finished:
+            return "that conversation has ended; start a new one"
+        if self.leg.broken or time.monotonic() - self.leg.last_input >= INTERRUPTED_AFTER_S:
+            return None
+        return "that conversation's connection is working: a resume token takes it up once it breaks"
+
+    async def take_over(self, ws: WebSocket, protocol: Protocol, next_token: str | None) -> None:
+        """Carry the conversation on `ws` (speaking `protocol`) from now on: a client that resumed
+        it, whose next resume token is `next_token`. Returns once the conversation is done with
+        `ws`, which it has closed by then."""
+        leg = Leg(ws, protocol)
+        if self.finished:
+            await close_websocket(ws, CloseCode.POLICY_VIOLATION, "that conversation has ended; start a new one")
+            return
+        await self._arrivals.put((leg, next_token))
+        await leg.released.wait()
+
     async def run(self) -> tuple[CloseCode | None, str]:
         """Run until something ends the conversation; returns the close code and reason
-        (code None when the client is already gone), and sets how it ended (`ending`)."""
-        tasks: list[asyncio.Task] = []
+        (code None when the client is already gone), and sets how it ended (`ending`). The
+        legs it let go of on the way are closed and released; the last one is the caller's."""
+        watchers: list[asyncio.Task] = []
+        leg_task: asyncio.Task | None = None
         self.ending = None  # stays None if cancelled: the server is going away
         try:
             await self.session.start()
-            if self.protocol is Protocol.MOSHI:
-                await self._send(HANDSHAKE)
-            if self.announce:  # a client that reads metadata learns the conversation's id
-                await self._send(metadata_message({"conversation": {"id": self.clock.id, "voice": self.clock.voice}}))
-            self.started = self.last_audio = time.monotonic()
-            tasks = [asyncio.create_task(coro) for coro in (self._receive(), self._send_outputs(), self._watch(),
-                                                             self._until_ended())]
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            error = next(iter(done)).exception()
-            receiving = tasks[0]
-            if isinstance(error, ClientGone) and error.code is None and not receiving.done():
-                # A send found the client gone: its close frame, if it sent one, is the receiver's to read.
-                await asyncio.wait({receiving}, timeout=CLOSE_READ_S)
-                if receiving.done() and isinstance(receiving.exception(), ClientGone):
-                    error = receiving.exception()
-            raise error or ConnectionClose(CloseCode.NORMAL, "conversation ended")
+            await self._greet(self.leg, self.resume_token)
+            self.started = self.last_audio = self.leg.last_input = time.monotonic()
+            watchers = [asyncio.create_task(self._watch()), asyncio.create_task(self._until_ended())]
+            while True:
+                leg = self.leg
+                leg_task = asyncio.create_task(self._run_leg(leg))
+                arrival = asyncio.create_task(self._arrivals.get())
+                await asyncio.wait({leg_task, arrival, *watchers}, return_when=asyncio.FIRST_COMPLETED)
+                if not arrival.done() and leg_task.done() and _dropped(leg_task) and self.resume_token is not None:
+                    # the connection broke, and its client holds a resume token: its grace runs until
+                    # a resume comes (or a watcher ends it). One without a token cannot come back.
+                    leg.broken = True
+                    self.clock.interrupted()
+                    self._let_go(leg, None, "connection lost")
+                    await asyncio.wait({arrival, *watchers}, return_when=asyncio.FIRST_COMPLETED)
+                if arrival.done():
+                    leg_task.cancel()
+                    await asyncio.gather(leg_task, return_exceptions=True)
+                    if leg is self.leg and not leg.released.is_set():
+                        self._let_go(leg, CloseCode.NORMAL, RESUMED_ELSEWHERE)
+                    await self._switch_to(*arrival.result())
+                    continue
+                arrival.cancel()
+                # a watcher's ending first (after a dropped leg, the grace's), else the leg's failure
+                done = next(task for task in (*watchers, leg_task) if task.done())
+                raise done.exception() or ConnectionClose(CloseCode.NORMAL, "conversation ended")
         except ClientGone as gone:
             self.ending = NORMAL if gone.cleanly else CLIENT_GONE
             return None, "client disconnected" if gone.cleanly else "connection lost"
@@ -177,22 +246,88 @@ class Connection:
             log.exception("connection failed")
             return CloseCode.INTERNAL_ERROR, "internal error"
         finally:
+            self.finished = True
+            for task in [*watchers, *([leg_task] if leg_task else [])]:
+                task.cancel()
+            await asyncio.gather(*watchers, *([leg_task] if leg_task else []), return_exceptions=True)
+            while not self._arrivals.empty():  # resumes that came too late
+                late, _ = self._arrivals.get_nowait()
+                self._let_go(late, CloseCode.POLICY_VIOLATION, "that conversation has ended; start a new one")
+
+    async def release_last(self, code: CloseCode | None, reason: str) -> None:
+        """Close and release the conversation's last leg (the caller of `run` does, at the end)."""
+        await self._let_go(self.leg, code, reason)
+
+    def _let_go(self, leg: Leg, code: CloseCode | None, reason: str) -> asyncio.Future:
+        """Close `leg`'s websocket with `code` (None: the client is gone) and release it."""
+
+        async def close() -> None:
+            try:
+                if code is not None:
+                    await close_websocket(leg.ws, code, reason)
+            finally:
+                leg.released.set()
+
+        if leg.closing is None:
+            leg.closing = asyncio.ensure_future(close())
+        return leg.closing
+
+    async def _greet(self, leg: Leg, token: str | None) -> None:
+        """What a websocket hears first: the handshake (moshi's protocol), and, for a client that
+        reads metadata, the conversation's id and the token that resumes it."""
+        if leg.protocol is Protocol.MOSHI:
+            await send_websocket(leg.ws, HANDSHAKE)
+        if self.announce:
+            about = {"id": self.clock.id, "voice": self.clock.voice}
+            if token is not None:
+                about["resume"] = token
+            await send_websocket(leg.ws, metadata_message({"conversation": about}))
+
+    async def _switch_to(self, leg: Leg, token: str | None) -> None:
+        """A resume took the conversation up on `leg`: what was queued for the old connection is
+        dropped (it is stale), the new one is greeted, and the conversation goes on there."""
+        self.leg = leg
+        self.session.clear_outputs()
+        leg.last_input = time.monotonic()
+        self.clock.reconnected(RESUMED)
+        try:
+            await self._greet(leg, token)
+        except ClientGone:
+            leg.broken = True  # the run loop finds it gone at once
+
+    async def _run_leg(self, leg: Leg) -> None:
+        """Receive and send over `leg` until one of them fails (the first failure is raised)."""
+        tasks = [asyncio.create_task(self._receive(leg)), asyncio.create_task(self._send_outputs(leg))]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            error = next(iter(done)).exception()
+            receiving = tasks[0]
+            if isinstance(error, ClientGone) and error.code is None and not receiving.done():
+                # A send found the client gone: its close frame, if it sent one, is the receiver's to read.
+                await asyncio.wait({receiving}, timeout=CLOSE_READ_S)
+                if receiving.done() and isinstance(receiving.exception(), ClientGone):
+                    error = receiving.exception()
+            raise error or ConnectionClose(CloseCode.NORMAL, "conversation ended")
+        finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _receive(self) -> None:
-        for ogg in self.carried:
-            await self._take(ogg)
+    async def _receive(self, leg: Leg) -> None:
+        for ogg in leg.carried:
+            await self._take(leg, ogg)
         while True:
-            await self._take(await receive_ogg(self.ws, self.protocol))
+            await self._take(leg, await receive_ogg(leg.ws, leg.protocol))
 
-    async def _take(self, ogg: bytes) -> None:
+    async def _take(self, leg: Leg, ogg: bytes) -> None:
         """One message's Ogg Opus into the session."""
+        leg.last_input = time.monotonic()
+        if self.clock.interrupted_at is not None and leg is self.leg:
+            self.clock.reconnected(RECOVERED)  # the same connection came back by itself
         if ogg:
             started = time.perf_counter()
             try:
-                pcm = self.decoder.decode(ogg)
+                pcm = leg.decoder.decode(ogg)
             except OpusError as error:
                 raise ProtocolError(CloseCode.INVALID_PAYLOAD, str(error)) from None
             self.timings.record(OPUS_DECODE, time.perf_counter() - started)
@@ -201,35 +336,50 @@ class Connection:
                 self.clock.heard()
                 await self.session.send_pcm(pcm)
 
-    async def _send_outputs(self) -> None:
+    async def _send_outputs(self, leg: Leg) -> None:
         while True:
             out = await self.session.receive()
             if isinstance(out, AudioOut):
                 started = time.perf_counter()
-                ogg = self.encoder.encode(out.pcm)
+                ogg = leg.encoder.encode(out.pcm)
                 self.timings.record(OPUS_ENCODE, time.perf_counter() - started)
                 if ogg:
-                    await self._send(audio_message(ogg))
+                    await send_websocket(leg.ws, audio_message(ogg))
                 self.clock.answered()
             else:
-                await self._send(text_message(out.text))
+                await send_websocket(leg.ws, text_message(out.text))
 
     async def _until_ended(self) -> None:
         raise await self._ended
 
     async def _watch(self) -> None:
-        """Sleeps until the next deadline (session length or idle), then checks it."""
+        """Sleeps until the next deadline (session length, idle, the connection going quiet, the
+        end of its grace), then checks it."""
         limits = self.limits
+        clock = self.clock
         while True:
             now = time.monotonic()
             if now - self.started >= limits.max_session_s:
                 raise Limit(LIMIT, CloseCode.NORMAL, time_limit_reason(limits.max_session_s))
             if now - self.last_audio >= limits.idle_s:
                 raise Limit(IDLE, CloseCode.POLICY_VIOLATION, idle_reason(limits.idle_s))
-            await asyncio.sleep(min(self.started + limits.max_session_s, self.last_audio + limits.idle_s) - now)
+            quiet_since = self.leg.last_input
+            if clock.interrupted_at is None and (self.leg.broken or now - quiet_since >= INTERRUPTED_AFTER_S):
+                clock.interrupted()
+            if clock.interrupted_at is not None and now - clock.interrupted_at >= limits.reconnect_grace_s:
+                raise Limit(CLIENT_GONE, CloseCode.POLICY_VIOLATION, lost_reason(limits.reconnect_grace_s))
+            deadlines = [self.started + limits.max_session_s, self.last_audio + limits.idle_s]
+            if clock.interrupted_at is None:
+                deadlines.append(quiet_since + INTERRUPTED_AFTER_S)
+            else:
+                deadlines.append(clock.interrupted_at + limits.reconnect_grace_s)
+            await asyncio.sleep(max(0.0, min(deadlines) - now) + 0.001)
 
-    async def _send(self, data: bytes) -> None:
-        await send_websocket(self.ws, data)
+
+def _dropped(task: asyncio.Task) -> bool:
+    """Whether a leg's task ended with its connection dropped (no close frame): resumable."""
+    error = None if task.cancelled() else task.exception()
+    return isinstance(error, ClientGone) and not error.cleanly
 
 
 async def receive_ogg(ws: WebSocket, protocol: Protocol) -> bytes:

@@ -71,6 +71,15 @@ def idle_reason(idle_s: float) -> str:
     return f"no audio received for {idle_s:g} s"
 
 
+def lost_reason(grace_s: float) -> str:
+    """The close reason (with code 1008) of a conversation whose connection stayed interrupted
+    for its whole grace: no resume came."""
+    return f"connection lost for {grace_s:g} s"
+
+
+RESUMED_ELSEWHERE = "resumed on another connection"  # (code 1000) the visitor took it up on a new one
+
+
 class ConnectionClose(Exception):
     """Ends a connection with a close `code` and a short `reason` for the client."""
 

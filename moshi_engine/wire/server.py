@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ..conversation import BusyError, ServerRestarting, SessionLimits
 from ..door.access import TokenGate, presented_token
+from ..door.resume import RESUMED, ResumeRefused, ResumeTokens
 from ..engine import MoshiEngine, Voices
 from ..model.voices import UnknownVoice
 from ..session import MoshiSession
@@ -54,6 +55,7 @@ class MoshiServer:
         self._dropped_in_closed_sessions = 0
         self._live: dict[MoshiSession, Connection] = {}
         self._waiting: set[asyncio.Task] = set()
+        self.tokens: ResumeTokens[Connection] = ResumeTokens()  # resume each live conversation
 
     @property
     def engine(self) -> MoshiEngine | None:
@@ -101,10 +103,36 @@ class MoshiServer:
 
     async def serve(self, ws: WebSocket, protocol: Protocol) -> None:
         """One websocket conversation, from accept to close: in line while every slot is taken.
-        Everything logged about it carries its id, and its end is counted and logged once."""
+        Everything logged about it carries its id, and its end is counted and logged once. With
+        `?resume=TOKEN` the websocket takes up the conversation that token resumes instead."""
+        token = ws.query_params.get("resume")
+        if token is not None:
+            await self._resume(ws, protocol, token)
+            return
         conversation_id = new_conversation_id()
         with conversation_context(conversation_id):
             await self._serve(ws, protocol, conversation_id)
+
+    async def _resume(self, ws: WebSocket, protocol: Protocol, token: str) -> None:
+        """A client whose connection broke takes its conversation up again on `ws`: same slot,
+        Moshi's state kept. A wrong, used or expired token, or one whose conversation is fine,
+        closes `ws` with 1008 and a reason; nothing else changes."""
+        await ws.accept()
+        if self.restarting:
+            await close_websocket(ws, CloseCode.SERVICE_RESTART, self.restarting)
+            return
+        try:
+            connection, next_token = self.tokens.claim(token)
+        except ResumeRefused as refused:
+            self.metrics.resumes.labels(ws.query_params.get("voice") or "", protocol.value, refused.outcome).inc()
+            log.info("resume refused: %s", refused.reason, extra=log_fields(transport=protocol.value,
+                                                                              outcome=refused.outcome))
+            await close_websocket(ws, CloseCode.POLICY_VIOLATION, refused.reason)
+            return
+        with conversation_context(connection.clock.id):
+            connection.clock.resume_attempt(RESUMED)
+            log.info("conversation resumed", extra=log_fields(transport=protocol.value))
+            await connection.take_over(ws, protocol, next_token)
 
     async def _serve(self, ws: WebSocket, protocol: Protocol, conversation_id: str) -> None:
         await ws.accept()
@@ -126,18 +154,21 @@ class MoshiServer:
         log.info("conversation started", extra=log_fields(transport=protocol.value, voice=clock.voice,
                                                           slot=session.slot))
         connection = Connection(ws, protocol, session, self.limits, engine.timings, clock, announce, carried)
+        if announce:  # a client that reads our metadata learns the token that resumes it
+            connection.resume_token = self.tokens.issue(connection)
+        session.on_stale = clock.stale
         self._live[session] = connection
         code, reason = CloseCode.GOING_AWAY, "the server is shutting down"  # if cancelled
         try:
             code, reason = await connection.run()
         finally:
+            self.tokens.retire(connection)
             await session.close()
             self._live.pop(session, None)
             self._dropped_in_closed_sessions += session.dropped_frames
             clock.end(connection.ending or RESTART, reason, code=int(code) if code is not None else None,
                       slot=session.slot, frames_in=session.frames_in, dropped_frames=session.dropped_frames)
-            if code is not None:
-                await close_websocket(ws, code, reason)
+            await connection.release_last(code, reason)
 
     def _voice(self, ws: WebSocket) -> tuple[str, MoshiEngine]:
         """The voice that `?voice=NAME` asks for (none: the default); 1008 naming the voices for
@@ -161,6 +192,7 @@ class MoshiServer:
         query.pop("queue", None)  # `announce`, no sampling parameter
         query.pop("token", None)  # the access token rides on the URL too; it is no sampling parameter
         query.pop("voice", None)
+        query.pop("resume", None)
         try:
             sampling = engine.default_sampling.updated(**parse_sampling_query(query))
         except ValueError as error:
