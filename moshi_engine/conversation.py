@@ -92,9 +92,12 @@ class Sampling:
 
 @dataclass(frozen=True)
 class AudioOut:
-    """A FRAME_SIZE pcm frame of Moshi's voice."""
+    """A FRAME_SIZE pcm frame of Moshi's voice. `due`: when the visitor's frame it answers was
+    due on the visitor's clock (time.perf_counter(); a local session sets it), so that how late
+    the answer leaves is now - due, whatever input was dropped on the way."""
 
     pcm: np.ndarray
+    due: float | None = None
 
 
 @dataclass(frozen=True)

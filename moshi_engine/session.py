@@ -88,9 +88,14 @@ class InputClock:
         if at - recent[0][0] >= self.window_s - FRAME_SECONDS:  # frames have flowed for the whole window
             self.anchor = max(self.anchor, min(offset for _, offset in recent))
 
+    def due(self, index: int) -> float:
+        """When frame `index` was due in real time (time.perf_counter())."""
+        assert self.anchor is not None, "no frame has arrived"
+        return self.anchor + index * FRAME_SECONDS
+
     def behind(self, index: int, now: float) -> float:
         """Seconds frame `index` is behind real time at `now` (negative: ahead)."""
-        return now - (self.anchor + index * FRAME_SECONDS) if self.anchor is not None else 0.0
+        return now - self.due(index) if self.anchor is not None else 0.0
 
 
 class MoshiSession(OutputIteration):
@@ -110,7 +115,7 @@ class MoshiSession(OutputIteration):
         self._model = model
         self._max_waiting = max_waiting_frames
         self._waiting: deque[tuple[int, np.ndarray, float]] = deque()  # (index, frame, arrival), not handed on
-        self._in_flight = 0  # frames handed to the model and not stepped yet
+        self._in_flight: deque[int] = deque()  # indices of the frames handed to the model, not stepped yet
         self._room = asyncio.Event()
         self._outbox = OutputQueue(max_output_frames)
         self._buffer = np.zeros(0, dtype=np.float32)
@@ -179,10 +184,10 @@ class MoshiSession(OutputIteration):
             self.stale_frames += dropped
             if self.on_stale is not None:
                 self.on_stale(dropped)
-        while waiting and self._in_flight < IN_FLIGHT_FRAMES:
-            _, frame, arrived = waiting.popleft()
+        while waiting and len(self._in_flight) < IN_FLIGHT_FRAMES:
+            index, frame, arrived = waiting.popleft()
             self._model.submit(self._lease, frame, arrived)
-            self._in_flight += 1
+            self._in_flight.append(index)
         if len(waiting) < self._max_waiting:
             self._room.set()
 
@@ -199,7 +204,7 @@ class MoshiSession(OutputIteration):
         """One stepped frame's output (on the event loop, from the stepping thread)."""
         if self._closed:
             return
-        self._in_flight -= 1
+        index = self._in_flight.popleft()
         if isinstance(out, BaseException):
             with conversation_context(self.conversation_id):
                 log.error("the step of slot %d failed: %r", self.slot, out)
@@ -211,7 +216,7 @@ class MoshiSession(OutputIteration):
         self.frames_in += 1
         if out.pcm is not None:
             self.frames_out += 1
-            self._outbox.put(AudioOut(out.pcm))
+            self._outbox.put(AudioOut(out.pcm, self._clock.due(index)))
         if out.text:
             self._outbox.put(TextOut(out.text))
 

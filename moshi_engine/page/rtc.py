@@ -298,7 +298,7 @@ class MoshiHandler(AsyncStreamHandler):
                 break
             if isinstance(out, AudioOut):
                 self.recording.add_moshi(out.pcm)
-                self.clock.answered()
+                self.clock.answered(out.due)
                 return SAMPLE_RATE, out.pcm.reshape(1, -1)
             if isinstance(out, TextOut):
                 self._pieces.append(out.text)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator
 
 from prometheus_client import (
@@ -44,6 +45,11 @@ disable_created_metrics()  # no `_created` series beside each counter and histog
 # names need none of 1.0.0's UTF-8.
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 FRAME_S = FRAME_SIZE / SAMPLE_RATE
+RECOVERY_BUCKETS = (0.08, 0.16, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+# A conversation's lag is back to normal once an answer leaves at most this much later than the
+# median of its last answers before the interruption (or NORMAL_LAG_S, if that is more).
+NORMAL_LAG_S = 0.2
+LAG_HISTORY = 25
 
 # How a conversation ended, the `ending` label of moshi_conversations_total.
 NORMAL = "normal"  # the visitor stopped (the stop button, a websocket closed cleanly)
@@ -91,9 +97,14 @@ class Metrics:
             "moshi_step_seconds", "One batched step of the model (Mimi encode, LM step, Mimi decode of every row "
             "in it); real time needs it under 0.08 s.", ["voice"], buckets=STEP_BUCKETS, registry=registry)
         self.frame_lag = Histogram(
-            "moshi_frame_lag_seconds", "How late each answer frame leaves against real time: against a steady "
-            "80 ms stream from the conversation's first answer frame.", ["voice", "transport"],
+            "moshi_frame_lag_seconds", "How late each answer frame leaves against real time: against the "
+            "moment the visitor's frame it answers was due on the visitor's clock (input dropped as stale, "
+            "or lost in an outage, does not count against later frames).", ["voice", "transport"],
             buckets=LAG_BUCKETS, registry=registry)
+        self.lag_recovery = Histogram(
+            "moshi_lag_recovery_seconds", "After a conversation's connection came back (by itself or resumed), "
+            "how long until its answers were as little behind as before the interruption.",
+            ["voice", "transport"], buckets=RECOVERY_BUCKETS, registry=registry)
         self.queue_wait = Histogram(
             "moshi_queue_wait_seconds", "How long a conversation that got a slot waited for it (0: one was free).",
             ["voice"], buckets=QUEUE_WAIT_BUCKETS, registry=registry)
@@ -153,6 +164,10 @@ class ConversationClock:
         self.resumes = 0
         self.stale_frames = 0
         self._lag = None  # the frame lag's series, once the voice is known (the first answer)
+        self._lags: deque[float] = deque(maxlen=LAG_HISTORY)  # the last answers' lags
+        self._normal_lag = NORMAL_LAG_S
+        self._back_at: float | None = None  # when its connection came back, until its lag is normal
+        self.lag_recoveries: list[float] = []  # seconds from each return of its connection to normal lag
 
     def talking(self) -> None:
         """It has its slot: the conversation proper starts."""
@@ -164,18 +179,38 @@ class ConversationClock:
         if self.first_in is None:
             self.first_in = time.monotonic()
 
-    def answered(self) -> None:
-        """A frame of Moshi's voice left for the visitor."""
+    def answered(self, due: float | None = None) -> None:
+        """A frame of Moshi's voice left for the visitor; `due`: when the visitor's frame it
+        answers was due (time.perf_counter(), `AudioOut.due`). Without it the lag is taken
+        against a steady 80 ms stream from the first answer."""
         now = time.monotonic()
         if self.first_out is None:
             self.first_out = now
             if self.first_in is not None and self.metrics is not None:
                 self.metrics.first_audio.labels(self.voice, self.transport).observe(now - self.first_in)
-        elif self.metrics is not None:
-            if self._lag is None:
-                self._lag = self.metrics.frame_lag.labels(self.voice, self.transport).observe
-            self._lag(max(0.0, now - (self.first_out + self.frames_out * FRAME_S)))
+        else:
+            lag = max(0.0, time.perf_counter() - due if due is not None
+                      else now - (self.first_out + self.frames_out * FRAME_S))
+            if self.metrics is not None:
+                if self._lag is None:
+                    self._lag = self.metrics.frame_lag.labels(self.voice, self.transport).observe
+                self._lag(lag)
+            self._follow_lag(now, lag)
         self.frames_out += 1
+
+    def _follow_lag(self, now: float, lag: float) -> None:
+        """Keep the conversation's usual lag, and time how soon it is back to it after its
+        connection came back."""
+        if self._back_at is not None and lag <= self._normal_lag:
+            recovery = now - self._back_at
+            self._back_at = None
+            self.lag_recoveries.append(round(recovery, 3))
+            if self.metrics is not None:
+                self.metrics.lag_recovery.labels(self.voice, self.transport).observe(recovery)
+            log.info("lag back to normal", extra=log_fields(transport=self.transport, after_s=round(recovery, 3),
+                                                            lag_s=round(lag, 3)))
+        if self.interrupted_at is None and self._back_at is None:
+            self._lags.append(lag)
 
     def stale(self, frames: int) -> None:
         """`frames` input frames were dropped as too far behind real time."""
@@ -201,6 +236,9 @@ class ConversationClock:
             self.interrupted()
         quiet_s = round(time.monotonic() - self.interrupted_at, 3)
         self.interrupted_at = None
+        self._back_at = time.monotonic()
+        if self._lags:
+            self._normal_lag = max(NORMAL_LAG_S, 1.5 * sorted(self._lags)[len(self._lags) // 2])
         self.resumes += outcome == RESUMED
         if self.metrics is not None:
             self.metrics.interruptions.labels(self.voice, self.transport, outcome).inc()
@@ -248,6 +286,7 @@ class ConversationClock:
             "frames_out": self.frames_out,
             **({"interruptions": self.interruptions, "resumes": self.resumes} if self.interruptions else {}),
             **({"stale_frames": self.stale_frames} if self.stale_frames else {}),
+            **({"lag_recoveries_s": self.lag_recoveries} if self.lag_recoveries else {}),
             **figures,
             "reason": reason or None,
         }

@@ -345,7 +345,7 @@ class Connection:
                 self.timings.record(OPUS_ENCODE, time.perf_counter() - started)
                 if ogg:
                     await send_websocket(leg.ws, audio_message(ogg))
-                self.clock.answered()
+                self.clock.answered(out.due)
             else:
                 await send_websocket(leg.ws, text_message(out.text))
 

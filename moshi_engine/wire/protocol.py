@@ -52,6 +52,7 @@ class CloseCode(enum.IntEnum):
     NORMAL = 1000  # the conversation ended, or its time limit was reached
     GOING_AWAY = 1001  # the server is shutting down
     UNSUPPORTED_DATA = 1003  # a text frame: this protocol is binary
+    ABNORMAL = 1006  # never sent: what a side reads when the connection dropped without a close frame
     INVALID_PAYLOAD = 1007  # bytes that are not Opus, or an unknown kind byte
     POLICY_VIOLATION = 1008  # bad query parameters, or no audio for too long
     MESSAGE_TOO_BIG = 1009  # a message over MAX_MESSAGE_BYTES

@@ -1,7 +1,9 @@
 """An asyncio client for Moshi servers: ours (`/ws`, `/api/chat`) and moshi's reference server.
 
 `RemoteSession` is a `Conversation` like a local `MoshiSession`: pcm in, Moshi's
-frames and text out, with Opus on the wire. `exchange()` streams a whole
+frames and text out, with Opus on the wire. When our server gave it a resume token, a
+connection that drops or goes quiet (an outage, a new address) is taken up again on a new
+websocket: the conversation goes on in its slot, and what was said meanwhile is lost. `exchange()` streams a whole
 recording (in real time or as fast as the server takes it) and reports what came
 back and how fast (`python -m moshi_engine.client` is its command line). Nothing here
 imports torch.
@@ -51,6 +53,11 @@ from .protocol import (
 log = logging.getLogger(__name__)
 
 MAX_OUTPUT_FRAMES = 250  # 20 s: a client keeps what it is sent unless told otherwise
+# A live conversation hears from the server every 80 ms: this long without a word, the link is
+# down (an outage, a handover), and the client resumes rather than wait for TCP to notice.
+RECONNECT_AFTER_S = 2.5
+RESUME_FOR_S = 20.0  # how long a client tries to resume (the server's grace decides; 15 s by default)
+RESUME_ATTEMPT_S = 1.0  # each try's own time (at least; three times what the first connect took)
 
 
 def websocket_url(url: str) -> str:
@@ -116,6 +123,11 @@ class RemoteSession(OutputIteration):
         self._pending = np.zeros(0, dtype=np.float32)
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task | None = None
+        self.resume_token: str | None = None  # what takes this conversation up on a new connection
+        self.resumes = 0  # times it was taken up on a new connection
+        self.unsent_frames = 0  # input frames dropped while no connection could carry them
+        self._connect_s = 0.0
+        self._resuming = False
 
     @property
     def dropped_frames(self) -> int:
@@ -129,8 +141,10 @@ class RemoteSession(OutputIteration):
                if self.sampling is not None else {}),
             queue=1 if self.on_position is not None else None,
         )
+        started = time.monotonic()
         self._ws = await connect(with_query(self.url, query), open_timeout=self.open_timeout, max_size=None,
                                  compression=None)
+        self._connect_s = time.monotonic() - started
         if self.protocol is Protocol.MOSHI:
             try:
                 await self._wait_for_handshake()
@@ -167,31 +181,58 @@ class RemoteSession(OutputIteration):
         conversation = metadata.get("conversation")
         if isinstance(conversation, dict) and isinstance(conversation.get("id"), str):
             self.conversation_id = conversation["id"]
+        if isinstance(conversation, dict) and isinstance(conversation.get("resume"), str):
+            self.resume_token = conversation["resume"]
         return metadata
 
     async def send_pcm(self, pcm: np.ndarray) -> None:
         check_pcm(pcm)
         if self._ws is None:
             raise SessionClosed("not started")
+        if self._resuming:  # nothing carries it now; by the time something does, it is stale
+            self.unsent_frames += 1
+            return
+        ws = self._ws
         ogg = self._encoder.encode(pcm)
         if ogg:
             try:
-                await self._ws.send(client_message(self.protocol, ogg))
+                await ws.send(client_message(self.protocol, ogg))
             except ConnectionClosed:
+                if ws.close_code == CloseCode.ABNORMAL and self.resume_token is not None:
+                    self.unsent_frames += 1  # the reader takes the conversation up again
+                    return
                 raise self._closed() from None
 
     async def receive(self) -> Output:
         return await self._outputs.get()
 
     async def _read(self) -> None:
-        assert self._ws is not None
+        while await self._read_connection():
+            if not await self._resume():
+                return
+
+    async def _read_connection(self) -> bool:
+        """Read the current websocket until it ends; True when it broke or went quiet and the
+        conversation has a resume token (take it up again), else False (it ended)."""
+        ws = self._ws
+        assert ws is not None
+        live = False  # the conversation's audio is flowing: silence from now on means trouble
         try:
-            async for message in self._ws:
+            while True:
+                try:
+                    message = await asyncio.wait_for(ws.recv(), RECONNECT_AFTER_S if live else None)
+                except TimeoutError:
+                    if self.resume_token is None:
+                        continue
+                    log.info("no word from the server for %.1f s: resuming", RECONNECT_AFTER_S)
+                    ws.transport.abort()
+                    return True
                 if isinstance(message, str) or not message:
                     log.warning("ignoring a %s message from the server", "text" if message else "empty")
                     continue
                 kind, payload = message[0], message[1:]
                 if kind == KIND_AUDIO:
+                    live = True
                     self._queue_audio(self._decoder.decode(payload))
                 elif kind == KIND_TEXT:
                     self._outputs.put(TextOut(payload.decode("utf-8", errors="replace")))
@@ -199,12 +240,54 @@ class RemoteSession(OutputIteration):
                     self._metadata(payload)
                 elif kind != KIND_HANDSHAKE:
                     log.warning("ignoring a message of unknown kind %d", kind)
-            self._outputs.end(self._closed())
         except ConnectionClosed:
+            if ws.close_code == CloseCode.ABNORMAL and self.resume_token is not None:
+                return True  # dropped without a close frame: the network, not the server
             self._outputs.end(self._closed())
         except OpusError as error:
             self._outputs.end(SessionError(f"server sent invalid Opus: {error}"))
-            await self._ws.close(CloseCode.INVALID_PAYLOAD, "invalid Opus")
+            await ws.close(CloseCode.INVALID_PAYLOAD, "invalid Opus")
+        return False
+
+    async def _resume(self) -> bool:
+        """Take the conversation up on a new websocket with its resume token, trying for
+        RESUME_FOR_S; True once it goes on, False when it cannot (the reason ends the outputs)."""
+        self._resuming = True
+        deadline = time.monotonic() + RESUME_FOR_S
+        attempt_s = max(RESUME_ATTEMPT_S, 3 * self._connect_s)
+        url = with_query(self.url, sampling_query(resume=self.resume_token, queue=1))
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    ws = await connect(url, open_timeout=attempt_s, max_size=None, compression=None)
+                except (OSError, TimeoutError) as error:
+                    log.debug("resume attempt failed: %r", error)
+                    await asyncio.sleep(max(0.0, min(0.25, deadline - time.monotonic())))
+                    continue
+                except Exception as error:  # refused at the HTTP level: no use trying again
+                    self._outputs.end(SessionClosed(f"could not resume the conversation: {error}"))
+                    return False
+                self._ws = ws
+                try:
+                    if self.protocol is Protocol.MOSHI:
+                        await self._wait_for_handshake()
+                except ConnectionClosed:
+                    if ws.close_code == CloseCode.ABNORMAL:
+                        continue  # the link failed again: try again
+                    self._outputs.end(self._closed())  # refused: the reason says why
+                    return False
+                except TimeoutError:
+                    ws.transport.abort()
+                    continue
+                self._encoder, self._decoder = OpusEncoder(), OpusDecoder()  # new Ogg streams both ways
+                self._pending = np.zeros(0, dtype=np.float32)
+                self.resumes += 1
+                log.info("conversation resumed on a new connection")
+                return True
+            self._outputs.end(SessionClosed(f"connection lost for {RESUME_FOR_S:.0f} s"))
+            return False
+        finally:
+            self._resuming = False
 
     def _queue_audio(self, pcm: np.ndarray) -> None:
         self._pending = np.concatenate([self._pending, pcm])
@@ -247,6 +330,8 @@ class Exchange:
     close_code: int | None = None
     close_reason: str = ""
     conversation_id: str | None = None  # our server's id for it, when it told one
+    resumes: int = 0  # times the conversation was taken up on a new connection
+    unsent_frames: int = 0  # input frames dropped while no connection could carry them
 
     @property
     def text(self) -> str:
@@ -316,6 +401,7 @@ async def exchange(
         await session.close()
     result.close_code, result.close_reason = session.close_code, session.close_reason
     result.conversation_id = session.conversation_id
+    result.resumes, result.unsent_frames = session.resumes, session.unsent_frames
     if answer:
         result.pcm = np.concatenate(answer)
     return result
