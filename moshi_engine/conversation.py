@@ -15,7 +15,6 @@ from typing import Protocol
 
 import numpy as np
 
-
 # A conversation whose connection brought nothing for this long is interrupted (an outage, a
 # handover): its grace runs, and a resume token may take it up on a new connection. Every
 # client streams its microphone without pause, so a working connection is never this quiet.

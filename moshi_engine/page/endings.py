@@ -20,6 +20,7 @@ class Ending(enum.Enum):
     TIME_LIMIT = "time_limit"
     IDLE = "idle"  # no microphone audio for a while: the connection is gone or the mic is off
     RESTART = "restart"  # the server is restarting
+    LOST = "lost"  # the connection broke and did not come back within the reconnect grace
     ERROR = "error"
 
 
@@ -47,6 +48,11 @@ def ending_message(ending: Ending, limits: SessionLimits = SessionLimits(), deta
             f"The conversation ended because no microphone audio arrived for {duration_words(limits.idle_s)}. "
             "Check your microphone and connection, then press the button again."
         )
+    if ending is Ending.LOST:
+        return (
+            f"The connection to Moshi was lost for {duration_words(limits.reconnect_grace_s)}, so the conversation "
+            "ended and its slot went to the next visitor. Press the button to start a new one."
+        )
     if ending is Ending.ERROR:
         return f"Something went wrong ({detail or 'unknown error'}). Press the button to try again."
     return f"Conversation ended after {detail}." if detail else "Conversation ended."
@@ -59,11 +65,17 @@ READOUT_WORDS = {
     "behindWebrtc": "Moshi's voice arrives {ms} ms behind (jitter buffer {jitter} ms, round trip {rtt} ms)",
     "behindWebsocket": "Moshi's voice arrives {ms} ms behind (queued in the player)",
     "left": "{time} left",
+    "reconnecting": "Reconnecting…",
     "lastMinute": (
         "Less than a minute left: the conversation ends at the {limit} limit. "
         "Press the button afterwards to start a new one."
     ),
 }
+
+# While a broken connection is being taken up again (the countdown keeps going meanwhile).
+RECONNECTING_MESSAGE = (
+    "The connection to Moshi was lost: reconnecting. The conversation keeps its place for {grace}."
+)
 
 LEFT_LINE_MESSAGE = "You left the line. Press the button to wait for a conversation again."
 STARTING_MESSAGE = "Connecting to Moshi: its server may be starting up, which can take a minute or two."
@@ -178,9 +190,11 @@ def page_words(limits: SessionLimits, line_timeout_s: float, places: int) -> dic
             "timeLimit": ending_message(Ending.TIME_LIMIT, limits),
             "idle": ending_message(Ending.IDLE, limits),
             "restart": ending_message(Ending.RESTART, limits),
+            "lost": ending_message(Ending.LOST, limits),
             "error": ending_message(Ending.ERROR, limits, "{detail}"),
         },
         "leftLine": LEFT_LINE_MESSAGE,
+        "reconnecting": RECONNECTING_MESSAGE.format(grace=duration_words(limits.reconnect_grace_s)),
         "line": LINE_MESSAGE,
         "waitSoon": WAIT_SOON,
         "waitAbout": WAIT_ABOUT,

@@ -1,6 +1,6 @@
 """Which ICE servers WebRTC gets, by where the page is served and what the environment holds,
-how soon the server gives up on a browser that stopped answering, and closing the server's side
-of an attempt that the page gave up because it never connected.
+how long the server keeps a connection whose browser stopped answering, and closing the server's
+side of an attempt that the page gave up because it never connected.
 
 None on loopback (browser and server share the machine); else TURN from the
 environment (explicit servers, Cloudflare, Twilio, or FastRTC's Cloudflare
@@ -12,24 +12,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import aioice.ice
+import aioice.stun
 from fastrtc.credentials import get_cloudflare_turn_credentials_async, get_twilio_turn_credentials
 
 log = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 # ICE consent (RFC 7675): the server asks the browser every CONSENT_INTERVAL_S (0.8 to 1.2 times
-# that) whether it still wants the media, each check waiting 0.5 s for the answer, and the
-# connection fails after CONSENT_FAILURES checks in a row went unanswered. aioice's defaults
-# (5 s, 6) let a browser that vanished without a word (crashed, lost its network) hold its
-# conversation slot for about 30 s; these notice it in about 8. A browser answers a check in
-# a round trip, so even a lossy network misses five in a row only when it is gone.
+# that) whether it still wants the media, and consent expires CONSENT_EXPIRY_S after the last
+# answer, RFC 7675's 30 s. aioice waits 0.5 s for each answer and gives up after 6 unanswered in
+# a row: a call over a 600 ms round trip (a satellite) ended after about 30 s, and an outage of
+# 8 s ended any call. Here each check is sent again while it waits (CONSENT_RETRANSMISSIONS: it
+# waits 0.5 + 1 + 2 s), and only the expiry ends the connection. A browser that vanished is
+# noticed sooner by the conversation itself: no audio for the reconnect grace ends it (rtc.py).
 CONSENT_INTERVAL_S = 1.0
-CONSENT_FAILURES = 5
+CONSENT_RETRANSMISSIONS = 2
+CONSENT_EXPIRY_S = 30.0
 PUBLIC_STUN_URLS = ["stun:stun.l.google.com:19302"]
 
 # Environment variables, by ICE source, in order of precedence: explicit TURN servers
@@ -42,13 +47,32 @@ ICE_SOURCES: dict[str, tuple[str, ...]] = {
 }
 
 
-def notice_vanished_browsers_sooner() -> None:
-    """Have every WebRTC connection of this process check its browser's consent as often as
-    CONSENT_INTERVAL_S, and fail after CONSENT_FAILURES missed checks: the connection's state
-    then says the browser is gone, FastRTC ends the conversation, and its slot is freed.
-    aioice reads these module settings at every check, so they hold for every connection."""
-    aioice.ice.CONSENT_INTERVAL = CONSENT_INTERVAL_S
-    aioice.ice.CONSENT_FAILURES = CONSENT_FAILURES
+def keep_consent_through_outages() -> None:
+    """Have every WebRTC connection of this process check its browser's consent as above: long
+    round trips are answered, and only CONSENT_EXPIRY_S without any answer closes the
+    connection (then FastRTC ends the conversation and its slot is freed). Replaces aioice's
+    `Connection.query_consent` (aioice 0.10 to 0.13 share its shape), which every connection
+    runs once connected; idempotent."""
+    aioice.ice.Connection.query_consent = _query_consent
+
+
+async def _query_consent(self: aioice.ice.Connection) -> None:
+    assert self.remote_password is not None  # consent checks start once connect() has it
+    answered = time.monotonic()
+    while True:
+        await asyncio.sleep(CONSENT_INTERVAL_S * (0.8 + 0.4 * random.random()))
+        for pair in list(self._nominated.values()):
+            request = self.build_request(pair, nominate=False)
+            try:
+                await pair.protocol.request(request, pair.remote_addr, integrity_key=self.remote_password.encode(),
+                                            retransmissions=CONSENT_RETRANSMISSIONS)
+                answered = time.monotonic()
+            except aioice.stun.TransactionError:
+                pass
+        if time.monotonic() - answered >= CONSENT_EXPIRY_S:
+            log.info("ICE consent expired: no answer from the browser for %.0f s", CONSENT_EXPIRY_S)
+            self._query_consent_task = None
+            return await self.close()
 
 
 def ice_source(host: str, env: Mapping[str, str] = os.environ) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 
 from ..conversation import SessionLimits
-from ..wire.protocol import idle_reason, time_limit_reason
+from ..wire.protocol import idle_reason, lost_reason, time_limit_reason
 from .endings import page_words
 from .static_files import STATIC_PATH
 
@@ -52,9 +52,11 @@ def page_config(
         "abandon": abandon_path,
         "webrtcTimeoutS": WEBRTC_TIMEOUT_S,
         "sessionLimitS": limits.max_session_s,  # the readout counts down to it
+        "reconnectGraceS": limits.reconnect_grace_s,  # how long a lost WebRTC connection may come back
         "reasons": {
             "timeLimit": time_limit_reason(limits.max_session_s),
             "idle": idle_reason(limits.idle_s),
+            "lost": lost_reason(limits.reconnect_grace_s),
         },
         "words": {
             **page_words(limits, line_timeout_s, places),

@@ -27,7 +27,16 @@ from fastrtc import AdditionalOutputs, AsyncStreamHandler, CloseStream
 from fastrtc.utils import create_message, current_context
 
 from ..audio import SAMPLE_RATE, int16_to_pcm
-from ..conversation import AudioOut, BusyError, Conversation, Sampling, ServerRestarting, SessionLimits, TextOut
+from ..conversation import (
+    INTERRUPTED_AFTER_S,
+    AudioOut,
+    BusyError,
+    Conversation,
+    Sampling,
+    ServerRestarting,
+    SessionLimits,
+    TextOut,
+)
 from ..door.line import LinePosition
 from ..watch.logs import conversation_context
 from ..watch.metrics import (
@@ -36,6 +45,7 @@ from ..watch.metrics import (
     IDLE,
     LIMIT,
     NORMAL,
+    RECOVERED,
     REFUSED,
     RESTART,
     WEBRTC,
@@ -58,6 +68,7 @@ ENDING_LABELS = {
     Ending.TIME_LIMIT: LIMIT,
     Ending.IDLE: IDLE,
     Ending.RESTART: RESTART,
+    Ending.LOST: CLIENT_GONE,
     Ending.ERROR: ERROR,
 }
 
@@ -268,6 +279,8 @@ class MoshiHandler(AsyncStreamHandler):
             return
         pcm = int16_to_pcm(frame[1])
         self._last_heard = asyncio.get_running_loop().time()
+        if self.clock.interrupted_at is not None:
+            self.clock.reconnected(RECOVERED)  # its connection came back by itself
         self.recording.add_person(pcm)
         self.clock.heard()
         try:
@@ -332,8 +345,10 @@ class MoshiHandler(AsyncStreamHandler):
         return self.record.webrtc_id if self.record else "?"
 
     async def _watch(self) -> None:
-        """End the conversation at the session limit, or when the microphone goes quiet
-        (a connection that died without FastRTC noticing stops sending frames)."""
+        """End the conversation at the session limit; mark it interrupted when no audio
+        came for INTERRUPTED_AFTER_S (a browser sends its microphone's frames, silent or not,
+        every 20 ms while its connection works), and end it when the connection stayed
+        lost for the reconnect grace (an outage that did not end, a browser that vanished)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.max_session_s
         while True:
@@ -341,10 +356,18 @@ class MoshiHandler(AsyncStreamHandler):
             if now >= deadline:
                 self._end(Ending.TIME_LIMIT)
                 return
-            if now >= self._last_heard + self.limits.idle_s:
+            quiet_since = self._last_heard
+            if now >= quiet_since + INTERRUPTED_AFTER_S:
+                self.clock.interrupted()
+            lost_at = quiet_since + INTERRUPTED_AFTER_S + self.limits.reconnect_grace_s
+            if now >= lost_at:
+                self._end(Ending.LOST)
+                return
+            if now >= quiet_since + self.limits.idle_s:
                 self._end(Ending.IDLE)
                 return
-            await asyncio.sleep(min(deadline, self._last_heard + self.limits.idle_s) - now)
+            wake = quiet_since + INTERRUPTED_AFTER_S if self.clock.interrupted_at is None else lost_at
+            await asyncio.sleep(max(0.0, min(deadline, wake, quiet_since + self.limits.idle_s) - now) + 0.001)
 
     def _end(self, ending: Ending, detail: str = "") -> asyncio.Task:
         """Decide how the conversation ends (the first caller wins) and start finishing."""

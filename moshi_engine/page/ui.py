@@ -47,7 +47,7 @@ from .ice import (
     abandon_unconnected,
     browser_rtc_configuration,
     ice_source,
-    notice_vanished_browsers_sooner,
+    keep_consent_through_outages,
 )
 from .layout import CSS, download_link, free_slots, layout, status_line, voice_status
 from .pagescript import RECORDING_READY, page_config, page_head
@@ -119,7 +119,7 @@ def build_page(
     conversation's end is counted in `metrics`, as the voice picked (the first: `voices[0]`).
     """
     source = ice_source(host)  # fails here, at start, on a half-set TURN configuration
-    notice_vanished_browsers_sooner()
+    keep_consent_through_outages()
     log.info("WebRTC ICE servers for host %s: %s", host, source)
     conversations = conversations or ConversationLog()
     picking = len(voices or ()) > 1

@@ -59,6 +59,9 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = 1011  # the model or the server failed
     SERVICE_RESTART = 1012  # the server is restarting: connect again in a minute
     TRY_AGAIN_LATER = 1013  # every slot and the waiting line are taken, a wait timed out, or still loading
+    # From a client: it gave this connection up to resume the conversation on another (a browser
+    # cannot drop a websocket without a close frame); the conversation keeps its slot meanwhile.
+    RECONNECTING = 4000
 
 
 def time_limit_reason(max_session_s: float) -> str:

@@ -12,6 +12,13 @@
 // waiting line (`?queue=1`) holds the client, it sends 0x04 + JSON metadata such
 // as {"queue": {"position": 2, "waiting": 3, "eta_s": 180}}. Sampling parameters
 // ride on the URL query.
+//
+// When the server tells the conversation's resume token (metadata {"conversation": {"resume":
+// ...}}), a connection that drops or goes quiet for RECONNECT_AFTER_MS (an outage, a new
+// address) is taken up again: state "reconnecting", new websockets with ?resume=TOKEN until
+// one is greeted with the handshake (the same conversation, in its slot), for RESUME_FOR_MS
+// at most; the server's refusal or its grace ends it. What the microphone hears meanwhile is
+// not sent: it would be stale by the time it arrived.
 
 import { Microphone, MICROPHONE_CONSTRAINTS, Player } from "./audio.js";
 import { chooseBackend, createDecoder, createEncoder, FRAME_SIZE, SAMPLE_RATE } from "./opus.js";
@@ -30,6 +37,12 @@ export const KIND = Object.freeze({
 export const SAMPLING_KEYS = ["seed", "temp", "top_k", "temp_text", "top_k_text"];
 const MAX_LAGS = 500;
 const STATS_TIMEOUT_MS = 500;
+// A live conversation hears from the server every 80 ms: this long without a word, the link is down.
+const RECONNECT_AFTER_MS = 2500;
+const RESUME_FOR_MS = 20000; // the server's grace decides (15 s by default); this bounds the trying
+const RESUME_ATTEMPT_MS = 1000; // each try's own time, at least (three times the first connect's)
+const WATCH_EVERY_MS = 250;
+const RECONNECTING = 4000; // close code of a connection given up for another (protocol.py CloseCode)
 
 /**
  * The websocket URL of a server's /api/chat: `server` is a ws(s):// or http(s)://
@@ -106,7 +119,7 @@ function withTimeout(promise, ms) {
  *   onMicrophone(pcm) (each 80 ms frame sent to Moshi), onQueue(info), onMetadata(object),
  *   onError(error), onState(state), onClose(code, reason)
  *
- * States: idle -> starting -> connecting -> (queued) -> live -> closing -> closed.
+ * States: idle -> starting -> connecting -> (queued) -> live (<-> reconnecting) -> closing -> closed.
  * onClose is called once, after everything is released, when a socket was opened.
  */
 export class MoshiSocket {
@@ -125,6 +138,11 @@ export class MoshiSocket {
     this.times = { ready: null, firstSent: null, firstAudio: null, firstPlayed: null };
     this.frameSentAt = new Map(); // input frame index -> when its last byte was sent
     this.lags = []; // ms from an input frame sent to Moshi's answer to it decoded
+    this.resumeToken = null; // what takes this conversation up on a new connection, once told
+    this.resumes = 0; // times it was taken up again
+    this.interruptions = 0; // times its connection was lost
+    this.lastHeard = null; // when the server's last message came
+    this.answerOffset = 1; // output frame j answers input frame j + answerOffset (moves at a resume)
     this.finalPlayerStats = null;
   }
 
@@ -154,17 +172,97 @@ export class MoshiSocket {
     }
     if (this.state !== "starting") return; // stop() was called meanwhile
     this.#setState("connecting");
-    this.ws = new WebSocket(this.url);
-    this.ws.binaryType = "arraybuffer";
-    this.ws.onmessage = (event) => this.#receive(event.data);
-    this.ws.onclose = (event) => this.#closed(event.code, event.reason);
+    this.connectStartedAt = performance.now();
+    this.#use(new WebSocket(this.url));
+    this.watchdog = setInterval(() => this.#watch(), WATCH_EVERY_MS);
+  }
+
+  #use(ws) {
+    this.ws = ws;
+    ws.binaryType = "arraybuffer";
+    ws.onmessage = (event) => {
+      if (this.ws !== ws) return;
+      this.lastHeard = performance.now();
+      this.#receive(event.data);
+    };
+    ws.onclose = (event) => {
+      if (this.ws !== ws) return;
+      // Dropped without a close frame (1006) while talking: the network, not the server.
+      if (event.code === 1006 && this.resumeToken && (this.state === "live" || this.state === "reconnecting")) {
+        this.#interrupted();
+      } else {
+        this.#closed(event.code, event.reason);
+      }
+    };
+  }
+
+  /** Let go of `ws`: 4000 says the conversation goes on elsewhere (its slot is kept), 1000 that it ends. */
+  #forget(ws, code = RECONNECTING, reason = "reconnecting") {
+    ws.onmessage = ws.onclose = ws.onopen = null;
+    if (ws.readyState === WebSocket.CONNECTING || ws.readyState === WebSocket.OPEN) ws.close(code, reason);
+  }
+
+  #watch() {
+    const now = performance.now();
+    if (this.state === "live" && this.resumeToken && this.lastHeard !== null && now - this.lastHeard > RECONNECT_AFTER_MS) {
+      this.#interrupted();
+    } else if (this.state === "reconnecting") {
+      if (now - this.interruptedAt > RESUME_FOR_MS) {
+        this.#forget(this.ws);
+        this.#closed(1006, "connection lost");
+      } else if (now - this.attemptStartedAt > this.attemptMs) {
+        this.#attempt(); // this try found no way through: a new one
+      }
+    }
+  }
+
+  /** The connection is lost: try to take the conversation up again on new ones. */
+  #interrupted() {
+    if (this.state !== "reconnecting") {
+      this.interruptions++;
+      this.interruptedAt = performance.now();
+      this.attemptMs = Math.max(RESUME_ATTEMPT_MS, 3 * (this.times.ready - this.connectStartedAt || 0));
+      this.#setState("reconnecting");
+    }
+    this.#attempt();
+  }
+
+  #attempt() {
+    this.#forget(this.ws);
+    const url = new URL(this.url);
+    url.searchParams.set("resume", this.resumeToken);
+    url.searchParams.set("queue", "1");
+    this.attemptStartedAt = performance.now();
+    this.#use(new WebSocket(url.href));
+  }
+
+  /** A new connection took the conversation up: new Ogg streams both ways. */
+  async #resumed() {
+    this.resumes++;
+    const onError = (error) => this.#fail(error);
+    this.encoder?.close();
+    this.decoder?.close();
+    this.encoder = await createEncoder(this.backend, { onPage: (ogg, samples) => this.#send(ogg, samples), onError });
+    this.decoder = await createDecoder(this.backend, { onPcm: (pcm) => this.#play(pcm), onError });
+    // What was in flight is gone both ways: the next answer is to the next frame sent.
+    const sent = Math.floor(this.counters.sentSamples / FRAME_SIZE);
+    const decoded = Math.floor(this.counters.decodedSamples / FRAME_SIZE);
+    this.answerOffset = sent - decoded + 1;
+    this.frameSentAt.clear();
+    if (this.state === "reconnecting") this.#setState("live");
   }
 
   /** End the conversation (the server frees its slot) and release the microphone and audio. */
   async stop(reason = "stopped by the user") {
     if (this.state === "closed" || this.state === "closing") return;
     const ws = this.ws;
+    const reconnecting = this.state === "reconnecting";
     this.#setState("closing");
+    if (reconnecting) {
+      this.#forget(ws, 1000, closeReason(reason)); // a try under way hears the close; else the server's grace frees the slot
+      await this.#closed(1000, reason);
+      return;
+    }
     if (!ws) {
       await this.#release();
       this.#setState("closed");
@@ -198,6 +296,8 @@ export class MoshiSocket {
       firstAudioMs: since(this.times.firstAudio), // first mic frame sent -> Moshi's first audio decoded
       firstPlayedMs: since(this.times.firstPlayed), // ... -> its first sample handed to the speaker
       lagMs: percentiles(this.lags), // an input frame sent -> Moshi's answer to it decoded
+      interruptions: this.interruptions, // times the connection was lost
+      resumes: this.resumes, // ... and taken up again on a new one
       player: player ?? this.finalPlayerStats,
     };
   }
@@ -246,10 +346,12 @@ export class MoshiSocket {
     const c = this.counters;
     const before = Math.floor(c.decodedSamples / FRAME_SIZE);
     c.decodedSamples += pcm.length;
-    // Moshi answers every input frame but the first: output frame j answers input frame j + 1.
+    // Moshi answers every input frame but the first: output frame j answers input frame j + 1
+    // (further on, after a resume dropped what was in flight).
     for (let frame = before; frame < Math.floor(c.decodedSamples / FRAME_SIZE); frame++) {
-      const sent = this.frameSentAt.get(frame + 1);
-      for (const key of this.frameSentAt.keys()) if (key <= frame + 1) this.frameSentAt.delete(key);
+      const answered = frame + this.answerOffset;
+      const sent = this.frameSentAt.get(answered);
+      for (const key of this.frameSentAt.keys()) if (key <= answered) this.frameSentAt.delete(key);
       if (sent !== undefined) {
         this.lags.push(now - sent);
         if (this.lags.length > MAX_LAGS) this.lags.shift();
@@ -271,6 +373,8 @@ export class MoshiSocket {
           this.times.ready = performance.now();
           this.#setState("live");
           this.onReady?.();
+        } else if (this.state === "reconnecting") {
+          this.#resumed().catch((error) => this.#fail(error));
         }
         break;
       case KIND.AUDIO:
@@ -308,6 +412,8 @@ export class MoshiSocket {
       console.warn("ignoring metadata that is not JSON");
       return;
     }
+    const resume = metadata?.conversation?.resume;
+    if (typeof resume === "string") this.resumeToken = resume;
     if (metadata && typeof metadata === "object" && metadata.queue && typeof metadata.queue === "object") {
       if (this.state === "connecting") this.#setState("queued");
       this.onQueue?.(metadata.queue);
@@ -321,6 +427,8 @@ export class MoshiSocket {
   }
 
   async #closed(code, reason) {
+    if (this.state === "closed") return;
+    clearInterval(this.watchdog);
     this.closeCode = code;
     this.closeReason = reason;
     if (this.state !== "closing") this.#setState("closing");

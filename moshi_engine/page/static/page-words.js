@@ -74,6 +74,7 @@ export class PageWords {
         if (reason === this.reasons.timeLimit) return e.timeLimit;
         return seconds > 0 ? fill(e.stoppedAfter, { detail: this.duration(roundHalfEven(seconds)) }) : e.stopped;
       case 1008:
+        if (reason === this.reasons.lost) return e.lost;
         return reason === this.reasons.idle ? e.idle : error(reason || "the server refused the conversation");
       case 1012:
         return e.restart;

@@ -245,6 +245,11 @@ async function talkOverWebsocket(why, context = null) {
       const id = metadata?.conversation?.id;
       if (typeof id === "string" && /^[0-9a-z]{1,32}$/i.test(id)) page.conversationId = id;
     },
+    onState: (state) => {
+      // The countdown keeps going while the connection is taken up again (moshi-socket.js).
+      if (state === "reconnecting") showMessage(WORDS.words.reconnecting);
+      else if (state === "live" && socket.resumes) showMessage("");
+    },
     onText: appendTranscript,
     onMicrophone: (pcm) => recording.addPerson(pcm),
     onAudio: (pcm) => recording.addMoshi(pcm),
@@ -273,6 +278,9 @@ async function talkOverWebsocket(why, context = null) {
 
 // ## Watching WebRTC
 
+// A WebRTC connection lost for longer than the server's grace is over: the page says so this
+// long after the grace (the server's own word cannot come over a connection that is gone).
+const LOST_MARGIN_S = 3;
 let talkPressedAt = null; // Talk went to FastRTC; its connection is not made yet
 const TALK_STARTS_MS = 10_000; // FastRTC makes its connection well within this of the click
 let primedContext = null; // an AudioContext made during that click, for a fallback later
@@ -300,7 +308,24 @@ function onPeerConnection(pc) {
     closePrimedContext();
     readout.watchWebrtc(pc);
   };
+  let lostTimer = null;
+  attempt.onInterrupted = () => {
+    // The server keeps the slot for the grace: so does the page, then it gives up.
+    showMessage(WORDS.words.reconnecting);
+    readout.reconnecting(true);
+    lostTimer = setTimeout(() => {
+      attempt.end();
+      showMessage(WORDS.words.endings.lost);
+    }, 1000 * (CONFIG.reconnectGraceS + LOST_MARGIN_S));
+  };
+  attempt.onRecovered = () => {
+    clearTimeout(lostTimer);
+    showMessage("");
+    readout.reconnecting(false);
+  };
   attempt.onEnded = () => {
+    clearTimeout(lostTimer);
+    readout.reconnecting(false);
     settle();
     if (readout.source?.pc === pc) readout.stop();
     if (page.transport === "webrtc" && page.why === "webrtc") setStatus("webrtcEnded");

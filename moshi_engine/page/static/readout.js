@@ -46,7 +46,8 @@ export class Readout {
 
   reset() {
     // What the page shows, also for tests: null until known.
-    this.state = { transport: null, behindMs: null, jitterMs: null, rttMs: null, leftS: null, lastMinute: false };
+    this.state = { transport: null, behindMs: null, jitterMs: null, rttMs: null, leftS: null, lastMinute: false,
+      reconnecting: false };
     this.startedAt = null;
     this.lastInbound = null;
   }
@@ -64,6 +65,12 @@ export class Readout {
   /** The conversation proper started: the countdown runs from now. */
   talking() {
     this.startedAt ??= performance.now();
+  }
+
+  /** The conversation's connection is lost and being taken up again (true), or back (false). */
+  reconnecting(lost) {
+    this.state.reconnecting = lost;
+    if (this.source) this.#show();
   }
 
   /** The conversation ended: the readout goes away. */
@@ -118,6 +125,7 @@ export class Readout {
 
   async #readWebsocket(socket) {
     if (socket.state === "live") this.talking();
+    this.state.reconnecting = socket.state === "reconnecting";
     const player = socket.player && socket.state === "live" ? await socket.player.stats() : null;
     this.state.behindMs = player ? (1000 * player.queuedSamples) / player.sampleRate : null;
   }
@@ -128,7 +136,9 @@ export class Readout {
     state.lastMinute = state.leftS !== null && state.leftS <= 60;
     const ms = (x) => String(Math.round(x));
     let behind = "";
-    if (state.behindMs !== null) {
+    if (state.reconnecting) {
+      behind = this.words.reconnecting;
+    } else if (state.behindMs !== null) {
       if (state.transport === "webrtc") {
         behind = fill(this.words.behindWebrtc, { ms: ms(state.behindMs), jitter: ms(state.jitterMs),
           rtt: state.rttMs === null ? "?" : ms(state.rttMs) });

@@ -39,8 +39,15 @@ export function offerUfrag(pc) {
  * Callbacks: `onConnected()`, `onFailed(event)` (ICE or the connection failed: the event is
  * the connection's own, so a listener may stop FastRTC's from seeing it), `onTimeout()`
  * (not connected `timeoutMs` after the server answered the offer, or after creation if no
- * answer came), `onEnded()` (closed or disconnected, after it connected or by its creator).
+ * answer came), `onEnded()` (closed or failed after it connected, or closed by its creator),
+ * `onInterrupted()` and `onRecovered()` (a connected connection went "disconnected": no
+ * packet came for a few seconds; and it came back by itself).
  * States: "connecting" -> "connected" | "failed" | "abandoned" | "ended".
+ *
+ * A connected connection that goes "disconnected" is not over: an outage (a lift, a tunnel, a
+ * wifi roam) ends, and ICE finds its way back on its own, as the server keeps its slot for the
+ * reconnect grace. FastRTC's component ends the call on "disconnected", so that state change is
+ * kept from its listener (ours runs first) until the connection fails, closes or `end()`s.
  */
 export class WebRTCAttempt {
   constructor(pc, { timeoutMs = 5000, abandonUrl = null } = {}) {
@@ -49,7 +56,8 @@ export class WebRTCAttempt {
     this.abandonUrl = abandonUrl;
     this.state = "connecting";
     this.times = { created: performance.now(), answered: null, connected: null, ended: null };
-    this.onConnected = this.onFailed = this.onTimeout = this.onEnded = null;
+    this.onConnected = this.onFailed = this.onTimeout = this.onEnded = this.onInterrupted = this.onRecovered = null;
+    this.interrupted = false;
     this.timer = null;
     this.abandonPosted = false;
     const changed = (event) => this.#changed(event);
@@ -95,9 +103,40 @@ export class WebRTCAttempt {
       } else if (pc.connectionState === "closed" || pc.connectionState === "disconnected") {
         this.#ended();
       }
-    } else if (this.state === "connected" && ["closed", "disconnected", "failed"].includes(pc.connectionState)) {
-      this.#ended();
+    } else if (this.state === "connected") {
+      const state = pc.connectionState;
+      if (state === "disconnected") {
+        if (event.type === "connectionstatechange") event.stopImmediatePropagation(); // not FastRTC's to end
+        if (!this.interrupted) {
+          this.interrupted = true;
+          this.onInterrupted?.();
+        }
+      } else if (state === "connected" && this.interrupted) {
+        this.interrupted = false;
+        this.onRecovered?.();
+      } else if (state === "closed" || state === "failed") {
+        this.#ended();
+      }
     }
+  }
+
+  /**
+   * End a connected call from the page (its connection never came back): FastRTC's component
+   * goes back to "Talk" quietly, as for a connection it saw end, and closes it.
+   */
+  end() {
+    if (this.state !== "connected") return;
+    this.#ended();
+    this.#closeQuietly();
+  }
+
+  #closeQuietly() {
+    const pc = this.pc;
+    // Our own listener ignores it: this attempt is no longer "connecting" or "connected".
+    Object.defineProperty(pc, "connectionState", { configurable: true, get: () => "disconnected" });
+    pc.dispatchEvent(new Event("connectionstatechange"));
+    // FastRTC closes it half a second after "disconnected"; in case a later version does not.
+    setTimeout(() => pc.close(), 1000);
   }
 
   #ended() {
@@ -120,12 +159,7 @@ export class WebRTCAttempt {
     this.state = "abandoned";
     this.times.ended = performance.now();
     if (this.times.answered !== null) this.#postAbandon();
-    const pc = this.pc;
-    // Our own listener ignores it: this attempt is no longer "connecting".
-    Object.defineProperty(pc, "connectionState", { configurable: true, get: () => "disconnected" });
-    pc.dispatchEvent(new Event("connectionstatechange"));
-    // FastRTC closes it half a second after "disconnected"; in case a later version does not.
-    setTimeout(() => pc.close(), 1000);
+    this.#closeQuietly();
   }
 
   #postAbandon() {
