@@ -126,6 +126,7 @@ class MoshiSession(OutputIteration):
         self.frames_in = 0  # input frames stepped
         self.frames_out = 0
         self.stale_frames = 0  # input frames dropped as too far behind real time
+        self._catching_up = False  # input fell STALE_AFTER_S behind: dropping down to CAUGHT_UP_S
         # Told how many input frames were just dropped as stale (a metric's counter).
         self.on_stale: Callable[[int], None] | None = None
         # The conversation it serves, for the log lines of what happens to it off its own tasks
@@ -175,17 +176,24 @@ class MoshiSession(OutputIteration):
     def _hand_on(self) -> None:
         """Drop what is stale, then hand the model what it may step next."""
         waiting = self._waiting
-        if len(waiting) > 1 and self._clock.behind(waiting[0][0], time.perf_counter()) > STALE_AFTER_S:
-            now = time.perf_counter()
+        now = time.perf_counter()
+        if waiting and not self._catching_up and self._clock.behind(waiting[0][0], now) > STALE_AFTER_S:
+            self._catching_up = True  # until a frame handed on is at most CAUGHT_UP_S behind
+        if self._catching_up:
+            # A backlog arrives a frame at a time: each drops those before it, down to the newest.
             dropped = 0
             while len(waiting) > 1 and self._clock.behind(waiting[0][0], now) > CAUGHT_UP_S:
                 waiting.popleft()
                 dropped += 1
-            self.stale_frames += dropped
-            if self.on_stale is not None:
-                self.on_stale(dropped)
-        while waiting and len(self._in_flight) < IN_FLIGHT_FRAMES:
+            if dropped:
+                self.stale_frames += dropped
+                if self.on_stale is not None:
+                    self.on_stale(dropped)
+        # While catching up, one frame at a time: the next waits here, where it can still be dropped.
+        while waiting and len(self._in_flight) < (1 if self._catching_up else IN_FLIGHT_FRAMES):
             index, frame, arrived = waiting.popleft()
+            if self._clock.behind(index, now) <= CAUGHT_UP_S:
+                self._catching_up = False  # what Moshi hears next is of the moment again
             self._model.submit(self._lease, frame, arrived)
             self._in_flight.append(index)
         if len(waiting) < self._max_waiting:
@@ -204,14 +212,15 @@ class MoshiSession(OutputIteration):
         """One stepped frame's output (on the event loop, from the stepping thread)."""
         if self._closed:
             return
-        index = self._in_flight.popleft()
         if isinstance(out, BaseException):
+            # also with nothing in flight: a model process that stops ends every conversation on it
             with conversation_context(self.conversation_id):
                 log.error("the step of slot %d failed: %r", self.slot, out)
             self._failure = SessionError(f"model error: {out}")
             self._outbox.end(self._failure)
             self.release()
             return
+        index = self._in_flight.popleft()
         self._hand_on()
         self.frames_in += 1
         if out.pcm is not None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 
-from moshi_engine.audio import FRAME_SIZE, SAMPLE_RATE
+from moshi_engine.audio import FRAME_SECONDS, FRAME_SIZE, SAMPLE_RATE
 from moshi_engine.conversation import AudioOut, BusyError, Sampling, SessionClosed
 from moshi_engine.engine import load_engine
 from tests.conftest import DEVICE, converse
@@ -157,3 +158,53 @@ def test_sampling_rejects_nonsense():
     for bad in ({"temp": -1.0}, {"top_k": 0}, {"top_k_text": 2.5}, {"seed": -3}, {"temp_text": "hot"}):
         with pytest.raises(ValueError):
             Sampling(**bad)
+
+
+@pytest.fixture(scope="module")
+def slow_engine():
+    """The tiny model taking a real Moshi's step time (65 ms of the 80 ms a frame lasts)."""
+    engine = load_engine("tiny", device=DEVICE, sessions=1, min_step_ms=65)
+    yield engine
+    engine.close()
+
+
+async def test_a_backlog_after_an_outage_is_dropped_and_the_lag_is_back_within_a_second(slow_engine, hello_pcm):
+    """Real time, then nothing for 3 s, then those 3 s at once (what TCP delivers when the link
+    comes back), then real time again: the backlog is dropped down to the frame of the moment,
+    and the answers are as little behind as before the outage within a second of its end."""
+    frame = hello_pcm[:FRAME_SIZE]
+    lags: list[tuple[float, float]] = []  # (when the answer came, how late against its input's place)
+    loop = asyncio.get_running_loop()
+
+    async with slow_engine.session(Sampling(seed=0)) as session:
+        async def read() -> None:
+            while True:
+                out = await session.receive()
+                if isinstance(out, AudioOut):
+                    lags.append((loop.time(), time.perf_counter() - out.due))
+
+        reader = asyncio.create_task(read())
+        start = loop.time()
+        async def at(index: int) -> None:
+            await asyncio.sleep(max(0.0, start + index * FRAME_SECONDS - loop.time()))
+
+        for index in range(25):  # 2 s in real time
+            await at(index)
+            await session.send_pcm(frame)
+        await at(25 + 37)  # the outage: 3 s in which nothing arrives
+        back = loop.time()
+        for _ in range(37):  # ... and then arrives at once
+            await session.send_pcm(frame)
+        for index in range(25 + 37, 25 + 37 + 25):  # 2 s in real time again
+            await at(index)
+            await session.send_pcm(frame)
+        await asyncio.sleep(0.3)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+
+    before = sorted(lag for when, lag in lags if start + 0.5 < when < back)
+    after = [lag for when, lag in lags if when > back + 1.0]
+    assert session.stale_frames >= 30  # most of the backlog went, never to Moshi
+    assert before and after
+    normal = before[len(before) // 2]
+    assert max(after) <= max(0.2, 1.5 * normal)  # back to its usual lag, whatever a step takes
