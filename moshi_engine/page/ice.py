@@ -4,7 +4,9 @@ side of an attempt that the page gave up because it never connected.
 
 None on loopback (browser and server share the machine); else TURN from the
 environment (explicit servers, Cloudflare, Twilio, or FastRTC's Cloudflare
-credentials through HF_TOKEN); else a public STUN server.
+credentials through HF_TOKEN); else a public STUN server, or those of MOSHI_STUN_URLS
+(comma-separated; set and empty: none, for a private network without internet, where a
+STUN lookup only delays the answer until it times out).
 """
 
 from __future__ import annotations
@@ -89,11 +91,18 @@ def ice_source(host: str, env: Mapping[str, str] = os.environ) -> str:
             raise ValueError(f"{', '.join(present)} set but {missing} missing: set all of {', '.join(names)}")
         if present:
             return source
-    return "stun"
+    return "stun" if _stun_urls(env) else "none"
 
 
-def _stun_servers() -> list[dict[str, Any]]:
-    return [{"urls": list(PUBLIC_STUN_URLS)}]
+def _stun_urls(env: Mapping[str, str] = os.environ) -> list[str]:
+    if "MOSHI_STUN_URLS" not in env:
+        return list(PUBLIC_STUN_URLS)
+    return [url.strip() for url in env["MOSHI_STUN_URLS"].split(",") if url.strip()]
+
+
+def _stun_servers(env: Mapping[str, str] = os.environ) -> list[dict[str, Any]]:
+    urls = _stun_urls(env)
+    return [{"urls": urls}] if urls else []
 
 
 async def browser_rtc_configuration(host: str, env: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -107,14 +116,14 @@ async def browser_rtc_configuration(host: str, env: Mapping[str, str] = os.envir
     if source == "none":
         return {}
     if source == "stun":
-        return {"iceServers": _stun_servers()}
+        return {"iceServers": _stun_servers(env)}
     if source == "turn":
         turn = {
             "urls": [url.strip() for url in env["TURN_URLS"].split(",") if url.strip()],
             "username": env["TURN_USERNAME"],
             "credential": env["TURN_CREDENTIAL"],
         }
-        return {"iceServers": _stun_servers() + [turn]}
+        return {"iceServers": _stun_servers(env) + [turn]}
     try:
         if source == "cloudflare":
             # hf_token="" keeps fastrtc from preferring an HF_TOKEN that is also set.
@@ -135,11 +144,11 @@ async def browser_rtc_configuration(host: str, env: Mapping[str, str] = os.envir
         return {"iceServers": _stun_servers()}
 
 
-def server_rtc_configuration(host: str) -> dict[str, Any]:
+def server_rtc_configuration(host: str, env: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """The server side's ICE servers: none on loopback (no STUN lookups to wait for),
     else STUN so that the server learns its public address. The browser's TURN relay
     is enough for the pair to connect, so the server needs no TURN of its own."""
-    return {"iceServers": [] if host in LOOPBACK_HOSTS else _stun_servers()}
+    return {"iceServers": [] if host in LOOPBACK_HOSTS else _stun_servers(env)}
 
 
 # ## Attempts that never connected

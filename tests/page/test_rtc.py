@@ -131,6 +131,20 @@ def test_public_host_without_credentials_gets_public_stun_only():
     assert server_rtc_configuration("0.0.0.0") == config
 
 
+def test_stun_servers_can_be_chosen_or_left_out_for_a_network_without_internet():
+    mine = {"MOSHI_STUN_URLS": "stun:stun.example.org:3478, stun:stun2.example.org:3478"}
+    config = asyncio.run(browser_rtc_configuration("0.0.0.0", mine))
+    assert config == {"iceServers": [{"urls": ["stun:stun.example.org:3478", "stun:stun2.example.org:3478"]}]}
+    assert server_rtc_configuration("0.0.0.0", mine) == config
+    # Set and empty: no STUN server to wait for, the host candidates only.
+    assert ice_source("10.0.0.1", {"MOSHI_STUN_URLS": ""}) == "none"
+    assert asyncio.run(browser_rtc_configuration("10.0.0.1", {"MOSHI_STUN_URLS": ""})) == {}
+    assert server_rtc_configuration("10.0.0.1", {"MOSHI_STUN_URLS": " "}) == {"iceServers": []}
+    # TURN still comes after whatever STUN is chosen.
+    config = asyncio.run(browser_rtc_configuration("0.0.0.0", {**TURN_ENV, "MOSHI_STUN_URLS": ""}))
+    assert [server["urls"] for server in config["iceServers"]] == [["turn:turn.example.org:3478", "turns:turn.example.org:5349"]]
+
+
 def test_turn_urls_become_one_turn_server_with_its_credentials_after_stun():
     config = asyncio.run(browser_rtc_configuration("0.0.0.0", TURN_ENV))
     assert config["iceServers"][0]["urls"] == ["stun:stun.l.google.com:19302"]

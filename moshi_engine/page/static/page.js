@@ -47,6 +47,7 @@ const STATUS = {
   webrtc: "Talking over WebRTC.",
   webrtcEnded: "The last conversation went over WebRTC.",
   timeout: "WebRTC could not connect, so this conversation goes over the page's websocket.",
+  unreachable: "WebRTC found no way through this network (UDP blocked, no TURN server), so this conversation goes over the page's websocket.",
   failed: "WebRTC failed to connect, so this conversation goes over the page's websocket.",
   failedBefore: "WebRTC could not connect earlier, so this conversation goes over the page's websocket.",
   noWebrtc: "This browser has no WebRTC, so this conversation goes over the page's websocket.",
@@ -349,6 +350,10 @@ function onPeerConnection(pc) {
     }
   };
   attempt.onTimeout = () => giveUp("timeout");
+  // Nothing came through soon after the answer: where the page can fall back, it does not wait out the timeout.
+  attempt.onUnreachable = () => {
+    if (MODE === "auto" && CAN_FALL_BACK) giveUp("unreachable");
+  };
   attempt.onFailed = (event) => {
     // FastRTC would show "Connection failed!" for a failure the page recovers from.
     if (MODE === "auto" && CAN_FALL_BACK && event.type === "connectionstatechange") event.stopImmediatePropagation();

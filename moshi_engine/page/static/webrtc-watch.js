@@ -40,6 +40,8 @@ export function offerUfrag(pc) {
  * the connection's own, so a listener may stop FastRTC's from seeing it), `onTimeout()`
  * (not connected `timeoutMs` after the server answered the offer, or after creation if no
  * answer came), `onEnded()` (closed or failed after it connected, or closed by its creator),
+ * `onUnreachable()` (soon after the answer, no connectivity check has been answered either way:
+ * UDP is blocked, or no path exists; the page need not wait out `timeoutMs`),
  * `onInterrupted()` and `onRecovered()` (a connected connection went "disconnected": no
  * packet came for a few seconds; and it came back by itself).
  * States: "connecting" -> "connected" | "failed" | "abandoned" | "ended".
@@ -49,6 +51,9 @@ export function offerUfrag(pc) {
  * reconnect grace. FastRTC's component ends the call on "disconnected", so that state change is
  * kept from its listener (ours runs first) until the connection fails, closes or `end()`s.
  */
+const PROBE_MIN_MS = 800;
+const PROBE_AGAIN_MS = 300;
+
 export class WebRTCAttempt {
   constructor(pc, { timeoutMs = 5000, abandonUrl = null } = {}) {
     this.pc = pc;
@@ -59,8 +64,14 @@ export class WebRTCAttempt {
     this.onConnected = this.onFailed = this.onTimeout = this.onEnded = this.onInterrupted = this.onRecovered = null;
     this.interrupted = false;
     this.timer = null;
+    this.probe = null;
     this.abandonPosted = false;
     const changed = (event) => this.#changed(event);
+    const setLocalDescription = pc.setLocalDescription.bind(pc);
+    pc.setLocalDescription = (...args) => {
+      this.times.offered ??= performance.now(); // the offer leaves for the server about now
+      return setLocalDescription(...args);
+    };
     pc.addEventListener("connectionstatechange", changed);
     pc.addEventListener("iceconnectionstatechange", changed);
     // The clock restarts at the answer: fetching TURN credentials and the server's own ICE
@@ -68,7 +79,10 @@ export class WebRTCAttempt {
     const setRemoteDescription = pc.setRemoteDescription.bind(pc);
     pc.setRemoteDescription = (...args) => {
       this.times.answered ??= performance.now();
-      if (this.state === "connecting") this.#arm();
+      if (this.state === "connecting") {
+        this.#arm();
+        this.#armProbe();
+      }
       if (this.state === "abandoned") this.#postAbandon(); // the server's side exists only now
       return setRemoteDescription(...args);
     };
@@ -79,6 +93,37 @@ export class WebRTCAttempt {
       if (this.state === "connecting" || this.state === "connected") this.#ended();
     };
     this.#arm();
+  }
+
+  /**
+   * Once the server answered, a working path shows within a few round trips: some connectivity
+   * check gets an answer, or the server's checks arrive. The signalling's own round trip (offer
+   * to answer, the server's gathering included) bounds a round trip from above, so twice it,
+   * and at least PROBE_MIN_MS, is the wait before asking whether anything came through.
+   */
+  #armProbe() {
+    clearTimeout(this.probe);
+    const signalling = this.times.answered - (this.times.offered ?? this.times.created);
+    const wait = Math.max(PROBE_MIN_MS, 2 * signalling);
+    this.probe = setTimeout(() => this.#checkPath().catch((error) => console.warn("ICE probe:", error)), wait);
+  }
+
+  async #checkPath() {
+    if (this.state !== "connecting") return;
+    let heard = false;
+    let pairs = 0;
+    (await this.pc.getStats()).forEach((report) => {
+      if (report.type !== "candidate-pair") return;
+      pairs++;
+      if ((report.responsesReceived ?? 0) > 0 || (report.requestsReceived ?? 0) > 0) heard = true;
+    });
+    if (this.state !== "connecting" || heard) return;
+    // While the browser still gathers candidates (a TURN relay, say), a path may yet come: look again.
+    if (pairs === 0 || this.pc.iceGatheringState !== "complete") {
+      this.probe = setTimeout(() => this.#checkPath().catch((error) => console.warn("ICE probe:", error)), PROBE_AGAIN_MS);
+      return;
+    }
+    this.onUnreachable?.();
   }
 
   #arm() {
@@ -141,6 +186,7 @@ export class WebRTCAttempt {
 
   #ended() {
     clearTimeout(this.timer);
+    clearTimeout(this.probe);
     this.state = "ended";
     this.times.ended = performance.now();
     this.onEnded?.();
@@ -156,6 +202,7 @@ export class WebRTCAttempt {
   abandon() {
     if (this.state === "abandoned" || this.state === "ended") return;
     clearTimeout(this.timer);
+    clearTimeout(this.probe);
     this.state = "abandoned";
     this.times.ended = performance.now();
     if (this.times.answered !== null) this.#postAbandon();
