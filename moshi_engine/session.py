@@ -58,6 +58,9 @@ STALE_AFTER_S = 0.4
 # lag of a conversation that never fell behind.
 CAUGHT_UP_S = FRAME_SECONDS
 ANCHOR_WINDOW_S = 1.0  # how long input must flow at its new pace before the clock follows it
+GAP_S = STALE_AFTER_S  # no input for this long: an outage, or a connection taken up again
+PACE_FRAMES = 5  # ... after which these many frames at real-time pace set the clock (0.4 s)
+PACE_SPREAD_S = 0.12  # real-time pace: their places in time this close, the jitter of a poor link included
 
 
 class InputClock:
@@ -69,12 +72,19 @@ class InputClock:
     resumes after a gap in which its frames were lost (WebRTC drops what an outage holds) is
     on time again within a second; and a backlog that arrives at once (what TCP held during
     an outage) is as late as it is, since it arrives in less than the window.
+
+    After a gap in arrivals (an outage, a resumed connection), PACE_FRAMES frames that arrive
+    at real-time pace (their places within PACE_SPREAD_S of one another) are enough to follow
+    the stream: a fresh one is on time again within half a second, while a backlog, whose frames
+    come faster than real time, never looks steady until it is over.
     """
 
     def __init__(self, window_s: float = ANCHOR_WINDOW_S) -> None:
         self.window_s = window_s
         self.anchor: float | None = None
         self._recent: deque[tuple[float, float]] = deque()  # (arrival, arrival - index * frame)
+        self._last_at: float | None = None
+        self._since_gap: deque[float] | None = None  # the offsets of the frames since a gap, until steady
 
     def arrived(self, index: int, at: float) -> None:
         """Frame `index` of the stream arrived whole at `at` (time.perf_counter())."""
@@ -87,6 +97,14 @@ class InputClock:
         recent.append((at, offset))
         if at - recent[0][0] >= self.window_s - FRAME_SECONDS:  # frames have flowed for the whole window
             self.anchor = max(self.anchor, min(offset for _, offset in recent))
+        if self._last_at is not None and at - self._last_at > GAP_S:
+            self._since_gap = deque(maxlen=PACE_FRAMES)
+        self._last_at = at
+        if self._since_gap is not None:
+            self._since_gap.append(offset)
+            if len(self._since_gap) == PACE_FRAMES and max(self._since_gap) - min(self._since_gap) <= PACE_SPREAD_S:
+                self.anchor = max(self.anchor, min(self._since_gap))
+                self._since_gap = None
 
     def due(self, index: int) -> float:
         """When frame `index` was due in real time (time.perf_counter())."""

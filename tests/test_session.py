@@ -11,6 +11,7 @@ import pytest
 from moshi_engine.audio import FRAME_SECONDS, FRAME_SIZE, SAMPLE_RATE
 from moshi_engine.conversation import AudioOut, BusyError, Sampling, SessionClosed
 from moshi_engine.engine import load_engine
+from moshi_engine.session import InputClock
 from tests.conftest import DEVICE, converse
 
 
@@ -208,3 +209,28 @@ async def test_a_backlog_after_an_outage_is_dropped_and_the_lag_is_back_within_a
     assert before and after
     normal = before[len(before) // 2]
     assert max(after) <= max(0.2, 1.5 * normal)  # back to its usual lag, whatever a step takes
+
+
+def feed(clock: InputClock, first: int, count: int, at: float, pace: float = FRAME_SECONDS, jitter=()) -> float:
+    """Frames first.. arriving from `at`, one every `pace` s (plus the given jitter, cycled); the last arrival."""
+    for n in range(count):
+        arrival = at + n * pace + (jitter[n % len(jitter)] if jitter else 0.0)
+        clock.arrived(first + n, arrival)
+    return arrival
+
+
+def test_after_a_gap_a_fresh_stream_is_on_time_again_within_half_a_second_and_a_backlog_stays_late():
+    jitter = (0.0, 0.03, -0.02, 0.05, 0.01)  # a 4G link's
+    # A resumed connection: 4 s of frames never sent, then the stream goes on in real time.
+    clock = InputClock()
+    last = feed(clock, 0, 50, 100.0, jitter=jitter)
+    back = last + 4.0
+    last = feed(clock, 50, 5, back, jitter=jitter)
+    assert last - back < 0.5 and clock.behind(54, last) < 0.1
+    # What TCP held for 4 s, delivered at once, then real time again: late as it is, then on time.
+    clock = InputClock()
+    last = feed(clock, 0, 50, 100.0, jitter=jitter)
+    backlog = feed(clock, 50, 50, last + 4.0, pace=0.002)
+    assert clock.behind(50, backlog) > 3.5  # its head is behind by the outage: dropped, not fed to Moshi
+    last = feed(clock, 100, 10, backlog + FRAME_SECONDS, jitter=jitter)
+    assert abs(clock.behind(109, last)) < 0.1  # and what follows is on time, not ahead
