@@ -36,7 +36,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from ..audio import FRAME_SIZE, SAMPLE_RATE
 from ..timings import STEP
-from .logs import log_fields
+from .logs import conversation_context, log_fields
 
 log = logging.getLogger("moshi_engine.conversations")
 disable_created_metrics()  # no `_created` series beside each counter and histogram: Prometheus needs none
@@ -169,6 +169,11 @@ class ConversationClock:
         self._back_at: float | None = None  # when its connection came back, until its lag is normal
         self.lag_recoveries: list[float] = []  # seconds from each return of its connection to normal lag
 
+    def _log(self, message: str, *args, **kwargs) -> None:
+        """A line about this conversation, from whichever task noticed (the transport's own, say)."""
+        with conversation_context(self.id):
+            log.info(message, *args, **kwargs)
+
     def talking(self) -> None:
         """It has its slot: the conversation proper starts."""
         if self.started is None:
@@ -207,7 +212,7 @@ class ConversationClock:
             self.lag_recoveries.append(round(recovery, 3))
             if self.metrics is not None:
                 self.metrics.lag_recovery.labels(self.voice, self.transport).observe(recovery)
-            log.info("lag back to normal", extra=log_fields(transport=self.transport, after_s=round(recovery, 3),
+            self._log("lag back to normal", extra=log_fields(transport=self.transport, after_s=round(recovery, 3),
                                                             lag_s=round(lag, 3)))
         if self.interrupted_at is None and self._back_at is None:
             self._lags.append(lag)
@@ -223,7 +228,7 @@ class ConversationClock:
         if self.interrupted_at is None:
             self.interrupted_at = time.monotonic()
             self.interruptions += 1
-            log.info("connection interrupted", extra=log_fields(transport=self.transport))
+            self._log("connection interrupted", extra=log_fields(transport=self.transport))
 
     def reconnected(self, outcome: str) -> None:
         """The interruption is over: RECOVERED or RESUMED (LOST: `end` says it). A resume while
@@ -242,7 +247,7 @@ class ConversationClock:
         self.resumes += outcome == RESUMED
         if self.metrics is not None:
             self.metrics.interruptions.labels(self.voice, self.transport, outcome).inc()
-        log.info("connection %s", outcome, extra=log_fields(transport=self.transport, interrupted_s=quiet_s))
+        self._log("connection %s", outcome, extra=log_fields(transport=self.transport, interrupted_s=quiet_s))
 
     def resume_attempt(self, outcome: str) -> None:
         """A resume token was presented for this conversation's transport (see `door.resume`)."""
