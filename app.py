@@ -44,6 +44,7 @@ CONFIG = {
     "MOSHI_QUEUE_TIMEOUT_S": os.environ.get("MOSHI_QUEUE_TIMEOUT_S", "120"),
     "MOSHI_SESSION_LIMIT_S": os.environ.get("MOSHI_SESSION_LIMIT_S", "600"),
     "MOSHI_IDLE_LIMIT_S": os.environ.get("MOSHI_IDLE_LIMIT_S", "30"),
+    "MOSHI_RECONNECT_GRACE_S": os.environ.get("MOSHI_RECONNECT_GRACE_S", "15"),
     "MOSHI_SCALE_OUT": os.environ.get("MOSHI_SCALE_OUT", "0"),
     "MOSHI_MAX_WORKERS": os.environ.get("MOSHI_MAX_WORKERS", "10"),
     "MOSHI_MIN_WORKERS": os.environ.get("MOSHI_MIN_WORKERS", "0"),
@@ -59,6 +60,7 @@ QUEUE = int(CONFIG["MOSHI_QUEUE"])  # places in the waiting line for a slot
 QUEUE_TIMEOUT_S = float(CONFIG["MOSHI_QUEUE_TIMEOUT_S"])
 SESSION_LIMIT_S = int(CONFIG["MOSHI_SESSION_LIMIT_S"])
 IDLE_LIMIT_S = int(CONFIG["MOSHI_IDLE_LIMIT_S"])
+RECONNECT_GRACE_S = float(CONFIG["MOSHI_RECONNECT_GRACE_S"])  # a lost connection keeps its slot this long
 SCALE_OUT = CONFIG["MOSHI_SCALE_OUT"].lower() in ("1", "true", "yes")
 MAX_WORKERS = int(CONFIG["MOSHI_MAX_WORKERS"])
 MIN_WORKERS = int(CONFIG["MOSHI_MIN_WORKERS"])
@@ -174,7 +176,7 @@ def metrics_token():
 def session_limits():
     from moshi_engine.conversation import SessionLimits
 
-    return SessionLimits(max_session_s=SESSION_LIMIT_S, idle_s=IDLE_LIMIT_S)
+    return SessionLimits(max_session_s=SESSION_LIMIT_S, idle_s=IDLE_LIMIT_S, reconnect_grace_s=RECONNECT_GRACE_S)
 
 
 # ## One GPU serves the page and its conversations
@@ -345,9 +347,17 @@ def parse_args(argv=None):
                         help="'text': readable lines; 'json': one JSON object a line, for log collectors")
     parser.add_argument("--session-limit", type=float, default=SESSION_LIMIT_S, help="seconds per conversation")
     parser.add_argument("--idle-limit", type=float, default=IDLE_LIMIT_S, help="seconds without audio")
+    parser.add_argument("--reconnect-grace", type=float, default=RECONNECT_GRACE_S, metavar="SECONDS",
+                        help="how long a conversation whose connection was lost keeps its slot for the visitor "
+                             "to come back (an outage, a handover); then it ends and the slot is freed")
+    parser.add_argument("--min-step-ms", type=float, default=0.0, metavar="MS",
+                        help="make every model step last at least this long (80 ms is real time): the tiny "
+                             "model as slow as a real Moshi at a full batch, to try networks and backlogs on a CPU")
     args = parser.parse_args(argv)
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         parser.error("--ssl-certfile and --ssl-keyfile go together")
+    if args.reconnect_grace < 0 or args.min_step_ms < 0:
+        parser.error("--reconnect-grace and --min-step-ms are at least 0")
     if args.context is not None and args.context < 1:
         parser.error("--context is a number of 80 ms steps, at least 1")
     try:
@@ -372,7 +382,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_format)
     log = logging.getLogger("app")
-    limits = SessionLimits(max_session_s=args.session_limit, idle_s=args.idle_limit)
+    limits = SessionLimits(max_session_s=args.session_limit, idle_s=args.idle_limit,
+                           reconnect_grace_s=args.reconnect_grace)
     tls = (Path(args.ssl_certfile), Path(args.ssl_keyfile)) if args.ssl_certfile else None
     certificate = self_signed_certificate(args.host) if args.https and not tls else None
 
@@ -393,7 +404,7 @@ def main(argv=None) -> int:
         try:
             voices = load_voices(args.model, device=args.device, sessions=args.sessions, queue=args.queue,
                                  queue_timeout_s=args.queue_timeout, model_process=not args.in_process,
-                                 context=args.context)
+                                 context=args.context, min_step_ms=args.min_step_ms)
         except (ModelUnavailableError, CapacityError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
