@@ -51,7 +51,7 @@ export function offerUfrag(pc) {
  * reconnect grace. FastRTC's component ends the call on "disconnected", so that state change is
  * kept from its listener (ours runs first) until the connection fails, closes or `end()`s.
  */
-const PROBE_MIN_MS = 800;
+const PROBE_MIN_MS = 600;
 const PROBE_AGAIN_MS = 300;
 
 export class WebRTCAttempt {

@@ -1,0 +1,271 @@
+"""The visitor is on the internet: `python app.py` behind an emulated 4G link
+(moshi_engine.bench.netem: 40±10 ms each way, 1% loss), with the visitor's side, Chromium
+or our websocket client, in the other network namespace.
+
+Per behaviour the fewest conversations that prove it: an 8 s outage, longer than the time
+after which ICE calls a connection "disconnected" (and FastRTC would end the call), survived
+on WebRTC and on the websocket with the slot kept; a handover on the websocket, resumed in
+the same slot; UDP blocked, and the page takes the websocket without waiting out WebRTC's
+timeout. The model steps as slowly as a real Moshi at a full batch (--min-step-ms 65), so
+that a backlog left by an outage would show as lag that never drains; the server's own
+figures say how soon the lag was back to normal. The matrix of profiles and events, and
+the timings, are the benchmark's (`network` section).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from moshi_engine.bench.netem import NetworkEmulator, in_namespace, missing
+from moshi_engine.page.endings import RECONNECTING_MESSAGE
+from moshi_engine.watch.metrics import API_CHAT, WEBRTC
+from tests.conftest import PROXY_VARIABLES, until
+
+pytestmark = pytest.mark.skipif(missing() is not None, reason=f"no network emulation: {missing()}")
+
+ROOT = Path(__file__).resolve().parent.parent
+PORT = 7860
+OUTAGE_S = 8.0  # past ICE's "disconnected" (about 5 s in Chromium), well inside the 15 s grace
+GRACE_S = 15.0
+
+
+@pytest.fixture(scope="module")
+def net():
+    with NetworkEmulator("4g", seed=33) as emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="module")
+def app(net, tmp_path_factory):
+    """`python app.py` in the server's namespace, on its address there; no STUN (no internet).
+    Its log is in the module's temporary directory (app.log)."""
+    env = {name: value for name, value in os.environ.items() if name not in PROXY_VARIABLES}
+    env.update(MOSHI_STUN_URLS="", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    process = net.popen("server", [
+        sys.executable, "app.py", "--model", "tiny", "--device", "cpu", "--sessions", "2",
+        "--host", net.server_address, "--port", str(PORT), "--queue", "0",
+        "--min-step-ms", "65", "--reconnect-grace", str(GRACE_S),
+    ], cwd=ROOT, env=env, stdout=(log := open(tmp_path_factory.mktemp("app") / "app.log", "w")),
+        stderr=subprocess.STDOUT, text=True)
+    base = f"http://{net.server_address}:{PORT}"
+    deadline = time.monotonic() + 120
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"app.py exited with {process.returncode}:\n{Path(log.name).read_text()}")
+        try:
+            served_status(net, base)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "app.py did not answer /status in time"
+            time.sleep(0.3)
+    yield base
+    process.terminate()
+    process.wait(30)
+    log.close()
+
+
+def served(net: NetworkEmulator, url: str) -> str:
+    """GET from inside the server's namespace: it answers there whatever the wire does."""
+    def get() -> str:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read().decode()
+
+    return in_namespace(net.server_ns, get)
+
+
+def served_status(net: NetworkEmulator, base: str) -> dict:
+    return json.loads(served(net, base + "/status"))
+
+
+def active(net: NetworkEmulator, base: str) -> int:
+    return served_status(net, base)["sessions"]["active"]
+
+
+def counters(net: NetworkEmulator, base: str) -> dict[tuple[str, tuple], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    figures = {}
+    for family in text_string_to_metric_families(served(net, base + "/metrics")):
+        for sample in family.samples:
+            figures[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return figures
+
+
+def total(figures: dict, name: str, **labels: str) -> float:
+    return sum(value for (sample, have), value in figures.items()
+               if sample == name and all((key, want) in have for key, want in labels.items()))
+
+
+def lag_recoveries_within(figures: dict, transport: str, bound_s: float) -> tuple[float, float]:
+    """(recoveries measured, those back to normal lag within bound_s) for that transport."""
+    count = total(figures, "moshi_lag_recovery_seconds_count", transport=transport)
+    within = total(figures, "moshi_lag_recovery_seconds_bucket", transport=transport, le=f"{bound_s:.1f}")
+    return count, within
+
+
+# ## The websocket: our client in the visitor's namespace
+
+
+def test_the_websocket_conversation_survives_an_outage_and_a_handover_in_its_slot(net, app, hello_pcm):
+    from moshi_engine.wire.protocol import Protocol
+    from tests.wire.test_resume import Talk
+    from tests.wire.test_server import ws_url
+
+    async def conversation() -> dict:
+        async with Talk(app, hello_pcm) as talk:
+            session = talk.session
+            first_id = session.conversation_id
+            await until(lambda: talk.audio >= 25, timeout=30)  # 2 s of Moshi's voice
+            slots = []
+
+            async def watch_slots() -> None:
+                while True:
+                    slots.append(await asyncio.to_thread(active, net, app))
+                    await asyncio.sleep(0.5)
+
+            watcher = asyncio.create_task(watch_slots())
+            await net.outage_async(OUTAGE_S)
+            heard = talk.audio
+            await until(lambda: talk.audio >= heard + 25, timeout=30)  # Moshi goes on answering
+            after_outage = session.resumes
+
+            old_address = net.client_address
+            await asyncio.to_thread(net.handover)
+            heard = talk.audio
+            await until(lambda: session.resumes > after_outage and talk.audio >= heard + 25, timeout=30)
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            return dict(first_id=first_id, last_id=session.conversation_id, slots=slots, old=old_address,
+                        resumes=session.resumes, url=ws_url(app, Protocol.MOSHI))
+
+    before = counters(net, app)
+    seen = in_namespace(net.client_ns, lambda: asyncio.run(conversation()))
+    after = counters(net, app)
+
+    assert seen["last_id"] == seen["first_id"]  # one conversation throughout: Moshi's state kept
+    assert set(seen["slots"]) == {1}  # its slot held through the outage and the handover, never freed
+    assert net.client_address != seen["old"]
+    # The server saw both: a connection that went quiet and came back (by itself, or resumed), then one taken up.
+    gained = {outcome: total(after, "moshi_interruptions_total", transport=API_CHAT, outcome=outcome)
+              - total(before, "moshi_interruptions_total", transport=API_CHAT, outcome=outcome)
+              for outcome in ("recovered", "resumed", "lost")}
+    assert gained["recovered"] + gained["resumed"] >= 2 and gained["resumed"] >= 1 and gained["lost"] == 0
+    # Moshi answers what is said now: the lag is back to normal within 1 s of each return.
+    count, within = lag_recoveries_within(after, API_CHAT, 1.0)
+    assert count >= 1 and within == count
+    assert until_idle(net, app) == 0  # and the closed conversation freed its slot at once
+
+
+def wait_until(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.2)
+
+
+def until_idle(net: NetworkEmulator, base: str, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while (now := active(net, base)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return now
+
+
+# ## The page: Chromium in the visitor's namespace
+
+
+@pytest.fixture(scope="module")
+def browser(net, app):
+    from playwright.sync_api import sync_playwright
+
+    from tests.page.test_browser import CHROMIUM_ARGS
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=net.chromium(), args=[
+            *CHROMIUM_ARGS, f"--unsafely-treat-insecure-origin-as-secure={app}"])  # a microphone off localhost
+        yield launched
+        launched.close()
+
+
+TRANSCRIPT_LENGTH = "() => document.querySelector('#moshi-transcript textarea').value.length"
+PAGE_MESSAGE = "() => document.querySelector('#moshi-transport .moshi-transport-message')?.textContent || ''"
+
+
+def test_a_webrtc_call_rides_out_an_outage_longer_than_ices_disconnect_time(net, app, browser):
+    from tests.page.test_browser import TALK_BUTTON, TRANSCRIPT_SHOWN, open_page
+
+    before = counters(net, app)
+    recoveries_before = total(before, "moshi_lag_recovery_seconds_count", transport=WEBRTC)
+    page = open_page(browser, app)
+    try:
+        page.click(TALK_BUTTON)
+        page.wait_for_function("() => window.moshiPage.transport === 'webrtc'", timeout=30_000)
+        page.wait_for_function(TRANSCRIPT_SHOWN, timeout=30_000)
+        time.sleep(2.0)  # a conversation under way: its usual lag is known
+        slots, messages = [], set()
+        net.cut()
+        try:
+            cut_until = time.monotonic() + OUTAGE_S
+            while time.monotonic() < cut_until:
+                slots.append(active(net, app))
+                messages.add(page.evaluate(PAGE_MESSAGE))
+                time.sleep(0.5)
+        finally:
+            net.restore()
+        # The server hears the visitor again on the same call, and its answers are back to their usual lag, ...
+        wait_until(lambda: total(counters(net, app), "moshi_lag_recovery_seconds_count", transport=WEBRTC)
+                   > recoveries_before, timeout=20)
+        # ... and the page shows Moshi's words again; then the message is gone.
+        words = page.evaluate(TRANSCRIPT_LENGTH)
+        page.wait_for_function(f"() => ({TRANSCRIPT_LENGTH})() > {words}", timeout=30_000)
+        page.wait_for_function(f"() => !({PAGE_MESSAGE})()", timeout=10_000)
+        state = page.evaluate("() => ({why: moshiPage.why, attempts: moshiPage.attempts.map((a) => a.state),"
+                              " reconnecting: document.querySelector('#moshi-transport')?.innerText || ''})")
+        after = counters(net, app)
+        page.click(TALK_BUTTON)  # Stop
+        assert until_idle(net, app) == 0
+    finally:
+        page.close()
+
+    reconnecting = RECONNECTING_MESSAGE.format(grace="15 seconds").split(":")[0]
+    assert any(message.startswith(reconnecting) for message in messages), messages
+    assert set(slots) == {1}  # the slot was held for the visitor throughout
+    assert state["why"] == "webrtc" and state["attempts"] == ["connected"]  # one call, never fell back
+    recovered = (total(after, "moshi_interruptions_total", transport=WEBRTC, outcome="recovered")
+                 - total(before, "moshi_interruptions_total", transport=WEBRTC, outcome="recovered"))
+    assert recovered == 1
+    count, within = lag_recoveries_within(after, WEBRTC, 1.0)
+    assert count == recoveries_before + 1 and within == count  # back to its usual lag within 1 s
+
+
+def test_with_udp_blocked_the_page_takes_its_websocket_without_waiting_out_webrtc(net, app, browser):
+    from tests.page.test_browser import TALK_BUTTON, open_page
+
+    net.block_udp()
+    page = open_page(browser, app)
+    try:
+        clicked = page.evaluate("() => performance.now()")
+        page.click(TALK_BUTTON)
+        page.wait_for_function("() => window.moshiPage.socket?.times.firstAudio != null", timeout=30_000)
+        seen = page.evaluate("() => ({why: moshiPage.why, transport: moshiPage.transport,"
+                             " timeoutMs: moshiPage.timeoutMs, firstAudio: moshiPage.socket.times.firstAudio,"
+                             " status: document.querySelector('#moshi-transport .moshi-transport-status')"
+                             "?.textContent})")
+        page.click("#moshi-transport .moshi-transport-stop")
+        assert until_idle(net, app) == 0
+    finally:
+        page.close()
+        net.block_udp(False)
+    assert seen["transport"] == "websocket"
+    assert seen["why"] == "unreachable"  # learnt from the connectivity checks, not from the timeout
+    assert "UDP blocked" in seen["status"]  # and the page says why it took that path
+    assert seen["firstAudio"] - clicked < seen["timeoutMs"]  # Moshi answered before WebRTC's timeout would end
