@@ -269,3 +269,48 @@ def test_with_udp_blocked_the_page_takes_its_websocket_without_waiting_out_webrt
     assert seen["why"] == "unreachable"  # learnt from the connectivity checks, not from the timeout
     assert "UDP blocked" in seen["status"]  # and the page says why it took that path
     assert seen["firstAudio"] - clicked < seen["timeoutMs"]  # Moshi answered before WebRTC's timeout would end
+
+
+CONCEALED_SHARE = """async () => {
+  let concealed = 0, total = 0;
+  for (const pc of window.__peerConnections) {
+    (await pc.getStats()).forEach((r) => {
+      if (r.type === 'inbound-rtp' && r.kind === 'audio') { concealed += r.concealedSamples; total += r.totalSamplesReceived; }
+    });
+  }
+  return {concealed, total};
+}"""
+
+
+def test_at_5_percent_loss_fec_is_negotiated_both_ways_and_the_server_rebuilds_lost_packets(net, app, browser):
+    from moshi_engine.bench.netem import Profile
+    from tests.page.test_browser import TALK_BUTTON, TRANSCRIPT_SHOWN, open_page
+
+    before = counters(net, app)
+    net.set_profile(Profile(20, 5, 0.05))
+    page = open_page(browser, app)
+    try:
+        page.click(TALK_BUTTON)
+        page.wait_for_function("() => window.moshiPage.transport === 'webrtc'", timeout=30_000)
+        page.wait_for_function(TRANSCRIPT_SHOWN, timeout=30_000)
+        time.sleep(6.0)
+        sdp = page.evaluate("() => { const pc = window.__peerConnections.at(-1);"
+                            " return {offer: pc.localDescription.sdp, answer: pc.remoteDescription.sdp}; }")
+        page.click(TALK_BUTTON)  # Stop
+        assert until_idle(net, app) == 0
+    finally:
+        page.close()
+        net.set_profile("4g")
+    after = counters(net, app)
+
+    for side in ("offer", "answer"):  # the browser asks for FEC from the server, and the server from it
+        opus = next(line.split()[0].split(":")[1] for line in sdp[side].splitlines() if "opus/48000/2" in line)
+        fmtp = next(line for line in sdp[side].splitlines() if line.startswith(f"a=fmtp:{opus} "))
+        assert "useinbandfec=1" in fmtp, (side, fmtp)
+    packets = {outcome: total(after, "moshi_input_packets_total", outcome=outcome)
+               - total(before, "moshi_input_packets_total", outcome=outcome)
+               for outcome in ("received", "lost", "recovered", "concealed", "late")}
+    sent = packets["received"] + packets["lost"]
+    assert sent > 200 and packets["lost"] > 0  # about 5% of some 6 s at 50 packets a second
+    assert packets["recovered"] > 0  # rebuilt from the next packet's FEC, counted
+    assert packets["recovered"] + packets["concealed"] == packets["lost"]

@@ -54,6 +54,7 @@ from ..watch.metrics import (
 )
 from .conversation_log import ConversationLog, ConversationRecord
 from .endings import LEFT_LINE_MESSAGE, STARTING_MESSAGE, Ending, duration_words, ending_for, ending_message
+from .opus_rtp import ReceiveCounts
 from .recording import Recording
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class MoshiHandler(AsyncStreamHandler):
         slow_start_s: float = 3.0,
         metrics: Metrics | None = None,
         voice: str = "",
+        receive_counts: Callable[[str], ReceiveCounts | None] | None = None,
     ) -> None:
         # input_sample_rate: FastRTC resamples the microphone to 24 kHz mono int16 itself
         # (StreamHandlerBase.resample), so receive() gets Mimi's rate.
@@ -125,6 +127,9 @@ class MoshiHandler(AsyncStreamHandler):
         self.slow_start_s = slow_start_s
         self.metrics = metrics
         self.voice = voice
+        # The visitor's packets by outcome, by WebRTC id (opus_rtp.receive_counts of its connection).
+        self.receive_counts = receive_counts
+        self._packets: ReceiveCounts | None = None
         self.clock: ConversationClock | None = None
         self.record: ConversationRecord | None = None
         self.recording = Recording()
@@ -150,6 +155,7 @@ class MoshiHandler(AsyncStreamHandler):
             slow_start_s=self.slow_start_s,
             metrics=self.metrics,
             voice=self.voice,
+            receive_counts=self.receive_counts,
         )
 
     @property
@@ -167,6 +173,8 @@ class MoshiHandler(AsyncStreamHandler):
         context = current_context.get()
         self.record = self.conversations.open(context.webrtc_id if context else uuid.uuid4().hex)
         self.clock = ConversationClock(self.metrics, self.voice, WEBRTC, self.record.conversation_id)
+        if self.receive_counts is not None:  # kept: FastRTC forgets the connection once it closes
+            self._packets = self.receive_counts(self.record.webrtc_id)
         self.conversations.live.add(self)
         with conversation_context(self.record.conversation_id):
             await self._start_up()
@@ -421,5 +429,12 @@ class MoshiHandler(AsyncStreamHandler):
         # shows with it, the recording's link above all, must be filed by then.
         record.message = message
         record.ending = ending
+        packets = {}
+        if self._packets is not None:
+            self.clock.input_packets(self._packets.as_dict())
+            packets = {"packets": self._packets.received + self._packets.lost,
+                       "lost_share": round(self._packets.lost_share, 4),
+                       "concealed_share": round(self._packets.concealed_share, 4)}
         self.clock.end(label, detail or ending.value, heard_s=round(record.person_samples / SAMPLE_RATE, 3),
-                       text_pieces=record.text_pieces, recording=record.recording.name if record.recording else None)
+                       text_pieces=record.text_pieces, recording=record.recording.name if record.recording else None,
+                       **packets)

@@ -50,6 +50,7 @@ from .ice import (
     keep_consent_through_outages,
 )
 from .layout import CSS, download_link, free_slots, layout, status_line, voice_status
+from .opus_rtp import receive_counts, use_fec_opus
 from .pagescript import RECORDING_READY, page_config, page_head
 from .rtc import MoshiHandler, OpenConversation
 from .static_files import STATIC_PATH, mount_static
@@ -120,6 +121,7 @@ def build_page(
     """
     source = ice_source(host)  # fails here, at start, on a half-set TURN configuration
     keep_consent_through_outages()
+    use_fec_opus()
     log.info("WebRTC ICE servers for host %s: %s", host, source)
     conversations = conversations or ConversationLog()
     picking = len(voices or ()) > 1
@@ -155,6 +157,7 @@ def build_page(
         status_md, voice, webrtc, controls = shown_page.status, shown_page.voice, shown_page.webrtc, shown_page.controls
         message_md, transcript = shown_page.message, shown_page.transcript
         recording = shown_page.recording
+        handler.receive_counts = lambda webrtc_id: receive_counts(webrtc.pcs.get(webrtc_id))
         shown = gr.State(None)  # the WebRTC id whose ending the page already shows
         timer = gr.Timer(STATUS_REFRESH_S)
 
