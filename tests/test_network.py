@@ -271,16 +271,6 @@ def test_with_udp_blocked_the_page_takes_its_websocket_without_waiting_out_webrt
     assert seen["firstAudio"] - clicked < seen["timeoutMs"]  # Moshi answered before WebRTC's timeout would end
 
 
-CONCEALED_SHARE = """async () => {
-  let concealed = 0, total = 0;
-  for (const pc of window.__peerConnections) {
-    (await pc.getStats()).forEach((r) => {
-      if (r.type === 'inbound-rtp' && r.kind === 'audio') { concealed += r.concealedSamples; total += r.totalSamplesReceived; }
-    });
-  }
-  return {concealed, total};
-}"""
-
 
 def test_at_5_percent_loss_fec_is_negotiated_both_ways_and_the_server_rebuilds_lost_packets(net, app, browser):
     from moshi_engine.bench.netem import Profile
