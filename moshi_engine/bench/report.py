@@ -28,6 +28,8 @@ from .documents import (
     transport_name,
     transport_runs,
 )
+from .network_report import PLOT_NAME as NETWORK_PLOT
+from .network_report import draw_network_plot, network_section
 from .plot import GPU_FRAME_TARGET_MS, draw_plot
 from .precision import precision_section
 from .stats import OTHER
@@ -48,7 +50,7 @@ RENDER_COMMAND = "python -m moshi_engine.bench --report docs/BENCHMARKS.md cpu.j
 SECTIONS = (("frame", tables.frame_budget_section), ("e2e", tables.end_to_end_section), ("idle", tables.idle_section),
             ("batch", tables.batch_section), ("capacity", tables.capacity_section), ("door", tables.door_section),
             ("page", tables.page_section), ("compare", tables.compare_section), ("stepping", stepping_section),
-            ("precision", precision_section), ("voices", voices_section))
+            ("precision", precision_section), ("voices", voices_section), ("network", network_section))
 
 
 def render_report(documents: list[dict], path: Path, plot_path: Path | None = None) -> Path:
@@ -58,6 +60,7 @@ def render_report(documents: list[dict], path: Path, plot_path: Path | None = No
     plot_path = Path(plot_path) if plot_path else path.parent / "benchmarks.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     draw_plot(documents, plot_path, [run_label(doc) for doc in documents])
+    draw_network_plot(documents, path.parent / NETWORK_PLOT)  # the network section's, if a run measured it
     plot_link = Path(os.path.relpath(plot_path, path.parent)).as_posix()
     lines = _intro(documents, plot_link)
     lines += _runs_table(documents) + _targets(documents)

@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from . import batch, browser, capacity, door, precision, sections, stepping, voices
+from . import batch, browser, capacity, door, network, precision, sections, stepping, voices
 from .machine import describe_machine, load_average
 from .resources import BROWSER_STACK, PAGE_STACK, REFERENCE_STACK, WEB_STACK, Bench, BenchConfig, missing_packages
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA = 1
 SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "page", "compare", "stepping", "precision",
-            "voices")
+            "voices", "network")
 
 
 def _attempt(name: str, measure: Callable[[], dict]) -> dict:
@@ -144,6 +144,14 @@ def run_benchmark(config: BenchConfig, chosen: tuple[str, ...] = SECTIONS,
                 results["voices"] = {"skipped": no_web}
             else:
                 part("voices", "two voices on one machine", lambda: voices.voices(bench))
+        if "network" in results:
+            # The tiny model behind an emulated link, whatever --model says: what it measures is the network.
+            missing = (no_web or missing_packages(PAGE_STACK + BROWSER_STACK) or browser.missing_chromium()
+                       or network.missing())
+            if missing:
+                results["network"] = {"skipped": missing}
+            else:
+                part("network", "the visitor on the internet", network.network_section)
         for transport in ("websocket", "webrtc"):
             if "capacity" in results and transport in transports:
                 missing = no_web or (missing_packages(PAGE_STACK) if transport == "webrtc" else None)
