@@ -7,9 +7,10 @@ slot with Moshi's state kept, on a new connection (another address, after an out
     tokens.retire(conversation)               # it ended: its token expires
 
 A token is 144 random bits, bound to one conversation, and good for one claim: each claim
-hands out the next one. A conversation is resumable only while its connection is interrupted
-(`Resumable.refusal` says why not otherwise), and only until it ends, which the grace after an
-interruption bounds. A wrong, used or expired token gets a `ResumeRefused` that says which, and
+hands out the next one. A conversation is resumable until it ends (`Resumable.refusal` says
+why not otherwise), which the grace after an interruption bounds; also while its old connection
+still seems to work, since only its client holds the token and a client that comes back on a
+new connection has given the old one up. A wrong, used or expired token gets a `ResumeRefused` that says which, and
 touches no conversation. This module knows nothing of transports or models.
 """
 
@@ -24,15 +25,14 @@ RESUMED = "resumed"
 UNKNOWN = "unknown"  # never issued: a wrong token
 USED = "used"  # issued and claimed already
 EXPIRED = "expired"  # its conversation has ended
-CONNECTED = "connected"  # its conversation's connection is not interrupted
-OUTCOMES = (RESUMED, UNKNOWN, USED, EXPIRED, CONNECTED)
+OUTCOMES = (RESUMED, UNKNOWN, USED, EXPIRED)
 
 REMEMBERED = 4096  # spent tokens kept to tell "used" and "expired" from "unknown"
 
 
 class Resumable(Protocol):
     def refusal(self) -> str | None:
-        """Why this conversation cannot be resumed now (its connection is fine), else None."""
+        """Why this conversation cannot be resumed now (it has ended), else None."""
 
 
 T = TypeVar("T", bound=Resumable)
@@ -79,7 +79,7 @@ class ResumeTokens(Generic[T]):
             raise ResumeRefused(UNKNOWN, "unknown resume token")
         refusal = conversation.refusal()
         if refusal is not None:
-            raise ResumeRefused(CONNECTED, refusal)
+            raise ResumeRefused(EXPIRED, refusal)
         return conversation, self.issue(conversation)
 
     def retire(self, conversation: T) -> None:

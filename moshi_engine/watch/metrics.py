@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -118,8 +118,7 @@ class Metrics:
             "(the grace ran out).", ["voice", "transport", "outcome"], registry=registry)
         self.resumes = Counter(
             "moshi_resumes", "Resume attempts, by outcome: resumed, unknown (a wrong token), used (a token "
-            "claimed already), expired (its conversation ended), connected (its connection was not "
-            "interrupted).", ["voice", "transport", "outcome"], registry=registry)
+            "claimed already), expired (its conversation ended).", ["voice", "transport", "outcome"], registry=registry)
         self.input_packets = Counter(
             "moshi_input_packets", "The visitor's audio packets over WebRTC, by what became of them: received, "
             "lost (never arrived), recovered (rebuilt from the next packet's in-band FEC), concealed (lost "
@@ -128,13 +127,20 @@ class Metrics:
         self._engines: dict[str, object] = {}
         registry.register(_LiveFigures(self._engines))
 
-    def watch(self, voice: str, engine) -> None:
+    def watch(self, voice: str, engine) -> Callable[[], None]:
         """Report `engine` (a `engine.MoshiEngine`) as `voice`: its live figures when scraped,
-        each batched step and each wait for a slot as they happen."""
+        each batched step and each wait for a slot as they happen. Returns what undoes it."""
         self._engines[voice] = engine
-        step = self.step.labels(voice)
-        engine.timings.observe(STEP, step.observe)
-        engine.on_queue_wait = self.queue_wait.labels(voice).observe
+        stops = [engine.timings.observe(STEP, self.step.labels(voice).observe),
+                 engine.observe_queue_wait(self.queue_wait.labels(voice).observe)]
+
+        def unwatch() -> None:
+            for stop in stops:
+                stop()
+            if self._engines.get(voice) is engine:
+                del self._engines[voice]
+
+        return unwatch
 
     def conversation(self, voice: str | None, transport: str, conversation_id: str) -> ConversationClock:
         return ConversationClock(self, voice or "", transport, conversation_id)

@@ -175,13 +175,14 @@ class Connection:
             self._ended.set_result(ConnectionClose(code, reason))
 
     def refusal(self) -> str | None:
-        """Why a resume token cannot take this conversation up now, else None: it can while its
-        connection is interrupted (broken, or quiet for INTERRUPTED_AFTER_S)."""
+        """Why a resume token cannot take this conversation up now, else None. It can until the
+        conversation ends, also while its connection still seems to work: only its client holds
+        the token, and a client that comes back on a new connection has given the old one up,
+        which may yet deliver what it held (a socket closed during an outage sends its backlog
+        once the link returns). The old connection is then closed as RESUMED_ELSEWHERE."""
         if self.finished:
             return "that conversation has ended; start a new one"
-        if self.leg.broken or time.monotonic() - self.leg.last_input >= INTERRUPTED_AFTER_S:
-            return None
-        return "that conversation's connection is working: a resume token takes it up once it breaks"
+        return None
 
     async def take_over(self, ws: WebSocket, protocol: Protocol, next_token: str | None) -> None:
         """Carry the conversation on `ws` (speaking `protocol`) from now on: a client that resumed
