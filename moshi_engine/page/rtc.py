@@ -374,7 +374,9 @@ class MoshiHandler(AsyncStreamHandler):
             if now >= quiet_since + self.limits.idle_s:
                 self._end(Ending.IDLE)
                 return
-            wake = quiet_since + INTERRUPTED_AFTER_S if self.clock.interrupted_at is None else lost_at
+            # While interrupted, look again soon: the connection may come back, and then go quiet again.
+            wake = quiet_since + INTERRUPTED_AFTER_S if self.clock.interrupted_at is None else min(
+                lost_at, now + INTERRUPTED_AFTER_S)
             await asyncio.sleep(max(0.0, min(deadline, wake, quiet_since + self.limits.idle_s) - now) + 0.001)
 
     def _end(self, ending: Ending, detail: str = "") -> asyncio.Task:

@@ -372,8 +372,8 @@ class Connection:
             deadlines = [self.started + limits.max_session_s, self.last_audio + limits.idle_s]
             if clock.interrupted_at is None:
                 deadlines.append(quiet_since + INTERRUPTED_AFTER_S)
-            else:
-                deadlines.append(clock.interrupted_at + limits.reconnect_grace_s)
+            else:  # and look again soon: the connection may come back, and then go quiet again
+                deadlines += [clock.interrupted_at + limits.reconnect_grace_s, now + INTERRUPTED_AFTER_S]
             await asyncio.sleep(max(0.0, min(deadlines) - now) + 0.001)
 
 
