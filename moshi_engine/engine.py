@@ -33,7 +33,7 @@ from .model.process import ModelProcess
 from .model.sizing import AUTO, AutoShare
 from .model.voices import UnknownVoice, parse_voices, short_name
 from .session import MAX_OUTPUT_FRAMES, MAX_WAITING_FRAMES, MoshiSession
-from .timings import STEP, STEP_WAIT
+from .timings import STEP, STEP_WAIT, Observers
 from .watch.logs import current_conversation
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class MoshiEngine:
         self._sessions: set[MoshiSession] = set()  # live ones
         self._dropped_in_closed_sessions = 0
         # Told how long each conversation waited for its slot, in seconds (0: one was free).
-        self.on_queue_wait: Callable[[float], None] | None = None
+        self._queue_waits = Observers()  # told how long each conversation that got a slot waited
         self._stopped_reason: BusyError | ModelRestarting | None = None
         self.lost: str | None = None  # why the model is gone for good, once it is
         # Told (from another thread) why, once the model is gone for good: no replacement of a
@@ -117,10 +117,14 @@ class MoshiEngine:
         """Answer frames of this voice's conversations dropped because a reader fell behind."""
         return self._dropped_in_closed_sessions + sum(session.dropped_frames for session in list(self._sessions))
 
+    def observe_queue_wait(self, observer: Callable[[float], None]) -> Callable[[], None]:
+        """Tell `observer` how long each conversation that got a slot waited for it (0: at
+        once); returns what stops that."""
+        return self._queue_waits.add(observer)
+
     def waited(self, seconds: float) -> None:
-        """A conversation got its slot after `seconds` in line (0: at once), for `on_queue_wait`."""
-        if self.on_queue_wait is not None:
-            self.on_queue_wait(seconds)
+        """A conversation got its slot after `seconds` in line (0: at once)."""
+        self._queue_waits(seconds)
 
     async def acquire(self, sampling: Sampling | None = None,
                       on_position: Callable[[LinePosition], None] | None = None, **limits) -> MoshiSession:
@@ -156,6 +160,8 @@ class MoshiEngine:
             "parameters": self.info.parameters,
             "sessions": {"active": self.active, "capacity": self.capacity},
             "queue": {"waiting": self.line.waiting, "places": self.line.places},
+            # every conversation's on this voice, whatever carried it: the counter moshi_dropped_audio_frames
+            "dropped_audio_frames": self.dropped_audio_frames,
             "batch": {
                 "step": timings.percentiles(STEP),
                 "wait": timings.percentiles(STEP_WAIT),
@@ -230,6 +236,7 @@ class Voices:
             "unavailable": "; ".join(f"{v['name']}: {r}" for v, r in zip(each, reasons, strict=True))
                             if all(reasons) else None,
             "model_restarts": sum(voice["model_restarts"] for voice in each),
+            "dropped_audio_frames": sum(voice["dropped_audio_frames"] for voice in each),
             "voices": each,
         }
 

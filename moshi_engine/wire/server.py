@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -48,11 +49,11 @@ class MoshiServer:
                  metrics: Metrics | None = None) -> None:
         self.metrics = metrics or Metrics()
         self.voices = None
+        self._unwatch: list[Callable[[], None]] = []  # what stops the metrics watching its engines
         self.engine = voices
         self.limits = limits
         self.connections_served = 0
         self.restarting: str | None = None  # why new conversations are refused, once draining
-        self._dropped_in_closed_sessions = 0
         self._live: dict[MoshiSession, Connection] = {}
         self._waiting: set[asyncio.Task] = set()
         self.tokens: ResumeTokens[Connection] = ResumeTokens()  # resume each live conversation
@@ -64,14 +65,11 @@ class MoshiServer:
 
     @engine.setter
     def engine(self, engine: Voices | MoshiEngine | None) -> None:
+        for unwatch in self._unwatch:  # the engines it replaces are watched no more
+            unwatch()
         self.voices = Voices.of(engine) if engine is not None else None
-        for name, voice in (self.voices.engines.items() if self.voices else ()):
-            self.metrics.watch(name, voice)
-
-    @property
-    def dropped_audio_frames(self) -> int:
-        """Outgoing audio frames dropped because a client could not keep up."""
-        return self._dropped_in_closed_sessions + sum(s.dropped_frames for s in self._live)
+        self._unwatch = [self.metrics.watch(name, voice)
+                         for name, voice in (self.voices.engines.items() if self.voices else ())]
 
     def status(self) -> tuple[int, dict]:
         if self.voices is None:
@@ -79,8 +77,7 @@ class MoshiServer:
         engine = self.voices.status()
         return 503 if engine["unavailable"] else 200, {
             "status": "restarting" if self.restarting else "unavailable" if engine["unavailable"] else "ready",
-            **engine,
-            "dropped_audio_frames": self.dropped_audio_frames,
+            **engine,  # dropped_audio_frames among them: every transport's, WebRTC's included
             "connections_served": self.connections_served,
             "limits": {"max_session_s": self.limits.max_session_s, "idle_s": self.limits.idle_s},
         }
@@ -165,7 +162,6 @@ class MoshiServer:
             self.tokens.retire(connection)
             await session.close()
             self._live.pop(session, None)
-            self._dropped_in_closed_sessions += session.dropped_frames
             clock.end(connection.ending or RESTART, reason, code=int(code) if code is not None else None,
                       slot=session.slot, frames_in=session.frames_in, dropped_frames=session.dropped_frames)
             await connection.release_last(code, reason)

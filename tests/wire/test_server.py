@@ -360,6 +360,28 @@ async def test_a_client_that_cannot_keep_up_loses_its_oldest_audio_not_the_serve
         assert status["dropped_audio_frames"] > 0
         ws.transport.abort()
         await until(lambda: tiny_engine.active == 0)
+        over_websocket = get_json(base + "/status")[1]["dropped_audio_frames"]
+
+        # A conversation on the engine itself, as the page's WebRTC handler holds one, whose reader also stops.
+        async with tiny_engine.session() as session:
+            for start in range(0, 20 * SAMPLE_RATE, FRAME_SIZE):
+                await session.send_pcm(pcm[start : start + FRAME_SIZE])
+            await until(lambda: session.dropped_frames > 0, timeout=60)
+        await until(lambda: tiny_engine.active == 0)
+        # One figure, one truth: /status counts every transport's, and says what /metrics' counter says.
+        status = get_json(base + "/status")[1]
+        counter = sum(value for (name, _), value in metric_samples(base).items()
+                      if name == "moshi_dropped_audio_frames_total")
+        assert status["dropped_audio_frames"] == counter == tiny_engine.dropped_audio_frames > over_websocket
+
+
+def metric_samples(base: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 async def test_an_8_bit_model_says_its_weights_precision_and_talks_over_both_protocols(hello_pcm):
