@@ -21,6 +21,33 @@ STEP_WAIT = "step_wait"
 SERIES = (*STAGES, STEP, STEP_WAIT)
 
 
+class Observers:
+    """The callbacks told of one kind of event, from whatever thread it happens on. `add`
+    returns what removes that registration (and only it, whatever else was added since)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: tuple[tuple[object, Callable], ...] = ()
+
+    def add(self, callback: Callable) -> Callable[[], None]:
+        token = object()
+        with self._lock:
+            self._entries = (*self._entries, (token, callback))
+
+        def remove() -> None:
+            with self._lock:
+                self._entries = tuple(entry for entry in self._entries if entry[0] is not token)
+
+        return remove
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __call__(self, *args) -> None:
+        for _, callback in self._entries:  # a snapshot: adding or removing meanwhile is safe
+            callback(*args)
+
+
 class StageTimings:
     """The most recent `window` durations of each series; written from worker threads."""
 
@@ -28,22 +55,19 @@ class StageTimings:
         self._lock = threading.Lock()
         self._samples: dict[str, deque[float]] = {name: deque(maxlen=window) for name in SERIES}
         self._journal: list[tuple[str, float]] | None = None
-        self._observers: dict[str, list[Callable[[float], None]]] = {name: [] for name in SERIES}
+        self._observers: dict[str, Observers] = {name: Observers() for name in SERIES}
 
     def record(self, stage: str, seconds: float) -> None:
         with self._lock:
             self._samples[stage].append(seconds)
             if self._journal is not None:
                 self._journal.append((stage, seconds))
-            observers = self._observers[stage]
-        for observe in observers:
-            observe(seconds)
+        self._observers[stage](seconds)
 
-    def observe(self, stage: str, observer: Callable[[float], None]) -> None:
+    def observe(self, stage: str, observer: Callable[[float], None]) -> Callable[[], None]:
         """Also hand every duration of `stage` to `observer` as it is recorded (a Prometheus
-        histogram's `observe`), from whatever thread records it."""
-        with self._lock:
-            self._observers[stage] = [*self._observers[stage], observer]
+        histogram's `observe`), from whatever thread records it; returns what stops that."""
+        return self._observers[stage].add(observer)
 
     def take_journal(self) -> list[tuple[str, float]]:
         """Every (stage, seconds) recorded since the last call (the first call starts the

@@ -181,3 +181,47 @@ def test_metrics_are_open_on_a_private_app_unless_they_have_a_token_of_their_own
                 scrape(url, headers)
             assert refused.value.code == code
         assert value(scrape(url, {"Authorization": "Bearer prometheus-only"}), "moshi_slots", voice="tiny") == 2
+
+
+def counts(metrics) -> dict[str, float]:
+    """The step and queue-wait histograms' counts in that registry's exposition."""
+    found = {}
+    for family in text_string_to_metric_families(metrics.exposition().decode()):
+        for sample in family.samples:
+            if sample.name in ("moshi_step_seconds_count", "moshi_queue_wait_seconds_count"):
+                found[sample.name] = found.get(sample.name, 0) + sample.value
+    return found
+
+
+async def test_every_watcher_comes_off_with_what_registered_it_and_none_piles_up(hello_pcm):
+    """Many registrations, each removed by what it returned, then one of each kind: every real
+    step and every wait for a slot is observed exactly once, by the metrics and by the observers."""
+    from moshi_engine.timings import STEP
+    from moshi_engine.watch.metrics import Metrics
+    from tests.conftest import converse
+
+    engine = load_engine("tiny", device="cpu", sessions=1, queue=0, warmup_frames=1)
+    try:
+        metrics = Metrics()
+        for _ in range(50):
+            metrics.watch("tiny", engine)()
+            engine.timings.observe(STEP, lambda seconds: None)()
+            engine.observe_queue_wait(lambda seconds: None)()
+        steps, waits = [], []
+        stop_steps, stop_waits = engine.timings.observe(STEP, steps.append), engine.observe_queue_wait(waits.append)
+        unwatch = metrics.watch("tiny", engine)
+        async with engine.session() as session:
+            await converse(session, hello_pcm[: 2 * 24_000])
+        figures = counts(metrics)
+        assert figures["moshi_step_seconds_count"] == len(steps) > 0
+        assert figures["moshi_queue_wait_seconds_count"] == len(waits) == 1
+
+        unwatch()  # the metrics watch no more; the observers still do
+        figures, observed = counts(metrics), len(steps)
+        async with engine.session() as session:
+            await converse(session, hello_pcm[:24_000])
+        assert counts(metrics) == figures and len(waits) == 2 and len(steps) > observed
+        stop_steps()
+        stop_waits()
+    finally:
+        engine.close()
