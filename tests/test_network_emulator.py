@@ -206,15 +206,15 @@ async def test_an_async_outage_loses_what_is_sent_during_it_and_nothing_after(ne
     receiver = asyncio.create_task(receive())
     sender = asyncio.create_task(send())
     await asyncio.sleep(0.3)
-    cut_at = time.monotonic()
-    await net.outage_async(0.4)
+    requested = time.monotonic()
+    cut_at, restore_at = await net.outage_async(0.4)  # when the link was surely down
     restored_at = time.monotonic()
     await sender
     await asyncio.sleep(0.2)
     receiver.cancel()
     sock.close()
-    assert not {seq for seq, at in sent.items() if cut_at <= at <= restored_at} & answered
-    assert {seq for seq, at in sent.items() if at < cut_at - 0.05 or at > restored_at} <= answered
+    assert not {seq for seq, at in sent.items() if cut_at <= at <= restore_at} & answered
+    assert {seq for seq, at in sent.items() if at < requested - 0.05 or at > restored_at} <= answered
 
 
 def test_blocked_udp_passes_no_datagram_while_tcp_still_connects(net):

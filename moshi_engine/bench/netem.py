@@ -397,12 +397,17 @@ class NetworkEmulator:
         finally:
             self.restore()
 
-    async def outage_async(self, seconds: float) -> None:
+    async def outage_async(self, seconds: float) -> tuple[float, float]:
+        """Cut, wait, restore, without blocking the event loop. Returns the window in which the
+        link was surely down (time.monotonic()): from the cut taking effect to the restore's request."""
         await asyncio.to_thread(self.cut)
+        cut_at = time.monotonic()
         try:
             await asyncio.sleep(seconds)
         finally:
+            restore_at = time.monotonic()
             await asyncio.to_thread(self.restore)
+        return cut_at, restore_at
 
     def block_udp(self, blocked: bool = True) -> None:
         """Drop IPv4 UDP both ways (TCP passes), or let it through again."""
