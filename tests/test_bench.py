@@ -267,3 +267,14 @@ def test_a_level_whose_latency_keeps_growing_does_not_keep_real_time():
     assert steady["keeps_real_time"] and steady["expected"] == 60
     assert not growing["keeps_real_time"] and "grew" in growing["failures"][0]
     assert not cut_off["keeps_real_time"] and "unanswered" in cut_off["failures"][0]
+
+
+def test_the_network_section_renders_its_table_and_plot_from_a_stored_run(tmp_path):
+    """docs/bench-results' network run (the section needs root and minutes behind the emulated link)."""
+    stored = ROOT / "docs" / "bench-results" / "cpu-tiny-network-1.json"
+    render_report([json.loads(stored.read_text())], tmp_path / "BENCHMARKS.md")
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## The visitor on the internet" in report and "network.png" in report
+    for profile in ("loopback", "wifi", "4g", "poor", "satellite"):
+        assert f"| {profile} | WebRTC (Chromium) |" in report and f"| {profile} | websocket (our client) |" in report
+    assert (tmp_path / "network.png").stat().st_size > 10_000

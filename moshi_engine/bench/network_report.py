@@ -106,10 +106,10 @@ def draw_network_plot(documents: list[dict], path: Path) -> bool:
     names = [p for p in PROFILE_ORDER if p in profiles]
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [2, 1]})
     width = 0.8 / len(PATHS)
-    for offset, path in enumerate(PATHS):
-        values = [lag(profiles[name].get(path, {"error": ""}))[0] for name in names]
+    for offset, route in enumerate(PATHS):
+        values = [lag(profiles[name].get(route, {"error": ""}))[0] for name in names]
         xs = [i + (offset - (len(PATHS) - 1) / 2) * width for i in range(len(names))]
-        left.bar(xs, [v if v is not None else 0 for v in values], width, label=PATH_NAMES[path])
+        left.bar(xs, [v if v is not None else 0 for v in values], width, label=PATH_NAMES[route])
     left.set_xticks(range(len(names)), names)
     left.set_ylabel("steady lag p50, ms")
     left.set_title("Moshi's answers, behind each link (the model steps 65 ms)")
