@@ -15,95 +15,39 @@ the timings, are the benchmark's (`network` section).
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from moshi_engine.bench.netem import NetworkEmulator, in_namespace, missing
+from moshi_engine.bench.netem import in_namespace, missing
+from moshi_engine.bench.network import AppBehindWire, total
 from moshi_engine.page.endings import RECONNECTING_MESSAGE
 from moshi_engine.watch.metrics import API_CHAT, WEBRTC
-from tests.conftest import PROXY_VARIABLES, until
+from tests.conftest import until
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=f"no network emulation: {missing()}")
 
-ROOT = Path(__file__).resolve().parent.parent
-PORT = 7860
 OUTAGE_S = 8.0  # past ICE's "disconnected" (about 5 s in Chromium), well inside the 15 s grace
 GRACE_S = 15.0
 
 
 @pytest.fixture(scope="module")
-def net():
-    with NetworkEmulator("4g", seed=33) as emulator:
-        yield emulator
+def wired(tmp_path_factory):
+    """`python app.py` in the server namespace of an emulated 4G link, on its address there, with
+    no STUN (no internet); its log is app.log in the module's temporary directory."""
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    with AppBehindWire("4g", seed=33, sessions=2, min_step_ms=65, grace_s=GRACE_S, log_path=log) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")
-def app(net, tmp_path_factory):
-    """`python app.py` in the server's namespace, on its address there; no STUN (no internet).
-    Its log is in the module's temporary directory (app.log)."""
-    env = {name: value for name, value in os.environ.items() if name not in PROXY_VARIABLES}
-    env.update(MOSHI_STUN_URLS="", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-    process = net.popen("server", [
-        sys.executable, "app.py", "--model", "tiny", "--device", "cpu", "--sessions", "2",
-        "--host", net.server_address, "--port", str(PORT), "--queue", "0",
-        "--min-step-ms", "65", "--reconnect-grace", str(GRACE_S),
-    ], cwd=ROOT, env=env, stdout=(log := open(tmp_path_factory.mktemp("app") / "app.log", "w")),
-        stderr=subprocess.STDOUT, text=True)
-    base = f"http://{net.server_address}:{PORT}"
-    deadline = time.monotonic() + 120
-    while True:
-        if process.poll() is not None:
-            raise AssertionError(f"app.py exited with {process.returncode}:\n{Path(log.name).read_text()}")
-        try:
-            served_status(net, base)
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "app.py did not answer /status in time"
-            time.sleep(0.3)
-    yield base
-    process.terminate()
-    process.wait(30)
-    log.close()
+def net(wired):
+    return wired.net
 
 
-def served(net: NetworkEmulator, url: str) -> str:
-    """GET from inside the server's namespace: it answers there whatever the wire does."""
-    def get() -> str:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.read().decode()
-
-    return in_namespace(net.server_ns, get)
-
-
-def served_status(net: NetworkEmulator, base: str) -> dict:
-    return json.loads(served(net, base + "/status"))
-
-
-def active(net: NetworkEmulator, base: str) -> int:
-    return served_status(net, base)["sessions"]["active"]
-
-
-def counters(net: NetworkEmulator, base: str) -> dict[tuple[str, tuple], float]:
-    """/metrics as {(sample name, sorted labels): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    figures = {}
-    for family in text_string_to_metric_families(served(net, base + "/metrics")):
-        for sample in family.samples:
-            figures[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return figures
-
-
-def total(figures: dict, name: str, **labels: str) -> float:
-    return sum(value for (sample, have), value in figures.items()
-               if sample == name and all((key, want) in have for key, want in labels.items()))
+@pytest.fixture(scope="module")
+def app(wired):
+    return wired.base
 
 
 def lag_recoveries_within(figures: dict, transport: str, bound_s: float) -> tuple[float, float]:
@@ -116,7 +60,7 @@ def lag_recoveries_within(figures: dict, transport: str, bound_s: float) -> tupl
 # ## The websocket: our client in the visitor's namespace
 
 
-def test_the_websocket_conversation_survives_an_outage_and_a_handover_in_its_slot(net, app, hello_pcm):
+def test_the_websocket_conversation_survives_an_outage_and_a_handover_in_its_slot(wired, net, app, hello_pcm):
     from moshi_engine.wire.protocol import Protocol
     from tests.wire.test_resume import Talk
     from tests.wire.test_server import ws_url
@@ -130,7 +74,7 @@ def test_the_websocket_conversation_survives_an_outage_and_a_handover_in_its_slo
 
             async def watch_slots() -> None:
                 while True:
-                    slots.append(await asyncio.to_thread(active, net, app))
+                    slots.append(await asyncio.to_thread(wired.active))
                     await asyncio.sleep(0.5)
 
             watcher = asyncio.create_task(watch_slots())
@@ -148,9 +92,9 @@ def test_the_websocket_conversation_survives_an_outage_and_a_handover_in_its_slo
             return dict(first_id=first_id, last_id=session.conversation_id, slots=slots, old=old_address,
                         resumes=session.resumes, url=ws_url(app, Protocol.MOSHI))
 
-    before = counters(net, app)
+    before = wired.figures()
     seen = in_namespace(net.client_ns, lambda: asyncio.run(conversation()))
-    after = counters(net, app)
+    after = wired.figures()
 
     assert seen["last_id"] == seen["first_id"]  # one conversation throughout: Moshi's state kept
     assert set(seen["slots"]) == {1}  # its slot held through the outage and the handover, never freed
@@ -163,7 +107,7 @@ def test_the_websocket_conversation_survives_an_outage_and_a_handover_in_its_slo
     # Moshi answers what is said now: the lag is back to normal within 1 s of each return.
     count, within = lag_recoveries_within(after, API_CHAT, 1.0)
     assert count >= 1 and within == count
-    assert until_idle(net, app) == 0  # and the closed conversation freed its slot at once
+    assert wired.wait_idle(10) == 0  # and the closed conversation freed its slot at once
 
 
 def wait_until(condition, timeout: float) -> None:
@@ -171,13 +115,6 @@ def wait_until(condition, timeout: float) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.2)
-
-
-def until_idle(net: NetworkEmulator, base: str, timeout: float = 10.0) -> int:
-    deadline = time.monotonic() + timeout
-    while (now := active(net, base)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return now
 
 
 # ## The page: Chromium in the visitor's namespace
@@ -200,10 +137,11 @@ TRANSCRIPT_LENGTH = "() => document.querySelector('#moshi-transcript textarea').
 PAGE_MESSAGE = "() => document.querySelector('#moshi-transport .moshi-transport-message')?.textContent || ''"
 
 
-def test_a_webrtc_call_rides_out_an_outage_longer_than_ices_disconnect_time_and_another_after_it(net, app, browser):
+def test_a_webrtc_call_rides_out_an_outage_longer_than_ices_disconnect_time_and_another_after_it(
+        wired, net, app, browser):
     from tests.page.test_browser import TALK_BUTTON, TRANSCRIPT_SHOWN, open_page
 
-    before = counters(net, app)
+    before = wired.figures()
     recoveries_before = total(before, "moshi_lag_recovery_seconds_count", transport=WEBRTC)
     page = open_page(browser, app)
     try:
@@ -218,13 +156,13 @@ def test_a_webrtc_call_rides_out_an_outage_longer_than_ices_disconnect_time_and_
             try:
                 cut_until = time.monotonic() + outage_s
                 while time.monotonic() < cut_until:
-                    slots.append(active(net, app))
+                    slots.append(wired.active())
                     messages.add(page.evaluate(PAGE_MESSAGE))
                     time.sleep(0.5)
             finally:
                 net.restore()
             # The server hears the visitor again on the same call, and its answers are back to their usual lag, ...
-            wait_until(lambda number=number: total(counters(net, app), "moshi_lag_recovery_seconds_count",
+            wait_until(lambda number=number: total(wired.figures(), "moshi_lag_recovery_seconds_count",
                                                    transport=WEBRTC) >= recoveries_before + number, timeout=20)
             # ... and the page shows Moshi's words again; then the message is gone.
             words = page.evaluate(TRANSCRIPT_LENGTH)
@@ -232,9 +170,9 @@ def test_a_webrtc_call_rides_out_an_outage_longer_than_ices_disconnect_time_and_
             page.wait_for_function(f"() => !({PAGE_MESSAGE})()", timeout=10_000)
         state = page.evaluate("() => ({why: moshiPage.why, attempts: moshiPage.attempts.map((a) => a.state),"
                               " reconnecting: document.querySelector('#moshi-transport')?.innerText || ''})")
-        after = counters(net, app)
+        after = wired.figures()
         page.click(TALK_BUTTON)  # Stop
-        assert until_idle(net, app) == 0
+        assert wired.wait_idle(10) == 0
     finally:
         page.close()
 
@@ -249,7 +187,7 @@ def test_a_webrtc_call_rides_out_an_outage_longer_than_ices_disconnect_time_and_
     assert count == recoveries_before + 2 and within == count  # back to its usual lag within 1 s, each time
 
 
-def test_with_udp_blocked_the_page_takes_its_websocket_without_waiting_out_webrtc(net, app, browser):
+def test_with_udp_blocked_the_page_takes_its_websocket_without_waiting_out_webrtc(wired, net, app, browser):
     from tests.page.test_browser import TALK_BUTTON, open_page
 
     net.block_udp()
@@ -263,7 +201,7 @@ def test_with_udp_blocked_the_page_takes_its_websocket_without_waiting_out_webrt
                              " status: document.querySelector('#moshi-transport .moshi-transport-status')"
                              "?.textContent})")
         page.click("#moshi-transport .moshi-transport-stop")
-        assert until_idle(net, app) == 0
+        assert wired.wait_idle(10) == 0
     finally:
         page.close()
         net.block_udp(False)
@@ -274,11 +212,11 @@ def test_with_udp_blocked_the_page_takes_its_websocket_without_waiting_out_webrt
 
 
 
-def test_at_5_percent_loss_fec_is_negotiated_both_ways_and_the_server_rebuilds_lost_packets(net, app, browser):
+def test_at_5_percent_loss_fec_is_negotiated_both_ways_and_the_server_rebuilds_lost_packets(wired, net, app, browser):
     from moshi_engine.bench.netem import Profile
     from tests.page.test_browser import TALK_BUTTON, TRANSCRIPT_SHOWN, open_page
 
-    before = counters(net, app)
+    before = wired.figures()
     net.set_profile(Profile(20, 5, 0.05))
     page = open_page(browser, app)
     try:
@@ -289,11 +227,11 @@ def test_at_5_percent_loss_fec_is_negotiated_both_ways_and_the_server_rebuilds_l
         sdp = page.evaluate("() => { const pc = window.__peerConnections.at(-1);"
                             " return {offer: pc.localDescription.sdp, answer: pc.remoteDescription.sdp}; }")
         page.click(TALK_BUTTON)  # Stop
-        assert until_idle(net, app) == 0
+        assert wired.wait_idle(10) == 0
     finally:
         page.close()
         net.set_profile("4g")
-    after = counters(net, app)
+    after = wired.figures()
 
     for side in ("offer", "answer"):  # the browser asks for FEC from the server, and the server from it
         opus = next(line.split()[0].split(":")[1] for line in sdp[side].splitlines() if "opus/48000/2" in line)
