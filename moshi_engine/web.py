@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import MutableMapping
 from pathlib import Path
 
 import httpx
@@ -49,6 +50,7 @@ def create_app(
     connect_timeout_s: float = 10.0,
     token: str | None = None,
     metrics_token: str | None = None,
+    worker_metrics: MutableMapping | None = None,
 ) -> FastAPI:
     """The app for a local `engine` (one voice, or several: `engine.Voices`), or the page alone
     bound to a `remote` Moshi server (offering `remote_voices`, by name, if it has several).
@@ -60,7 +62,9 @@ def create_app(
     `connect_timeout_s` bounds how long a session may wait for the server (a cold
     GPU worker takes minutes). With a `token`, every route but `/status` and `/metrics` asks
     for it (`door.access.TokenGate`); `/metrics` (Prometheus) asks for `metrics_token` if set.
-    A page-only app's `/metrics` counts the page's conversations; its server has its own.
+    A page-only app's `/metrics` counts the page's conversations; its server has its own, which
+    it serves too, with a `worker` label, from `worker_metrics`, the store each worker publishes
+    its figures into (`watch.workers`; a scrape of the page then wakes no worker).
     """
     if (engine is None) == (remote is None):
         raise ValueError("give either a local engine or the URL of a remote Moshi server")
@@ -76,6 +80,8 @@ def create_app(
     if token:
         app.add_middleware(TokenGate, token=token)
     metrics = Metrics()
+    if worker_metrics is not None:
+        metrics.gather(worker_metrics)
     add_metrics_route(app, metrics, metrics_token)
 
     async def remote_status() -> dict | None:

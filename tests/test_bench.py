@@ -23,11 +23,12 @@ pytestmark = pytest.mark.timeout(900)
 ROOT = Path(__file__).resolve().parent.parent
 FRAMES = 8
 # Every section but `network` (minutes behind the emulated link; tests/test_network.py covers it).
-SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "page", "compare", "stepping", "precision",
-            "voices")
+SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "page", "compare", "stepping", "watching",
+            "precision", "voices")
 REPORT_HEADINGS = ("# Benchmarks", "## Runs", "## Targets", "## Frame budget", "## End to end over loopback",
                    "## Idle session", "## Batched steps", "## Capacity", "## The door", "## The page's two paths",
                    "## Side by side with moshi's reference server", "## Where the model steps",
+                   "## What watching costs",
                    "## Full precision against 8 bits", "## Two voices on one machine",
                    "## GPU: the full-size architecture")
 
@@ -182,6 +183,25 @@ def test_stepping_runs_the_same_conversations_against_a_model_process_and_a_thre
         assert stepping["pooled"][way]["n"] == 2 * (FRAMES - 1)
     assert stepping["rounds"]["process"][0]["first"] and not stepping["rounds"]["thread"][0]["first"]
     assert "| run 1 | pooled | 2 |" in (out / "BENCHMARKS.md").read_text()
+
+
+def test_watching_runs_the_same_conversations_against_a_server_watching_and_one_not(bench_run):
+    doc, out = bench_run
+    watching = doc["sections"]["watching"]
+    assert watching["conversations"] == 2  # --batch-slots
+    for way in ("watching", "not_watching"):
+        (only_round,) = watching["rounds"][way]  # --compare-rounds 1
+        assert only_round["answered"] == only_round["expected"] == 2 * (FRAMES - 1)
+        # the web server's own CPU is a part of the server's, its model process's included
+        assert 0 < only_round["web_cpu_percent"] < only_round["server_cpu_percent"]
+        assert only_round["web_us_per_frame"] > 0
+        ramp = watching["capacity"][way]
+        assert ramp["levels"][0]["sessions"] == 1 and ramp["capacity"] in (0, 1, 2)
+        assert all(0 < level["web_cpu_percent"] <= level["server_cpu_percent"] for level in ramp["levels"])
+    assert watching["rounds"]["watching"][0]["first"] and not watching["rounds"]["not_watching"][0]["first"]
+    code = watching["code"]
+    assert code["us_per_frame"] > 0 and code["us_per_line"] > 0
+    assert "added web CPU a frame" in (out / "BENCHMARKS.md").read_text()
 
 
 def test_precision_compares_the_model_with_its_8_bit_twin_in_memory_steps_and_capacity(bench_run):

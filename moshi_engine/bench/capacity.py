@@ -27,7 +27,7 @@ import logging
 
 from ..audio import FRAME_SECONDS
 from ..wire.protocol import Protocol
-from .resources import OURS, Bench, staggered_streams
+from .resources import OURS, Bench, peak_resident_bytes, resident_bytes, staggered_streams
 from .sections import websocket_url
 from .streams import stream_session, stream_websocket
 from .webrtc import WebRTCCriterion, stream_webrtc
@@ -44,8 +44,9 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def run_level(bench: Bench, sessions: int, transport: str) -> dict:
-    """k = `sessions` concurrent real-time clients on k slots, judged by the transport's criterion."""
+def run_level(bench: Bench, sessions: int, transport: str, watching: bool = True) -> dict:
+    """k = `sessions` concurrent real-time clients on k slots, judged by the transport's criterion
+    (the server's metrics and conversation log on, as deployed, unless not `watching`)."""
     config = bench.config
     make_stream = status = None
     criterion = WebRTCCriterion() if transport == "webrtc" else config.criterion
@@ -56,7 +57,7 @@ def run_level(bench: Bench, sessions: int, transport: str) -> dict:
             status = engine.status
             make_stream = functools.partial(stream_session, engine, bench.pages, True, tail_s=config.tail_s)
         else:
-            server = bench.server(OURS, sessions, page=transport == "webrtc")
+            server = bench.server(OURS, sessions, page=transport == "webrtc", watching=watching)
             server.wait_idle()
             pid, status = server.pid, server.status
             if transport == "webrtc":
@@ -76,23 +77,32 @@ def run_level(bench: Bench, sessions: int, transport: str) -> dict:
         return {"sessions": sessions, "keeps_real_time": False,
                 "failures": [f"{sessions} conversation slots do not fit in memory"]}
 
+    web_before = resident_bytes(pid, children=False) if pid is not None else None
     runs, usage = staggered_streams(make_stream, sessions, pid)
     level = criterion.judge(runs)
     level["server_cpu_percent"] = usage["cpu_percent"]
     level["server_cpu_percent_per_session"] = round(usage["cpu_percent"] / sessions, 2)
+    if pid is not None:  # the web server's own part, its model process left out
+        level["web_cpu_percent"] = usage["own_cpu_percent"]
+        level["web_cpu_percent_per_session"] = round(usage["own_cpu_percent"] / sessions, 2)
+        # memory: the web server's before its conversations and its peak during them; the whole
+        # server's (its model process included) at the end
+        level["web_resident_bytes_before"] = web_before
+        level["web_peak_resident_bytes"] = peak_resident_bytes(pid)
+        level["server_resident_bytes"] = resident_bytes(pid)
     level["batch"] = status()["batch"]
     log.info("capacity %s: %d session(s): %s (%.0f %% CPU)", transport, sessions,
              "real time" if level["keeps_real_time"] else "; ".join(level["failures"]), usage["cpu_percent"])
     return level
 
 
-def capacity(bench: Bench, transport: str) -> dict:
+def capacity(bench: Bench, transport: str, watching: bool = True) -> dict:
     """Ramp k = 1, 2, 4, ... then bisect; returns every level tried and the capacity."""
     config = bench.config
     levels: dict[int, dict] = {}
 
     def passes(k: int) -> bool:
-        levels[k] = run_level(bench, k, transport)
+        levels[k] = run_level(bench, k, transport, watching)
         return levels[k]["keeps_real_time"]
 
     passed, failed, k = 0, None, 1

@@ -35,6 +35,7 @@ from .precision import precision_section
 from .stats import OTHER
 from .stepping import stepping_section
 from .voices import voices_section
+from .watching import watching_section
 
 OVERHEAD_TARGET_MS = 1.0  # per frame on CPU, outside the model and the codec
 IDLE_CPU_TARGET_PERCENT = 1.0  # "near 0 %": below 1 % of one core
@@ -50,7 +51,8 @@ RENDER_COMMAND = "python -m moshi_engine.bench --report docs/BENCHMARKS.md cpu.j
 SECTIONS = (("frame", tables.frame_budget_section), ("e2e", tables.end_to_end_section), ("idle", tables.idle_section),
             ("batch", tables.batch_section), ("capacity", tables.capacity_section), ("door", tables.door_section),
             ("page", tables.page_section), ("compare", tables.compare_section), ("stepping", stepping_section),
-            ("precision", precision_section), ("voices", voices_section), ("network", network_section))
+            ("watching", watching_section), ("precision", precision_section), ("voices", voices_section),
+            ("network", network_section))
 
 
 def render_report(documents: list[dict], path: Path, plot_path: Path | None = None) -> Path:

@@ -70,9 +70,9 @@ class BenchConfig:
         return ("websocket",) if missing_packages(PAGE_STACK) else ("websocket", "webrtc")
 
 
-def cpu_counters(pid: int | None = None) -> tuple[float, float, int | None]:
-    """(wall s, CPU s of all the threads of the process and of its children (our server's
-    model process), context switches of all those threads).
+def cpu_counters(pid: int | None = None, children: bool = True) -> tuple[float, float, int | None]:
+    """(wall s, CPU s of all the threads of the process and (with `children`) of its children
+    (our server's model process), context switches of all those threads).
 
     On Linux both come from /proc/PID/task/*: schedstat's run time in nanoseconds
     (psutil's CPU times tick in 10 ms, too coarse for an idle process over a few
@@ -84,7 +84,7 @@ def cpu_counters(pid: int | None = None) -> tuple[float, float, int | None]:
     import psutil
 
     root = psutil.Process(pid)
-    processes = [root, *root.children(recursive=True)] if pid is not None else [root]
+    processes = [root, *root.children(recursive=True)] if pid is not None and children else [root]
     if not Path(f"/proc/{root.pid}/task/{root.pid}/schedstat").is_file():
         cpu = 0.0
         for process in processes:
@@ -113,19 +113,44 @@ def cpu_usage(before: tuple, after: tuple) -> dict:
     return usage
 
 
+def resident_bytes(pid: int, children: bool = True) -> int:
+    """The resident memory of process `pid` and (with `children`) of all its children (the model
+    processes)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for process in [root, *root.children(recursive=True)] if children else [root]:
+        with contextlib.suppress(psutil.Error):
+            total += process.memory_info().rss
+    return total
+
+
+def peak_resident_bytes(pid: int) -> int | None:
+    """The most resident memory process `pid` has held in its life (Linux's VmHWM; None elsewhere)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def staggered_streams(make_stream: Callable[..., Awaitable], conversations: int,
                       pid: int | None = None) -> tuple[list, dict]:
     """Run `conversations` streams at once, `make_stream(offset_s=...)` each, started
     FRAME_SECONDS / conversations apart as independent users would rather than all on the
     same beat; returns their runs and the CPU of process `pid` (None: this one) meanwhile
-    (`cpu_usage`)."""
+    (`cpu_usage`), with its children (a server's model process) and, as `own_cpu_percent`,
+    without them (the web server's part: websockets, Opus, sessions, watching)."""
     from ..audio import FRAME_SECONDS
 
     async def together() -> tuple[list, dict]:
-        before = cpu_counters(pid)
+        before, own_before = cpu_counters(pid), cpu_counters(pid, children=False)
         runs = await asyncio.gather(*(make_stream(offset_s=index * FRAME_SECONDS / conversations)
                                       for index in range(conversations)))
-        return list(runs), cpu_usage(before, cpu_counters(pid))
+        usage = cpu_usage(before, cpu_counters(pid))
+        usage["own_cpu_percent"] = cpu_usage(own_before, cpu_counters(pid, children=False))["cpu_percent"]
+        return list(runs), usage
 
     return asyncio.run(together())
 
@@ -192,13 +217,14 @@ class Bench:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def server(self, kind: str, sessions: int = 1, page: bool = False) -> ServerProcess:
-        """A running server of `kind` (OURS, REFERENCE or ECHO); ours with `sessions` slots, and with
-        the page (its WebRTC route) mounted when `page`."""
+    def server(self, kind: str, sessions: int = 1, page: bool = False, watching: bool = True) -> ServerProcess:
+        """A running server of `kind` (OURS, REFERENCE or ECHO); ours with `sessions` slots, with
+        the page (its WebRTC route) mounted when `page`, and its metrics and conversation log on
+        unless not `watching` (`serve.server_process`)."""
         if kind in (REFERENCE, ECHO):
             sessions = 1  # moshi's server has one model and serves one connection at a time; echo has none
         held = self._servers.get(kind)
-        if held is not None and (held[1].sessions != sessions or held[1].page != page):
+        if held is not None and (held[1].sessions, held[1].page, held[1].watching) != (sessions, page, watching):
             self.stop_server(kind)
             held = None
         if held is None:
@@ -206,7 +232,8 @@ class Bench:
                 self.release_engine(weights=True)
             stack = contextlib.ExitStack()
             process = stack.enter_context(server_process(kind, self.config.model, self.config.device, sessions, page,
-                                                         model_process=not self.config.in_process))
+                                                         model_process=not self.config.in_process,
+                                                         watching=watching or kind != OURS))
             held = self._servers[kind] = (stack, process)
             if kind == OURS:
                 self.engine_info = process.engine_info
@@ -234,4 +261,4 @@ class Bench:
 
 
 __all__ = ["ECHO", "OURS", "REFERENCE", "Bench", "BenchConfig", "cpu_counters", "cpu_usage", "missing_packages",
-           "staggered_streams"]
+           "peak_resident_bytes", "resident_bytes", "staggered_streams"]

@@ -19,15 +19,15 @@ import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from . import batch, browser, capacity, door, network, precision, sections, stepping, voices
+from . import batch, browser, capacity, door, network, precision, sections, stepping, voices, watching
 from .machine import describe_machine, load_average
 from .resources import BROWSER_STACK, PAGE_STACK, REFERENCE_STACK, WEB_STACK, Bench, BenchConfig, missing_packages
 
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
-SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "page", "compare", "stepping", "precision",
-            "voices", "network")
+SECTIONS = ("frame", "e2e", "idle", "batch", "capacity", "door", "page", "compare", "stepping", "watching",
+            "precision", "voices", "network")
 
 
 def _attempt(name: str, measure: Callable[[], dict]) -> dict:
@@ -139,6 +139,11 @@ def run_benchmark(config: BenchConfig, chosen: tuple[str, ...] = SECTIONS,
                 results["stepping"] = {"skipped": no_web}
             else:
                 part("stepping", "the model process against the thread", lambda: stepping.stepping(bench))
+        if "watching" in results:
+            if no_web:
+                results["watching"] = {"skipped": no_web}
+            else:
+                part("watching", "what watching costs", lambda: watching.watching(bench))
         if "voices" in results:
             if no_web:
                 results["voices"] = {"skipped": no_web}

@@ -154,6 +154,7 @@ class ServerProcess:
     page: bool
     engine_info: dict  # ours: model, device, dtype, parameters; empty for moshi's server
     _conn: Connection
+    watching: bool = True  # ours: its metrics and conversation log on, as deployed
 
     def stage_samples_ms(self) -> dict[str, np.ndarray]:
         """Our engine's recent per-stage durations (ms, oldest first), as `/status` sees them."""
@@ -186,23 +187,29 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def server_process(kind: str, model: str, device: str, sessions: int = 1, page: bool = False,
-                   queue: int | None = None, start_timeout_s: float = 900.0, model_process: bool = True):
+                   queue: int | None = None, start_timeout_s: float = 900.0, model_process: bool = True,
+                   watching: bool = True):
     """Run our API (`kind="ours"`, `sessions` conversation slots, and the page with its WebRTC
     route when `page`), moshi's reference server (`kind="reference"`, one conversation at a
     time by design) over `model`, or `echo_app` (`kind="echo"`, no model) in a child process.
     `queue` sets our waiting line's places (None: the engine's default); `model_process=False`
     steps our model in a thread of the server's process instead of a process of its own.
+    `watching` is ours as deployed: its metrics observed, and every INFO line about a
+    conversation formatted as the app's log would (then dropped: the bench's output keeps to
+    warnings); without it, neither (what watching costs is the difference).
 
     Yields a ServerProcess once the model is loaded, warm and listening on loopback;
     stops the child on exit. The child's stdout goes to /dev/null: moshi's server
     prints a line per text token, which would otherwise flood the benchmark's output.
     """
+    if page and not watching:
+        raise ValueError("the page's conversations are always watched; compare watching over the API alone")
     context = multiprocessing.get_context("spawn")
     conn, child_conn = context.Pipe()
     process = context.Process(
         target=_serve_in_child,
         # the child's routine INFO lines (every session's end, aiohttp's access log) are noise here
-        args=(kind, model, device, sessions, page, queue, model_process, child_conn,
+        args=(kind, model, device, sessions, page, queue, model_process, watching, child_conn,
               logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING),
         name=f"bench-{kind}-server",
         daemon=True,
@@ -218,7 +225,7 @@ def server_process(kind: str, model: str, device: str, sessions: int = 1, page: 
         url, pid, engine_info = detail
         log.info("%s server (%d slot(s)%s) listening at %s, pid %d", kind, sessions, ", page" if page else "",
                  url, pid)
-        yield ServerProcess(kind, url, pid, sessions, page, engine_info, conn)
+        yield ServerProcess(kind, url, pid, sessions, page, engine_info, conn, watching)
     finally:
         with contextlib.suppress(OSError):
             conn.send("stop")
@@ -231,8 +238,10 @@ def server_process(kind: str, model: str, device: str, sessions: int = 1, page: 
 
 
 def _serve_in_child(kind: str, model: str, device: str, sessions: int, page: bool, queue: int | None,
-                    model_process: bool, conn: Connection, level: int) -> None:
+                    model_process: bool, watching: bool, conn: Connection, level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    if watching and kind == OURS:
+        _log_as_deployed(level)
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     ready = False
     try:
@@ -250,7 +259,7 @@ def _serve_in_child(kind: str, model: str, device: str, sessions: int, page: boo
 
                 serving = serve_asgi(create_app(voices))
             else:
-                serving = serve_asgi(create_api(voices))
+                serving = serve_asgi(create_api(voices, watching=watching))
         elif kind == REFERENCE:
             from ..wire.reference import reference_app
 
@@ -285,3 +294,17 @@ def _serve_in_child(kind: str, model: str, device: str, sessions: int, page: boo
         if not ready:
             conn.send(("failed", traceback.format_exc()))
         raise
+
+
+def _log_as_deployed(level: int) -> None:
+    """INFO lines formatted as the app formats them (`configure_logging`'s text), into /dev/null;
+    the child's stderr still gets `level` and above only."""
+    from ..watch.logs import TextFormatter
+
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.setLevel(level)
+    deployed = logging.StreamHandler(open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
+    deployed.setFormatter(TextFormatter())
+    root.addHandler(deployed)
+    root.setLevel(min(level, logging.INFO))

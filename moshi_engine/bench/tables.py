@@ -206,8 +206,10 @@ def capacity_section(runs: list[tuple[int, dict]]) -> list[str]:
         "with exactly k slots, as `--sessions k` would), starting 80/k ms apart as independent users would.",
         "k doubles from 1 until a level fails, then the gap to the last level that passed is bisected; the",
         "capacity is the largest k that passed. Server CPU is the server process's (all its threads, and its",
-        "model process's), in %",
-        "of one core, and per conversation; the batched step's wait and fill come from its `/status`.",
+        "model process's), in % of one core, and per conversation; the web server's is its process alone",
+        "(websockets or WebRTC, Opus both ways, the loops, the watching: what a GPU container's CPU serves",
+        "beside the model's process), with the most memory that process held during the level; the batched",
+        "step's wait and fill come from its `/status`.",
         "",
         "- **websocket**: clients of `/api/chat` streaming Ogg Opus. A level **keeps real time** when every",
         "  input frame but the first of every client is answered (a client listens until its tail runs out),",
@@ -250,7 +252,7 @@ def _capacity_table(result: dict) -> list[str]:
     for level in result["levels"]:
         verdict = "yes" if level["keeps_real_time"] else "no: " + "; ".join(level["failures"])
         if "server_cpu_percent" not in level:
-            rows.append([level["sessions"], *("–",) * 6, verdict])
+            rows.append([level["sessions"], *("–",) * 7, verdict])
             continue
         batch = level.get("batch") or {}
         wait = batch.get("wait") or {}
@@ -264,13 +266,22 @@ def _capacity_table(result: dict) -> list[str]:
                         f"{level['answered']}/{level['expected']}"]
         rows.append([level["sessions"], *measures,
                      f"{level['server_cpu_percent']:.0f} ({level['server_cpu_percent_per_session']:.1f})",
-                     f"{fmt_ms(wait.get('p50_ms'))} / {fmt_ms(wait.get('p95_ms'))}", verdict])
+                     _web_share(level), f"{fmt_ms(wait.get('p50_ms'))} / {fmt_ms(wait.get('p95_ms'))}", verdict])
     if transport == "webrtc":
         header = ["calls", "ms to first audio (p50)", "lag jitter", "growth ms", "audio received (least)"]
     else:
         header = ["sessions", "p50 ms", "p95 ms", "growth ms", "answered"]
-    return [*lines, *markdown_table([*header, "server CPU % (per conversation)", "step wait p50 / p95 ms",
+    return [*lines, *markdown_table([*header, "server CPU % (per conversation)",
+                                     "web server: CPU % per conversation, peak MiB", "step wait p50 / p95 ms",
                                      "keeps real time"], rows)]
+
+
+def _web_share(level: dict) -> str:
+    """The web server's own part (its model process left out), where the run measured it."""
+    if "web_cpu_percent_per_session" not in level:
+        return "–"
+    peak = level.get("web_peak_resident_bytes")
+    return f"{level['web_cpu_percent_per_session']:.1f}" + (f", {peak / 2**20:,.0f}" if peak else "")
 
 
 def door_section(runs: list[tuple[int, dict]]) -> list[str]:

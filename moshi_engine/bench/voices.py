@@ -11,30 +11,17 @@ server's CPU (its model processes included) and its resident memory, every proce
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 
 from ..audio import FRAME_SECONDS
 from ..wire.protocol import Protocol
-from .resources import OURS, Bench, cpu_counters, cpu_usage
+from .resources import OURS, Bench, cpu_counters, cpu_usage, resident_bytes
 from .sections import websocket_url
 from .serve import server_process
 from .streams import stream_websocket
 
 log = logging.getLogger(__name__)
-
-
-def resident_bytes(pid: int) -> int:
-    """The resident memory of process `pid` and of all its children (the model processes)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    total = 0
-    for process in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            total += process.memory_info().rss
-    return total
 
 
 def voices(bench: Bench) -> dict:

@@ -6,6 +6,7 @@
     clock.talking(); clock.heard(); clock.answered()   # as audio goes in and out
     clock.end("normal")                         # counted and logged once, with its figures
     body = metrics.exposition()                 # Prometheus' text format
+    metrics.gather(store)                       # with every worker's (`watch.workers`), scale-out
 
 Every family carries a `voice` label (the voice's short name; with one voice, its model's).
 Buckets are set for 80 ms frames: a step must end well inside one, a frame is late by
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -37,6 +38,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from ..audio import FRAME_SIZE, SAMPLE_RATE
 from ..timings import STEP
 from .logs import conversation_context, log_fields
+from .workers import FRESH_S, Merged, WorkerFigures
 
 log = logging.getLogger("moshi_engine.conversations")
 disable_created_metrics()  # no `_created` series beside each counter and histogram: Prometheus needs none
@@ -126,13 +128,14 @@ class Metrics:
             ["voice", "outcome"], registry=registry)
         self._engines: dict[str, object] = {}
         registry.register(_LiveFigures(self._engines))
+        self._workers: WorkerFigures | None = None
 
-    def watch(self, voice: str, engine) -> Callable[[], None]:
-        """Report `engine` (a `engine.MoshiEngine`) as `voice`: its live figures when scraped,
-        each batched step and each wait for a slot as they happen. Returns what undoes it."""
+    def watch(self, voice: str, engine, as_it_happens: bool = True) -> Callable[[], None]:
+        """Report `engine` (a `engine.MoshiEngine`) as `voice`: its live figures when scraped and,
+        `as_it_happens`, each batched step and each wait for a slot. Returns what undoes it."""
         self._engines[voice] = engine
         stops = [engine.timings.observe(STEP, self.step.labels(voice).observe),
-                 engine.observe_queue_wait(self.queue_wait.labels(voice).observe)]
+                 engine.observe_queue_wait(self.queue_wait.labels(voice).observe)] if as_it_happens else []
 
         def unwatch() -> None:
             for stop in stops:
@@ -145,9 +148,14 @@ class Metrics:
     def conversation(self, voice: str | None, transport: str, conversation_id: str) -> ConversationClock:
         return ConversationClock(self, voice or "", transport, conversation_id)
 
+    def gather(self, store: MutableMapping, fresh_s: float = FRESH_S) -> None:
+        """Serve beside these figures every worker's that `watch.workers.publish` keeps fresh in
+        `store`, with a `worker` label (the page of the scale-out layout)."""
+        self._workers = WorkerFigures(store, fresh_s)
+
     def exposition(self) -> bytes:
-        """Every family in Prometheus' text format (`CONTENT_TYPE`)."""
-        return generate_latest(self.registry)
+        """Every family in Prometheus' text format (`CONTENT_TYPE`), the gathered workers' too."""
+        return generate_latest(self.registry if self._workers is None else Merged(self.registry, self._workers))
 
 
 class ConversationClock:

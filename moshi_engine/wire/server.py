@@ -27,7 +27,7 @@ from ..engine import MoshiEngine, Voices
 from ..model.voices import UnknownVoice
 from ..session import MoshiSession
 from ..watch.logs import conversation_context, log_fields, new_conversation_id
-from ..watch.metrics import CLIENT_GONE, REFUSED, RESTART, Metrics
+from ..watch.metrics import CLIENT_GONE, REFUSED, RESTART, ConversationClock, Metrics
 from ..watch.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .connection import RESTART_REASON, ClientGone, Connection, Waiting, close_websocket
 from .protocol import (
@@ -46,8 +46,9 @@ class MoshiServer:
     and counters."""
 
     def __init__(self, voices: Voices | MoshiEngine | None, limits: SessionLimits,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, watching: bool = True) -> None:
         self.metrics = metrics or Metrics()
+        self.watching = watching  # False: nothing observed as it happens (the bench's baseline)
         self.voices = None
         self._unwatch: list[Callable[[], None]] = []  # what stops the metrics watching its engines
         self.engine = voices
@@ -68,7 +69,7 @@ class MoshiServer:
         for unwatch in self._unwatch:  # the engines it replaces are watched no more
             unwatch()
         self.voices = Voices.of(engine) if engine is not None else None
-        self._unwatch = [self.metrics.watch(name, voice)
+        self._unwatch = [self.metrics.watch(name, voice, as_it_happens=self.watching)
                          for name, voice in (self.voices.engines.items() if self.voices else ())]
 
     def status(self) -> tuple[int, dict]:
@@ -133,7 +134,7 @@ class MoshiServer:
 
     async def _serve(self, ws: WebSocket, protocol: Protocol, conversation_id: str) -> None:
         await ws.accept()
-        clock = self.metrics.conversation(None, protocol.value, conversation_id)
+        clock = ConversationClock(self.metrics if self.watching else None, "", protocol.value, conversation_id)
         announce = ws.query_params.get("queue") == "1"  # a client that reads our metadata
         try:
             clock.voice, engine = self._voice(ws)
@@ -234,11 +235,12 @@ def add_metrics_route(app: FastAPI, metrics: Metrics, metrics_token: str | None 
                                          headers={"www-authenticate": 'Bearer realm="moshi metrics"'})
             if not hmac.compare_digest(presented.encode(), expected):
                 return PlainTextResponse("that is not the metrics' token", 403)
-        return Response(metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+        # in a thread: gathering workers' figures (the scale-out page) reads a store over the network
+        return Response(await asyncio.to_thread(metrics.exposition), media_type=METRICS_CONTENT_TYPE)
 
 
 def create_api(engine: Voices | MoshiEngine | None = None, limits: SessionLimits = SessionLimits(),
-               token: str | None = None, metrics_token: str | None = None) -> FastAPI:
+               token: str | None = None, metrics_token: str | None = None, watching: bool = True) -> FastAPI:
     """The app serving `/status`, `/metrics`, `/ws` and `/api/chat` over `engine`: one voice, or
     several (`engine.Voices`, each route's `?voice=NAME` picks one; the first without it).
 
@@ -246,11 +248,14 @@ def create_api(engine: Voices | MoshiEngine | None = None, limits: SessionLimits
     is set, so a server can listen while the model loads. With a `token`, every route
     but `/status` and `/metrics` (and any mounted later, such as the page) asks for it;
     `metrics_token` puts `/metrics` behind a token of its own (`add_metrics_route`).
+    `watching=False` observes nothing as it happens (no step, wait or frame-lag histograms, no
+    conversation counts; `/metrics` has the live figures only): what the bench compares
+    watching against.
     """
     app = FastAPI(title="Moshi", docs_url=None, redoc_url=None, lifespan=_remember_loop)
     if token:
         app.add_middleware(TokenGate, token=token)
-    server = MoshiServer(engine, limits)
+    server = MoshiServer(engine, limits, watching=watching)
     app.state.moshi = server
 
     @app.get("/status")

@@ -225,3 +225,19 @@ async def test_every_watcher_comes_off_with_what_registered_it_and_none_piles_up
         stop_waits()
     finally:
         engine.close()
+
+
+def test_a_server_that_does_not_watch_answers_alike_and_observes_nothing(served, hello_pcm):
+    """`watching=False`, the bench's baseline for what watching costs: the same conversation is
+    served, /metrics keeps the live figures, and nothing is observed as it happens."""
+    _, engine = served
+    with serve_asgi(create_api(engine, watching=False)) as url:
+        before = scrape(url)
+        result = asyncio.run(exchange(ws(url, "/api/chat"), hello_pcm[: 24000 * 2], realtime=False))
+        assert result.pcm.size > 0
+        time.sleep(0.5)  # the server finishes with the conversation a moment after the client left
+        after = scrape(url)
+    assert value(after, "moshi_slots", voice="tiny") == 1  # read from the engine when scraped
+    for name in ("moshi_conversations_total", "moshi_frame_lag_seconds_count", "moshi_first_audio_seconds_count",
+                 "moshi_step_seconds_count", "moshi_queue_wait_seconds_count"):
+        assert sum(after.get(name, {}).values()) == sum(before.get(name, {}).values()) == 0, name
