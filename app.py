@@ -27,7 +27,15 @@ from pathlib import Path
 
 import modal
 
-from moshi_engine.model.sizing import AUTO, MAX_AUTO_SESSIONS, MOSHI_7B_CONTEXT, estimate_sessions, explicit_sessions
+from moshi_engine.model.sizing import (
+    AUTO,
+    MAX_AUTO_SESSIONS,
+    MOSHI_7B_CONTEXT,
+    container_size,
+    estimate_sessions,
+    explicit_sessions,
+    one_process_conversations,
+)
 from moshi_engine.model.voices import parse_voices
 
 # ## Configuration
@@ -102,6 +110,16 @@ SLOTS_PER_GPU = SLOTS * len(VOICES)
 # stream, the transcript stream); the page's assets and status polls need room too.
 REQUESTS_PER_CONVERSATION = 3
 PAGE_REQUESTS = 100
+
+# ## The CPU and memory beside the GPU
+
+# Modal reserves only 0.125 of a core and 128 MiB for a container unless told. Each conversation
+# costs the web server a measured share of a core and some memory (WebRTC or the websocket, Opus
+# both ways, the loops), and each voice's model process a core and its host memory: reserve them
+# for the slots the container serves (`moshi_engine.model.sizing.container_size`; the figures in
+# README's Modal section).
+
+GPU_CONTAINER = container_size(SLOTS_PER_GPU, voices=len(VOICES), transport="webrtc")
 
 # ## The container image
 
@@ -190,6 +208,8 @@ if not SCALE_OUT:
 
     @app.cls(
         gpu=GPU,
+        cpu=GPU_CONTAINER.cores,
+        memory=GPU_CONTAINER.memory_mib,
         volumes=VOLUMES,
         secrets=SECRETS,
         max_containers=1,
@@ -228,11 +248,29 @@ if not SCALE_OUT:
 # five minutes after use (and `MOSHI_MIN_WORKERS` always). Every worker loads every voice, and the
 # page's `?voice=` rides on to it. Audio travels between them as Opus over the worker's
 # `/api/chat` websocket. A cold worker takes a minute or two; the page says so.
+#
+# Prometheus scrapes the page: a worker's own `/metrics` reaches whichever worker Modal routes
+# to, and a scrape is a request that keeps it (and its GPU) up. So each worker writes its figures
+# into a Dict every 15 s while it runs, and the page's `/metrics` serves them beside its own, each
+# worker's with a `worker` label (its container's id).
 
 if SCALE_OUT:
+    worker_figures = modal.Dict.from_name("moshi-worker-metrics", create_if_missing=True)
+    # A worker serves the page's relays over /api/chat. The page carries every call and relays it
+    # on, all in one process, which has one core's worth of them in it (about 21, measured on CPU):
+    # more workers than fill that add GPUs the page cannot feed.
+    WORKER = container_size(SLOTS_PER_GPU, voices=len(VOICES), transport="websocket")
+    PAGE_CALLS = one_process_conversations("webrtc", relayed=True)
+    PAGE = container_size(min(SLOTS_PER_GPU * MAX_WORKERS, PAGE_CALLS), voices=0, transport="webrtc", relayed=True)
+    if modal.is_local() and SLOTS_PER_GPU * MAX_WORKERS > PAGE_CALLS:
+        logging.getLogger("app").warning(
+            "%d workers of %d slots are %d conversations; the page's one process carries about %d at once",
+            MAX_WORKERS, SLOTS_PER_GPU, SLOTS_PER_GPU * MAX_WORKERS, PAGE_CALLS)
 
     @app.cls(
         gpu=GPU,
+        cpu=WORKER.cores,
+        memory=WORKER.memory_mib,
         volumes=VOLUMES,
         secrets=SECRETS,
         max_containers=MAX_WORKERS,
@@ -248,9 +286,13 @@ if SCALE_OUT:
 
         @modal.asgi_app()
         def web(self):
+            from moshi_engine.watch.workers import publish
             from moshi_engine.wire.server import create_api
 
             self.app = create_api(self.voices, session_limits(), token=access_token(), metrics_token=metrics_token())
+            # its figures, for the page's /metrics (a scrape there wakes no GPU)
+            self.stop_publishing = publish(self.app.state.moshi.metrics, worker_figures,
+                                           worker=os.environ.get("MODAL_TASK_ID", "worker"))
             return self.app
 
         @modal.exit()
@@ -259,8 +301,10 @@ if SCALE_OUT:
 
             if hasattr(self, "app"):
                 drain_from_thread(self.app)
+                self.stop_publishing()  # its last counts, then the page lets it go
 
-    @app.function(secrets=SECRETS, max_containers=1, scaledown_window=5 * MINUTES, timeout=REQUEST_TIMEOUT_S)
+    @app.function(cpu=PAGE.cores, memory=PAGE.memory_mib, secrets=SECRETS, max_containers=1,
+                  scaledown_window=5 * MINUTES, timeout=REQUEST_TIMEOUT_S)
     @modal.concurrent(max_inputs=PAGE_REQUESTS + REQUESTS_PER_CONVERSATION * SLOTS_PER_GPU * MAX_WORKERS)
     @modal.asgi_app()
     def ui():
@@ -283,6 +327,7 @@ if SCALE_OUT:
             host="modal.run",
             token=token,
             metrics_token=metrics_token(),
+            worker_metrics=worker_figures,  # every worker's figures, labelled, in this app's /metrics
         )
 
 

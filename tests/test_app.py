@@ -90,6 +90,25 @@ def test_each_gpu_admits_as_many_conversations_as_it_has_slots(monkeypatch):
     assert module.SLOTS == 6 and module.CONFIG["MOSHI_SESSIONS"] == "6"  # copied into the image
 
 
+def test_each_container_reserves_the_cpu_and_memory_its_conversations_and_voices_need(monkeypatch):
+    from moshi_engine.model.sizing import container_size
+
+    module, asked = load_app_module(monkeypatch)  # an L40S: 17 slots of one voice, over the page's WebRTC
+    l40s = container_size(17, voices=1, transport="webrtc")
+    assert (asked["Moshi"]["cpu"], asked["Moshi"]["memory"]) == (l40s.cores, l40s.memory_mib)
+    assert l40s.cores >= 2 and l40s.memory_mib >= 4096  # far above Modal's 0.125 core and 128 MiB
+    module, asked = load_app_module(monkeypatch, MOSHI_GPU="H100")  # 32 slots: more of both
+    assert asked["Moshi"]["cpu"] > l40s.cores and asked["Moshi"]["memory"] >= l40s.memory_mib
+    module, asked = load_app_module(monkeypatch, MOSHI_SCALE_OUT="1", MOSHI_MAX_WORKERS="1")
+    worker, page = asked["MoshiWorker"], asked["ui"]
+    assert worker["cpu"] < l40s.cores  # its conversations come over the websocket, without the page's WebRTC
+    # the page carries the worker's calls and relays each on: one process, as many as its core holds
+    assert module.PAGE == container_size(min(17, module.PAGE_CALLS), voices=0, relayed=True)
+    assert (page["cpu"], page["memory"]) == (module.PAGE.cores, module.PAGE.memory_mib)
+    module, asked = load_app_module(monkeypatch, MOSHI_SCALE_OUT="1", MOSHI_MAX_WORKERS="10")
+    assert asked["ui"]["cpu"] == container_size(module.PAGE_CALLS, voices=0, relayed=True).cores < 2
+
+
 def test_an_8_bit_model_and_a_shorter_context_fit_more_conversations_on_a_24_gb_gpu(monkeypatch):
     module, _ = load_app_module(monkeypatch, MOSHI_GPU="L4")
     bf16 = module.SLOTS
@@ -114,6 +133,25 @@ def test_scale_out_puts_the_page_on_cpu_and_a_slotful_of_conversations_on_each_g
     assert page.concurrency_info.max_inputs >= 32
     assert asked["ui"]["max_containers"] == 1
     assert not hasattr(module, "Moshi")
+    assert module.worker_figures.name == "moshi-worker-metrics"  # where workers publish, the page reads
+
+
+def test_a_scale_out_worker_publishes_its_figures_for_the_page_and_a_last_time_when_it_drains(monkeypatch,
+                                                                                              tiny_engine):
+    module, _ = load_app_module(monkeypatch, MOSHI_SCALE_OUT="1")
+    store: dict = {}
+    monkeypatch.setattr(module, "worker_figures", store)  # the modal.Dict, here a dict
+    monkeypatch.setenv("MODAL_TASK_ID", "ta-test")
+    user_class = module.MoshiWorker._get_user_cls()
+    instance = user_class()
+    instance.voices = tiny_engine
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        user_class.__dict__["web"]._get_raw_f()(instance)  # what @modal.asgi_app serves
+        assert 'moshi_slots{voice="tiny"} 2.0' in store["ta-test"]["text"]
+        published = store["ta-test"]["at"]
+        user_class.__dict__["drain"]._get_raw_f()(instance)  # what @modal.exit runs
+    assert store["ta-test"]["at"] > published
 
 
 def test_the_modal_class_serves_the_same_app_factory_as_python_app_py(monkeypatch, tiny_engine, hello_pcm):

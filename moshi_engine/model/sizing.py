@@ -6,6 +6,7 @@ time, on a machine that may have no torch). Imports nothing heavy.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,71 @@ def estimate_fit(gpu_bytes: int, quantized: bool = False, context: int = MOSHI_7
     each of `voices` voices of that precision."""
     free = gpu_bytes - CUDA_CONTEXT_BYTES - voices * moshi_7b_weights_bytes(quantized)
     return slots_that_fit(free, gpu_bytes, moshi_7b_slot_bytes(context), AutoShare(voices=voices))
+
+
+# ## What a container needs beside its GPU
+#
+# Modal reserves 0.125 of a core and 128 MiB for a container unless told (`cpu=`, `memory=`);
+# it may use more when its machine has some spare, but nothing guarantees that. Our web server's
+# part of each conversation (WebRTC or the websocket, Opus both ways, the loops, the watching)
+# does not depend on the model, which steps in a process of its own, so the bench measures it on
+# CPU with the tiny model: the web server's own CPU and its peak memory at each capacity level
+# (docs/BENCHMARKS.md, "Capacity", run cpu-tiny-watching-1): 10.7 % of a core with one WebRTC
+# call and 51.6 % with 14 (3.1 % a call more), 2.7 % with one websocket conversation and 40.8 % with
+# 32 (1.2 % more each); 691 MiB at its peak with one call and 722 with 14 (2.4 MiB a call), 556 and
+# 563 MiB with 1 and 32 websockets. So, measured:
+WEB_CORES_PER_CONVERSATION = {"webrtc": 0.031, "websocket": 0.012}
+WEB_BASE_CORES = 0.08  # the event loop, uvicorn and Gradio's queue with the page mounted, at rest
+WEB_BASE_BYTES = 700 * 1024**2  # the web server with the page mounted, during its first call
+WEB_BYTES_PER_CONVERSATION = {"webrtc": 3 * 1024**2, "websocket": 1024**2}
+# A reservation leaves room above what was measured: the page's own requests (its assets, status
+# polls), bursts (many calls starting at once), another machine's slower cores.
+HEADROOM = 1.25
+# The web server is one Python process: whatever is reserved, its event loop runs on one core at
+# a time, which carries one core's worth of conversations' web work (`one_process_conversations`).
+ONE_PROCESS_CORES = 1.0
+# Each voice's model process: the thread that steps its batch (on a GPU it launches the kernels
+# and waits on them: a core at most), and its host memory (torch and CUDA's host side, the
+# weights' file mapped while they load). Not measured here (no GPU; the tiny model's process on
+# CPU holds about 700 MiB): an estimate, until the GPU bench measures it.
+MODEL_CORES_PER_VOICE = 1.0
+MODEL_HOST_BYTES_PER_VOICE = 4 * GIB
+MIB = 1024**2
+
+
+@dataclass(frozen=True)
+class ContainerSize:
+    """What to reserve for a container: cores (`cpu=`) and MiB (`memory=`)."""
+
+    cores: float
+    memory_mib: int
+
+
+def _per_conversation(transport: str, relayed: bool) -> list[str]:
+    if transport not in WEB_CORES_PER_CONVERSATION:
+        raise ValueError(f"transport must be one of {', '.join(WEB_CORES_PER_CONVERSATION)}, got {transport!r}")
+    return [transport, *(["websocket"] if relayed else [])]
+
+
+def container_size(conversations: int, voices: int, transport: str = "webrtc", relayed: bool = False) -> ContainerSize:
+    """A container serving `conversations` at once over `transport` ("webrtc": the page's calls;
+    "websocket": `/api/chat`, as a scale-out worker serves the page's relays) with `voices` model
+    processes (0: the page alone); `relayed`: each conversation also goes on over a websocket to
+    a worker (the scale-out page). Cores with `HEADROOM`, in quarter cores; memory in steps of
+    256 MiB; both rounded up."""
+    ways = _per_conversation(transport, relayed)
+    cores = HEADROOM * (WEB_BASE_CORES + conversations * sum(WEB_CORES_PER_CONVERSATION[way] for way in ways)
+                        + voices * MODEL_CORES_PER_VOICE)
+    memory = (WEB_BASE_BYTES + conversations * sum(WEB_BYTES_PER_CONVERSATION[way] for way in ways)
+              + voices * MODEL_HOST_BYTES_PER_VOICE)
+    return ContainerSize(cores=max(1.0, math.ceil(cores * 4) / 4), memory_mib=-(-memory // (256 * MIB)) * 256)
+
+
+def one_process_conversations(transport: str = "webrtc", relayed: bool = False) -> int:
+    """How many conversations' web work one web server process carries (`ONE_PROCESS_CORES`, as
+    measured: no headroom)."""
+    per = sum(WEB_CORES_PER_CONVERSATION[way] for way in _per_conversation(transport, relayed))
+    return int((ONE_PROCESS_CORES - WEB_BASE_CORES) / per)
 
 
 GPU_TABLE_GB = (16, 24, 48, 80, 141)

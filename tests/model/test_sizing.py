@@ -4,6 +4,7 @@ meta device, where nothing is allocated, and README's table, rendered from them.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from moshi.models import loaders
 from moshi.utils.quantize import QLinear
@@ -44,3 +45,21 @@ def test_a_slot_holds_the_kv_cache_of_its_context_and_mimis_state():
 def test_the_readme_table_is_the_estimate():
     table = sizing.slots_table((sizing.MOSHI_7B_CONTEXT, 1500))
     assert table in (REPOSITORY / "README.md").read_text()
+
+
+def test_a_containers_cpu_and_memory_grow_with_its_conversations_its_voices_and_a_relay():
+    one = sizing.container_size(10, voices=1)
+    assert sizing.container_size(20, voices=1).cores > one.cores
+    assert sizing.container_size(10, voices=2).cores >= one.cores + sizing.MODEL_CORES_PER_VOICE
+    assert sizing.container_size(10, voices=2).memory_mib > one.memory_mib
+    websocket = sizing.container_size(10, voices=1, transport="websocket")
+    assert websocket.cores <= one.cores  # the websocket costs the server less than aiortc's WebRTC
+    page = sizing.container_size(10, voices=0)
+    assert sizing.container_size(10, voices=0, relayed=True).cores >= page.cores
+    for size in (one, websocket, page):  # reservations in quarter cores and 256 MiB steps, at least a core
+        assert size.cores >= 1 and (size.cores * 4).is_integer() and size.memory_mib % 256 == 0
+    with pytest.raises(ValueError, match="webrtc, websocket"):
+        sizing.container_size(1, voices=1, transport="carrier pigeon")
+    # one web server process: fewer conversations when each is also relayed on
+    assert sizing.one_process_conversations("websocket") > sizing.one_process_conversations() > \
+        sizing.one_process_conversations(relayed=True) > 0
