@@ -244,3 +244,26 @@ def test_at_5_percent_loss_fec_is_negotiated_both_ways_and_the_server_rebuilds_l
     assert sent > 200 and packets["lost"] > 0  # about 5% of some 6 s at 50 packets a second
     assert packets["recovered"] > 0  # rebuilt from the next packet's FEC, counted
     assert packets["recovered"] + packets["concealed"] == packets["lost"]
+
+
+def test_over_a_satellite_link_a_webrtc_call_outlives_the_30_s_consent_checks_and_ends_at_the_session_limit(
+        tmp_path):
+    """A 600 ms round trip: aiortc's own consent checks (0.5 s answers) dropped such a call after
+    about 30 s. With a 45 s session limit the call must last until the limit ends it, the server
+    never seeing it interrupted (the benchmark holds one for the full 600 s)."""
+    from playwright.sync_api import sync_playwright
+
+    from moshi_engine.bench.network import page_hold
+    from tests.page.test_browser import CHROMIUM_ARGS
+
+    limit_s = 45.0
+    with AppBehindWire("satellite", seed=7, sessions=1, min_step_ms=0, grace_s=GRACE_S, session_limit_s=limit_s,
+                       log_path=tmp_path / "app.log") as wired, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=wired.net.chromium(), args=[
+            *CHROMIUM_ARGS, f"--unsafely-treat-insecure-origin-as-secure={wired.base}"])
+        try:
+            held = page_hold(browser, wired)
+        finally:
+            browser.close()
+    assert held["ended_by"] == ["limit"], held
+    assert limit_s - 5 < held["held_s"] < limit_s + 15 and held["interruptions"] == 0, held

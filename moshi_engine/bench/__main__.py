@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--in-process", action="store_true",
                         help="our server steps its model in a thread of its own process, not in a process of "
                              "its own (to compare the two)")
+    parser.add_argument("--network-profiles", default=defaults.network_profiles,
+                        help="the network section's emulated links, comma-separated")
+    parser.add_argument("--network-hold", default=defaults.network_holds, metavar="PROFILES",
+                        help="the network section also holds a WebRTC call on each of these links until the "
+                             "session limit ends it (10 minutes each)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--report", type=Path, help="write the markdown report here (its plot beside it)")
     parser.add_argument("--plot", type=Path, help="the plot's path (default: benchmarks.png beside the report)")
@@ -77,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model, device=args.device, frames=args.frames, transport=args.transport,
             max_sessions=args.max_sessions, batch_slots=args.batch_slots, idle_s=args.idle_seconds,
             compare_rounds=args.compare_rounds, in_process=args.in_process,
+            network_profiles=args.network_profiles, network_holds=args.network_hold,
             criterion=RealTimeCriterion(args.p95_bound_ms, args.drift_bound_ms),
         )
 

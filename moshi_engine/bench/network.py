@@ -21,6 +21,7 @@ and Debian's chromium.
 
     python -m moshi_engine.bench.network --json network.json            # every profile and path
     python -m moshi_engine.bench.network --profiles 4g --paths client   # one cell
+    python -m moshi_engine.bench.network --profiles "" --hold satellite  # a call kept to the session limit
 """
 
 from __future__ import annotations
@@ -59,10 +60,11 @@ SERVER_TRANSPORT = {"webrtc": "webrtc", "websocket": "api/chat", "client": "api/
 class AppBehindWire:
     """`python app.py --model tiny` in the server namespace of a NetworkEmulator, on its address
     there, with no STUN (there is no internet); `close()` (or `with`) ends both. Its log goes to
-    `log_path` (default: discarded)."""
+    `log_path` (default: discarded); `session_limit_s` replaces app.py's 600 s."""
 
     def __init__(self, profile: str = "4g", seed: int = 0, sessions: int = 2, min_step_ms: float = 65.0,
-                 grace_s: float = 15.0, log_path: Path | None = None, startup_timeout_s: float = 120.0) -> None:
+                 grace_s: float = 15.0, log_path: Path | None = None, startup_timeout_s: float = 120.0,
+                 session_limit_s: float | None = None) -> None:
         self.net = NetworkEmulator(profile, seed=seed)
         self.grace_s = grace_s
         self.base = f"http://{self.net.server_address}:{PORT}"
@@ -74,6 +76,7 @@ class AppBehindWire:
                 sys.executable, "app.py", "--model", "tiny", "--device", "cpu", "--sessions", str(sessions),
                 "--host", self.net.server_address, "--port", str(PORT), "--queue", "0",
                 "--min-step-ms", str(min_step_ms), "--reconnect-grace", str(grace_s),
+                *(["--session-limit", str(session_limit_s)] if session_limit_s else []),
             ], cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + startup_timeout_s
             while True:
@@ -316,13 +319,61 @@ def page_events(browser, wired: AppBehindWire, path: str, seconds: float, events
             log.warning("a conversation still holds its slot after the page closed")
 
 
+HOLD_TIMEOUT_S = 900.0  # a held call the server has not ended by then was not ended by its limit
+
+
+def page_hold(browser, wired: AppBehindWire, path: str = "webrtc") -> dict:
+    """One call on that page path, kept talking until the server ends it (its session limit, if
+    the link holds it up that long): how long it was live, how the server ended it, the
+    interruptions it saw, and what the browser concealed of Moshi's audio over the call."""
+    from .browser import PAGE_PROBE, TALK_BUTTON
+
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.add_init_script(path=str(PAGE_PROBE))
+        page.goto(f"{wired.base}/?transport={path}")
+        page.wait_for_function("() => window.moshiPage?.ready", timeout=60_000)
+        page.click("#moshi-webrtc button", timeout=60_000)
+        page.wait_for_selector(TALK_BUTTON, timeout=60_000)
+        page.click(TALK_BUTTON)
+        page.wait_for_function(f"() => {LIVE[path]}", timeout=60_000)
+        before = wired.figures()
+        started = time.monotonic()
+        first = last = page.evaluate(CONCEALED) if path == "webrtc" else None
+        while page.evaluate(f"() => {LIVE[path]}") and time.monotonic() - started < HOLD_TIMEOUT_S:
+            if path == "webrtc":
+                last = page.evaluate(CONCEALED)  # while the call lasts: its statistics go with it
+            time.sleep(2.0)
+        held_s = time.monotonic() - started
+        wired.wait_idle(wired.grace_s + 10)
+        after = wired.figures()
+    finally:
+        context.close()
+    transport = SERVER_TRANSPORT[path]
+    endings = {ending: total(after, "moshi_conversations_total", transport=transport, ending=ending)
+               - total(before, "moshi_conversations_total", transport=transport, ending=ending)
+               for ending in ("normal", "limit", "idle", "client_gone", "error", "restart")}
+    received = last[1] - first[1] if first is not None else 0
+    return {
+        "path": path,
+        "held_s": round(held_s, 1),
+        "ended_by": [ending for ending, count in endings.items() if count] or None,
+        "interruptions": total(after, "moshi_interruptions_total", transport=transport)
+        - total(before, "moshi_interruptions_total", transport=transport),
+        "concealed_share": round((last[0] - first[0]) / received, 4) if received else None,
+    }
+
+
 # ## The section
 
 
 def network_section(profiles: tuple[str, ...] = PROFILE_ORDER, paths: tuple[str, ...] = PATHS,
                     events: tuple[str, ...] = EVENT_ORDER, seconds: float = 6.0, min_step_ms: float = 65.0,
-                    log_path: Path | None = None) -> dict:
-    """Every profile on each path, on one app behind one emulated link whose profile changes."""
+                    log_path: Path | None = None, holds: tuple[str, ...] = ()) -> dict:
+    """Every profile on each path, on one app behind one emulated link whose profile changes;
+    then, on each of the `holds` profiles, one WebRTC call held until the server ends it (the
+    session limit: 10 minutes each)."""
     problem = missing()
     if problem:
         return {"skipped": problem}
@@ -356,6 +407,16 @@ def network_section(profiles: tuple[str, ...] = PROFILE_ORDER, paths: tuple[str,
                     cells[path] = cell
                     log.info("network: %s over %s: %s", path, profile, cell)
                     wired.wait_idle(wired.grace_s + 10)
+            for profile in holds:
+                wired.net.set_profile(profile)
+                log.info("network: a WebRTC call held over %s", profile)
+                try:
+                    held = page_hold(browser, wired)
+                except Exception as error:
+                    log.exception("network: the call held over %s failed", profile)
+                    held = {"error": f"{type(error).__name__}: {error}"}
+                results.setdefault("holds", {})[profile] = held
+                log.info("network: held over %s: %s", profile, held)
         finally:
             browser.close()
     return results
@@ -370,11 +431,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-step-ms", type=float, default=65.0)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--app-log", type=Path, help="where app.py's log goes")
+    parser.add_argument("--hold", default="", help="profiles to hold a WebRTC call on until the session limit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     split = lambda text: tuple(item.strip() for item in text.split(",") if item.strip())  # noqa: E731
     result = network_section(split(args.profiles), split(args.paths), split(args.events), args.seconds,
-                             args.min_step_ms, args.app_log)
+                             args.min_step_ms, args.app_log, split(args.hold))
     text = json.dumps(result, indent=1)
     if args.json:
         args.json.write_text(text + "\n")

@@ -84,17 +84,36 @@ def network_section(runs: list[tuple[int, dict]]) -> list[str]:
                              f"{fmt_ms(p50)} / {fmt_ms(p95)}", added,
                              f"{100 * concealed:.1f} %" if concealed is not None else "",
                              *[_event(cell, name) for name in EVENT_ORDER]])
-        lines += [f"Run {index + 1}, the model stepping at least {result.get('min_step_ms', 0):g} ms:", ""]
-        lines += markdown_table(["profile", "path", "first audio ms", "lag p50 / p95 ms", "added ms", "concealed",
-                                 "3 s outage", "10 s outage", "handover"], rows)
-        lines += ["", f"![lag added and audio concealed by profile]({PLOT_NAME})", ""]
+        if rows:
+            lines += [f"Run {index + 1}, the model stepping at least {result.get('min_step_ms', 0):g} ms:", ""]
+            lines += markdown_table(["profile", "path", "first audio ms", "lag p50 / p95 ms", "added ms",
+                                     "concealed", "3 s outage", "10 s outage", "handover"], rows)
+            lines += ["", f"![lag added and audio concealed by profile]({PLOT_NAME})", ""]
+        if result.get("holds"):
+            lines += _holds(index, result["holds"])
     return lines + ([*notes, ""] if notes else [])
 
 
+def _holds(index: int, holds: dict) -> list[str]:
+    """Calls kept talking until the server ended them: the session limit, if the link held."""
+    rows = []
+    for profile, held in holds.items():
+        if "error" in held:
+            rows.append([profile, f"failed: {held['error']}", "", "", ""])
+            continue
+        concealed = held.get("concealed_share")
+        rows.append([profile, f"{held['held_s']:.0f} s", ", ".join(held["ended_by"] or ["not by the server"]),
+                     f"{held['interruptions']:g}", f"{100 * concealed:.1f} %" if concealed is not None else ""])
+    return [f"Run {index + 1}: a WebRTC call kept talking until the server ended it (its session limit is",
+            "600 s): how long it was live in the browser, what ended it, the interruptions the server saw, and",
+            "what Chromium concealed of Moshi's audio over the call.", "",
+            *markdown_table(["profile", "live", "ended by", "interruptions", "concealed"], rows), ""]
+
+
 def draw_network_plot(documents: list[dict], path: Path) -> bool:
-    """network.png for the last document that measured the section; False if none did."""
+    """network.png for the last document that measured the section's profiles; False if none did."""
     results = [measured(doc, "network") for doc in documents]
-    results = [result for result in results if result is not None]
+    results = [result for result in results if result is not None and result.get("profiles")]  # not a hold alone
     if not results:
         return False
     import matplotlib

@@ -59,6 +59,8 @@ class BenchConfig:
     compare_rounds: int = 4  # ours against moshi's server: alternating rounds (small machines are noisy)
     in_process: bool = False  # our server steps its model in a thread of its own process (to compare)
     criterion: RealTimeCriterion = field(default_factory=RealTimeCriterion)
+    network_profiles: str = "loopback,wifi,4g,poor,satellite"  # the network section's, comma-separated
+    network_holds: str = ""  # profiles to hold a WebRTC call on until the session limit (10 min each)
 
     def capacity_transports(self) -> tuple[str, ...]:
         """The capacity clients: as asked (comma-separated), or for auto websockets and WebRTC

@@ -156,7 +156,9 @@ def run_benchmark(config: BenchConfig, chosen: tuple[str, ...] = SECTIONS,
             if missing:
                 results["network"] = {"skipped": missing}
             else:
-                part("network", "the visitor on the internet", network.network_section)
+                split = lambda text: tuple(item.strip() for item in text.split(",") if item.strip())  # noqa: E731
+                part("network", "the visitor on the internet", functools.partial(
+                    network.network_section, split(config.network_profiles), holds=split(config.network_holds)))
         for transport in ("websocket", "webrtc"):
             if "capacity" in results and transport in transports:
                 missing = no_web or (missing_packages(PAGE_STACK) if transport == "webrtc" else None)
