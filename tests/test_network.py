@@ -121,16 +121,22 @@ def wait_until(condition, timeout: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def browser(net, app):
+def playwright():
+    """One Playwright for the module: its sync API runs one at a time in a process."""
     from playwright.sync_api import sync_playwright
 
+    with sync_playwright() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser(net, app, playwright):
     from tests.page.test_browser import CHROMIUM_ARGS
 
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=net.chromium(), args=[
-            *CHROMIUM_ARGS, f"--unsafely-treat-insecure-origin-as-secure={app}"])  # a microphone off localhost
-        yield launched
-        launched.close()
+    launched = playwright.chromium.launch(executable_path=net.chromium(), args=[
+        *CHROMIUM_ARGS, f"--unsafely-treat-insecure-origin-as-secure={app}"])  # a microphone off localhost
+    yield launched
+    launched.close()
 
 
 TRANSCRIPT_LENGTH = "() => document.querySelector('#moshi-transcript textarea').value.length"
@@ -247,18 +253,16 @@ def test_at_5_percent_loss_fec_is_negotiated_both_ways_and_the_server_rebuilds_l
 
 
 def test_over_a_satellite_link_a_webrtc_call_outlives_the_30_s_consent_checks_and_ends_at_the_session_limit(
-        tmp_path):
+        tmp_path, playwright):
     """A 600 ms round trip: aiortc's own consent checks (0.5 s answers) dropped such a call after
     about 30 s. With a 45 s session limit the call must last until the limit ends it, the server
     never seeing it interrupted (the benchmark holds one for the full 600 s)."""
-    from playwright.sync_api import sync_playwright
-
     from moshi_engine.bench.network import page_hold
     from tests.page.test_browser import CHROMIUM_ARGS
 
     limit_s = 45.0
     with AppBehindWire("satellite", seed=7, sessions=1, min_step_ms=0, grace_s=GRACE_S, session_limit_s=limit_s,
-                       log_path=tmp_path / "app.log") as wired, sync_playwright() as playwright:
+                       log_path=tmp_path / "app.log") as wired:
         browser = playwright.chromium.launch(executable_path=wired.net.chromium(), args=[
             *CHROMIUM_ARGS, f"--unsafely-treat-insecure-origin-as-secure={wired.base}"])
         try:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
 from ..wire.protocol import Protocol
 from .resources import OURS, Bench, staggered_streams
 from .sections import websocket_url
-from .serve import server_process
+from .serve import ServerProcess, server_process
 from .stats import summarize
 from .streams import stream_websocket
 
@@ -28,46 +29,55 @@ log = logging.getLogger(__name__)
 WAYS = {"process": True, "thread": False}  # name -> model_process
 
 
+def interleaved_rounds(bench: Bench, servers: dict[str, ServerProcess], conversations: int,
+                       extra: Callable[[ServerProcess, list, dict], dict]) -> tuple[dict[str, list[dict]], dict]:
+    """`compare_rounds` rounds of `conversations` real-time conversations over `/api/chat` against
+    each of `servers`, back to back, alternating which goes first. Returns each round's figures by
+    server (latency, frames answered and expected, the server's CPU, and `extra(server, runs,
+    usage)`'s), and every frame's latency pooled by server."""
+    config = bench.config
+    rounds: dict[str, list[dict]] = {name: [] for name in servers}
+    latencies: dict[str, list[np.ndarray]] = {name: [] for name in servers}
+    for round_index in range(config.compare_rounds):
+        order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
+        for name in order:
+            server = servers[name]
+            server.wait_idle()
+            server.clear_timings()
+            make_stream = functools.partial(stream_websocket, websocket_url(server, Protocol.MOSHI.path),
+                                            bench.pages, True, tail_s=config.tail_s)
+            runs, usage = staggered_streams(make_stream, conversations, server.pid)
+            ms = np.concatenate([run.latencies_ms() for run in runs])
+            latencies[name].append(ms)
+            rounds[name].append({
+                "first": name == order[0],
+                "latency": summarize(ms),
+                "answered": sum(len(run.answered_at) for run in runs),
+                "expected": sum(run.expected_answers for run in runs),
+                "server_cpu_percent": usage["cpu_percent"],
+                **extra(server, runs, usage),
+            })
+            log.info("%s, round %d: p50 %.1f, p95 %.1f ms", name, round_index + 1,
+                     rounds[name][-1]["latency"]["p50_ms"], rounds[name][-1]["latency"]["p95_ms"])
+    return rounds, {name: summarize(np.concatenate(latencies[name])) for name in servers}
+
+
 def stepping(bench: Bench) -> dict:
     config = bench.config
     conversations = config.batch_slots
     bench.stop_servers()
     bench.release_engine(weights=True)
-    rounds: dict[str, list[dict]] = {name: [] for name in WAYS}
-    latencies: dict[str, list[np.ndarray]] = {name: [] for name in WAYS}
+
+    def step(server: ServerProcess, runs: list, usage: dict) -> dict:
+        batch = server.status()["batch"]
+        return {"step": batch["step"], "rows_per_step_mean": batch["rows_per_step_mean"]}
+
     with contextlib.ExitStack() as stack:
         servers = {name: stack.enter_context(server_process(OURS, config.model, config.device, conversations,
                                                             model_process=flag))
                    for name, flag in WAYS.items()}
-        for round_index in range(config.compare_rounds):
-            order = list(WAYS) if round_index % 2 == 0 else list(reversed(WAYS))
-            for name in order:
-                server = servers[name]
-                server.wait_idle()
-                server.clear_timings()
-                make_stream = functools.partial(stream_websocket, websocket_url(server, Protocol.MOSHI.path),
-                                                bench.pages, True, tail_s=config.tail_s)
-                runs, usage = staggered_streams(make_stream, conversations, server.pid)
-                ms = np.concatenate([run.latencies_ms() for run in runs])
-                latencies[name].append(ms)
-                batch = server.status()["batch"]
-                rounds[name].append({
-                    "first": name == order[0],
-                    "latency": summarize(ms),
-                    "answered": sum(len(run.answered_at) for run in runs),
-                    "expected": sum(run.expected_answers for run in runs),
-                    "server_cpu_percent": usage["cpu_percent"],
-                    "step": batch["step"],
-                    "rows_per_step_mean": batch["rows_per_step_mean"],
-                })
-                log.info("stepping in a %s, round %d: p50 %.1f, p95 %.1f ms", name, round_index + 1,
-                         rounds[name][-1]["latency"]["p50_ms"], rounds[name][-1]["latency"]["p95_ms"])
-    return {
-        "conversations": conversations,
-        "path": Protocol.MOSHI.path,
-        "rounds": rounds,
-        "pooled": {name: summarize(np.concatenate(latencies[name])) for name in WAYS},
-    }
+        rounds, pooled = interleaved_rounds(bench, servers, conversations, step)
+    return {"conversations": conversations, "path": Protocol.MOSHI.path, "rounds": rounds, "pooled": pooled}
 
 
 def stepping_section(runs: list[tuple[int, dict]]) -> list[str]:

@@ -17,7 +17,6 @@ off (`create_api(watching=False)`), under the same load.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import time
@@ -26,11 +25,9 @@ import numpy as np
 
 from ..wire.protocol import Protocol
 from .capacity import capacity
-from .resources import OURS, Bench, staggered_streams
-from .sections import websocket_url
+from .resources import OURS, Bench
 from .serve import server_process
-from .stats import summarize
-from .streams import stream_websocket
+from .stepping import interleaved_rounds
 
 log = logging.getLogger(__name__)
 
@@ -45,36 +42,18 @@ def watching(bench: Bench) -> dict:
     conversations = config.batch_slots
     bench.stop_servers()
     bench.release_engine(weights=True)
-    rounds: dict[str, list[dict]] = {name: [] for name in WAYS}
-    latencies: dict[str, list[np.ndarray]] = {name: [] for name in WAYS}
+
+    def web_cpu(server, runs: list, usage: dict) -> dict:
+        answered = sum(len(run.answered_at) for run in runs)
+        return {"web_cpu_percent": usage["own_cpu_percent"],
+                "web_us_per_frame": _us_per_frame(usage["own_cpu_percent"], usage["seconds"], answered)}
+
     with contextlib.ExitStack() as stack:
         servers = {name: stack.enter_context(server_process(OURS, config.model, config.device, conversations,
                                                             model_process=not config.in_process, watching=flag))
                    for name, flag in WAYS.items()}
-        for round_index in range(config.compare_rounds):
-            order = list(WAYS) if round_index % 2 == 0 else list(reversed(WAYS))
-            for name in order:
-                server = servers[name]
-                server.wait_idle()
-                make_stream = functools.partial(stream_websocket, websocket_url(server, Protocol.MOSHI.path),
-                                                bench.pages, True, tail_s=config.tail_s)
-                runs, usage = staggered_streams(make_stream, conversations, server.pid)
-                ms = np.concatenate([run.latencies_ms() for run in runs])
-                latencies[name].append(ms)
-                answered = sum(len(run.answered_at) for run in runs)
-                rounds[name].append({
-                    "first": name == order[0],
-                    "latency": summarize(ms),
-                    "answered": answered,
-                    "expected": sum(run.expected_answers for run in runs),
-                    "server_cpu_percent": usage["cpu_percent"],
-                    "web_cpu_percent": usage["own_cpu_percent"],
-                    "web_us_per_frame": _us_per_frame(usage["own_cpu_percent"], usage["seconds"], answered),
-                })
-                log.info("%s, round %d: p50 %.1f, p95 %.1f ms, web %.0f us a frame", name, round_index + 1,
-                         rounds[name][-1]["latency"]["p50_ms"], rounds[name][-1]["latency"]["p95_ms"],
-                         rounds[name][-1]["web_us_per_frame"] or 0)
-    pooled = {name: {"latency": summarize(np.concatenate(latencies[name])),
+        rounds, latencies = interleaved_rounds(bench, servers, conversations, web_cpu)
+    pooled = {name: {"latency": latencies[name],
                      "web_us_per_frame": _mean(round_["web_us_per_frame"] for round_ in rounds[name]),
                      "server_cpu_percent": _mean(round_["server_cpu_percent"] for round_ in rounds[name])}
               for name in WAYS}
@@ -116,7 +95,7 @@ def watching_code(frames: int = CODE_FRAMES, lines: int = CODE_LINES) -> dict:
         clock.answered(time.perf_counter() - 0.02)
         step(0.02)
     per_frame = (time.perf_counter() - started) / frames * 1e6
-    clock.end(NORMAL)
+    metrics.conversations.labels("bench", API_CHAT, NORMAL).inc()  # a scrape with every family in use
     started = time.perf_counter()
     for _ in range(SCRAPES):
         metrics.exposition()
