@@ -233,11 +233,11 @@ def capacity_section(runs: list[tuple[int, dict]]) -> list[str]:
             if entry not in entries:
                 lines += [f"Capacity over {entry['transport']}: {not_measured({'sections': {'c': entry}}, 'c')}.", ""]
         for result in entries:
-            lines += _capacity_table(result)
+            lines += capacity_table(result)
     return lines
 
 
-def _capacity_table(result: dict) -> list[str]:
+def capacity_table(result: dict) -> list[str]:
     transport = result["transport"]
     ceiling = ""
     if result["limited_by_ceiling"]:

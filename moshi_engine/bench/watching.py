@@ -129,6 +129,7 @@ def watching_section(runs: list[tuple[int, dict]]) -> list[str]:
     """The report's tables: each round of both ways, the pooled figures, the code's own cost and
     the capacity each way."""
     from .documents import fmt_ms, markdown_table, measured, not_measured
+    from .tables import capacity_table
 
     lines = [
         "## What watching costs",
@@ -174,5 +175,11 @@ def watching_section(runs: list[tuple[int, dict]]) -> list[str]:
               "the watching code's own cost, and the websocket capacity each way (+: the ramp's ceiling).", ""]
     lines += markdown_table(["run", "added web CPU a frame", "code a frame", "code a log line", "a scrape",
                              "capacity watching", "capacity not watching"], summary)
+    for index, doc in runs:  # each way's capacity ramp, with the web server's own CPU and memory
+        result = measured(doc, "watching")
+        for way, ramp in (result or {}).get("capacity", {}).items():
+            lines += ["", f"Run {index + 1}, {way.replace('_', ' ')}:", ""]
+            lines += capacity_table({"transport": "websocket", "max_sessions": doc["config"]["max_sessions"],
+                                     "criterion": doc["config"]["criterion"], **ramp})
     lines += [note for item in notes for note in (item, "")]
     return lines

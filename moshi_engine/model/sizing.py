@@ -150,7 +150,8 @@ def estimate_fit(gpu_bytes: int, quantized: bool = False, context: int = MOSHI_7
 # part of each conversation (WebRTC or the websocket, Opus both ways, the loops, the watching)
 # does not depend on the model, which steps in a process of its own, so the bench measures it on
 # CPU with the tiny model: the web server's own CPU and its peak memory at each capacity level
-# (docs/BENCHMARKS.md, "Capacity", run cpu-tiny-watching-1): 10.7 % of a core with one WebRTC
+# (docs/BENCHMARKS.md: "Capacity" and "What watching costs", from
+# docs/bench-results/cpu-tiny-watching-1.json): 10.7 % of a core with one WebRTC
 # call and 51.6 % with 14 (3.1 % a call more), 2.7 % with one websocket conversation and 40.8 % with
 # 32 (1.2 % more each); 691 MiB at its peak with one call and 722 with 14 (2.4 MiB a call), 556 and
 # 563 MiB with 1 and 32 websockets. So, measured:
