@@ -4,9 +4,10 @@ or our websocket client, in the other network namespace.
 
 Per behaviour the fewest conversations that prove it: an 8 s outage, longer than the time
 after which ICE calls a connection "disconnected" (and FastRTC would end the call), survived
-on WebRTC and on the websocket with the slot kept; a handover on the websocket, resumed in
-the same slot; UDP blocked, and the page takes the websocket without waiting out WebRTC's
-timeout. The model steps as slowly as a real Moshi at a full batch (--min-step-ms 65), so
+on WebRTC and on the websocket with the slot kept; a handover on both, resumed in the same
+slot (the websocket with its token, WebRTC on a new connection that takes the call up); UDP
+blocked, and the page takes the websocket without waiting out WebRTC's timeout; a satellite
+link's call held to its session limit. The model steps as slowly as a real Moshi at a full batch (--min-step-ms 65), so
 that a backlog left by an outage would show as lag that never drains; the server's own
 figures say how soon the lag was back to normal. The matrix of profiles and events, and
 the timings, are the benchmark's (`network` section).
@@ -141,6 +142,16 @@ def browser(net, app, playwright):
 
 TRANSCRIPT_LENGTH = "() => document.querySelector('#moshi-transcript textarea').value.length"
 PAGE_MESSAGE = "() => document.querySelector('#moshi-transport .moshi-transport-message')?.textContent || ''"
+RECEIVED_PACKETS = """async () => {
+  let received = 0;
+  for (const pc of window.moshiPage.peerConnections) {
+    if (pc.connectionState !== 'connected') continue;
+    (await pc.getStats()).forEach((r) => {
+      if (r.type === 'inbound-rtp' && r.kind === 'audio') received += r.packetsReceived;
+    });
+  }
+  return received;
+}"""
 
 
 def test_a_webrtc_call_rides_out_an_outage_longer_than_ices_disconnect_time_and_another_after_it(
@@ -191,6 +202,53 @@ def test_a_webrtc_call_rides_out_an_outage_longer_than_ices_disconnect_time_and_
     assert recovered == 2
     count, within = lag_recoveries_within(after, WEBRTC, 1.0)
     assert count == recoveries_before + 2 and within == count  # back to its usual lag within 1 s, each time
+
+
+def test_after_a_handover_the_page_takes_its_webrtc_call_up_on_a_new_connection_in_the_same_slot(
+        wired, net, app, browser):
+    """The visitor's address changes: the call's path is dead for good (aiortc cannot restart
+    ICE). The page sees the server still answer while the call stays silent, and takes the same
+    conversation up on a new WebRTC connection with its resume token: the slot held throughout,
+    Moshi's voice arriving on the new call at its usual lag."""
+    from tests.page.test_browser import TALK_BUTTON, TRANSCRIPT_SHOWN, open_page
+
+    before = wired.figures()
+    page = open_page(browser, app)
+    try:
+        page.click(TALK_BUTTON)
+        page.wait_for_function("() => window.moshiPage.transport === 'webrtc'", timeout=30_000)
+        page.wait_for_function(TRANSCRIPT_SHOWN, timeout=30_000)
+        page.wait_for_function("() => window.moshiPage.attempt?.token", timeout=20_000)  # it can be taken up
+        time.sleep(1.0)
+        slots = []
+        net.handover()
+        deadline = time.monotonic() + GRACE_S + 5
+        while not page.evaluate("() => window.moshiPage.handovers"):
+            assert time.monotonic() < deadline, page.evaluate("() => moshiPage.attempts.map((a) => a.state)")
+            slots.append(wired.active())
+            time.sleep(0.5)
+        # Moshi's voice arrives on the new call, and the server's answers are back to their usual lag.
+        received = [page.evaluate(RECEIVED_PACKETS)]
+        time.sleep(2.0)
+        received.append(page.evaluate(RECEIVED_PACKETS))
+        wait_until(lambda: total(wired.figures(), "moshi_lag_recovery_seconds_count", transport=WEBRTC)
+                   > total(before, "moshi_lag_recovery_seconds_count", transport=WEBRTC), timeout=10)
+        states = page.evaluate("() => moshiPage.attempts.map((a) => a.state)")
+        after = wired.figures()
+        page.click(TALK_BUTTON)  # Stop
+        assert wired.wait_idle(10) == 0  # the conversation ends with its new connection
+    finally:
+        page.close()
+
+    assert set(slots) == {1}  # one slot, held for the visitor throughout
+    assert states[-1] == "connected" and states.count("connected") == 1, states  # the old call ended
+    assert received[1] > received[0] + 50  # 2 s of Moshi's 20 ms packets, give or take
+
+    def more(name: str, **labels: str) -> float:
+        return total(after, name, transport=WEBRTC, **labels) - total(before, name, transport=WEBRTC, **labels)
+
+    assert more("moshi_interruptions_total", outcome="resumed") == 1
+    assert more("moshi_resumes_total", outcome="resumed") == 1
 
 
 def test_with_udp_blocked_the_page_takes_its_websocket_without_waiting_out_webrtc(wired, net, app, browser):

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from ..conversation import Sampling
 from ..door.line import LinePosition
+from ..door.resume import ResumeTokens
 from .endings import Ending
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class ConversationRecord:
     text_pieces: int = 0
     owner: str | None = None  # the browser identity that had the conversation (first to ask)
     download_id: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    continues: str | None = None  # the id of the conversation this connection took up (a handover)
+    resume_token: str | None = None  # what takes this conversation up on a new connection
 
     @property
     def ended(self) -> bool:
@@ -64,8 +67,9 @@ class ConversationRecord:
 
     @property
     def conversation_id(self) -> str:
-        """The conversation's short id: in its log lines, its recording's name and the page's details."""
-        return self.webrtc_id[:8]
+        """The conversation's short id: in its log lines, its recording's name and the page's details
+        (a connection that took a conversation up keeps that conversation's)."""
+        return self.continues or self.webrtc_id[:8]
 
 
 class ConversationLog:
@@ -83,6 +87,9 @@ class ConversationLog:
         self.recording_ttl_s = recording_ttl_s
         self._records: OrderedDict[str, ConversationRecord] = OrderedDict()
         self.live: set[LiveConnection] = set()  # connections not yet finished, in line or talking
+        # Each live conversation's resume token: a new connection of the same page takes it up
+        # (a handover: the visitor's address changed, and aiortc cannot restart ICE).
+        self.tokens: ResumeTokens = ResumeTokens()
         # The directory goes with the process (or with this log, if it goes first).
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.directory), True)
 

@@ -154,6 +154,23 @@ def server_rtc_configuration(host: str, env: Mapping[str, str] = os.environ) -> 
 # ## Attempts that never connected
 
 
+def _offered_with(ufrag: str):
+    return re.compile(rf"^a=ice-ufrag:{re.escape(ufrag)}\r?$", re.MULTILINE)
+
+
+def webrtc_id_of(pcs: dict[str, Any], ufrag: str) -> str | None:
+    """The id of FastRTC's peer connection (`WebRTC.pcs`) whose offer carried the ICE username
+    fragment `ufrag` (what the page knows of its connection), or None."""
+    if not ufrag:
+        return None
+    line = _offered_with(ufrag)
+    for webrtc_id, pc in list(pcs.items()):
+        offer = pc.remoteDescription
+        if offer is not None and line.search(offer.sdp):
+            return webrtc_id
+    return None
+
+
 async def abandon_unconnected(pcs: dict[str, Any], ufrag: str) -> int:
     """Close FastRTC's peer connections (`WebRTC.pcs`, aiortc) whose offer carried the ICE
     username fragment `ufrag` and that have not connected; returns how many.
@@ -166,7 +183,7 @@ async def abandon_unconnected(pcs: dict[str, Any], ufrag: str) -> int:
     """
     if not ufrag:
         return 0
-    line = re.compile(rf"^a=ice-ufrag:{re.escape(ufrag)}\r?$", re.MULTILINE)
+    line = _offered_with(ufrag)
     closed = 0
     for pc in list(pcs.values()):
         offer = pc.remoteDescription

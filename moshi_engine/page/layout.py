@@ -27,6 +27,7 @@ below as it says them. Headphones keep Moshi from hearing itself. After a conver
 """
 
 CSS = """
+#moshi-resume { display: none !important; }
 #moshi-status { font-size: 0.9em; opacity: 0.85; }
 #moshi-message:not(:empty) { border-left: 4px solid var(--color-accent); padding-left: 0.75em; }
 #moshi-transport .moshi-transport-status { font-size: 0.85em; opacity: 0.8; margin: 0; }
@@ -145,6 +146,7 @@ class Layout:
     transcript: gr.Textbox
     recording: gr.HTML
     controls: list[gr.components.Component]
+    resume: gr.Textbox
 
 
 def layout(voices: list[str] | None, remote: str | None, host: str, rtc_configuration,
@@ -187,9 +189,12 @@ def layout(voices: list[str] | None, remote: str | None, host: str, rtc_configur
             # cookie: the recording is this browser's alone (`conversation_log`). Always in the page
             # (CSS hides it while empty): page.js puts the websocket path's link here too.
             recording = gr.HTML("", elem_id="moshi-recording")
+            # Never shown: page.js puts a conversation's resume token here before it takes that
+            # conversation up on a new WebRTC connection (a handover), and empties it after.
+            resume = gr.Textbox("", show_label=False, container=False, elem_id="moshi-resume")
         with gr.Column(scale=2):
             controls = sampling_controls(default_sampling)
-    return Layout(status_md, voice, webrtc, message_md, transcript, recording, controls)
+    return Layout(status_md, voice, webrtc, message_md, transcript, recording, controls, resume)
 
 
 def sampling_controls(d: Sampling) -> list[gr.components.Component]:

@@ -42,6 +42,7 @@ def page_config(
     places: int,
     chat_path: str | None,
     abandon_path: str,
+    resume_path: str | None = None,
 ) -> dict:
     """What `page.js` reads: where its websocket is (`chat`; None when this app has no
     `/api/chat`, e.g. a page in front of a remote Moshi), where to tell the server that an
@@ -50,6 +51,7 @@ def page_config(
     return {
         "chat": chat_path,
         "abandon": abandon_path,
+        "resume": resume_path,
         "webrtcTimeoutS": WEBRTC_TIMEOUT_S,
         "sessionLimitS": limits.max_session_s,  # the readout counts down to it
         "reconnectGraceS": limits.reconnect_grace_s,  # how long a lost WebRTC connection may come back

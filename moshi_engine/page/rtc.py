@@ -12,6 +12,12 @@ It also keeps both sides of the conversation for the recording (`Recording`)
 and writes what happened to each connection into a `conversation_log.ConversationLog` that
 the page reads: how it ended, the message to show, the transcript and the WAV.
 Endings become the one message a person sees in `endings.ending_message`.
+
+A handover (the visitor's address changed; aiortc cannot restart ICE): each started
+conversation has a resume token (`door.resume`, in the page's `ConversationLog`); a new
+connection whose inputs carry it takes the conversation up from the old one (`_take_up`), and
+the old one lets go of it (`_hand_over`). A connection that closes while its path was quiet
+keeps its slot for the rest of the grace, for that.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from ..conversation import (
     TextOut,
 )
 from ..door.line import LinePosition
+from ..door.resume import ResumeRefused
 from ..watch.logs import conversation_context
 from ..watch.metrics import (
     CLIENT_GONE,
@@ -48,6 +55,7 @@ from ..watch.metrics import (
     RECOVERED,
     REFUSED,
     RESTART,
+    RESUMED,
     WEBRTC,
     ConversationClock,
     Metrics,
@@ -114,6 +122,7 @@ class MoshiHandler(AsyncStreamHandler):
         metrics: Metrics | None = None,
         voice: str = "",
         receive_counts: Callable[[str], ReceiveCounts | None] | None = None,
+        resume_from_args: Callable[[list[Any]], str | None] | None = None,
     ) -> None:
         # input_sample_rate: FastRTC resamples the microphone to 24 kHz mono int16 itself
         # (StreamHandlerBase.resample), so receive() gets Mimi's rate.
@@ -129,6 +138,11 @@ class MoshiHandler(AsyncStreamHandler):
         self.voice = voice
         # The visitor's packets by outcome, by WebRTC id (opus_rtp.receive_counts of its connection).
         self.receive_counts = receive_counts
+        # The resume token among the page's inputs: this connection takes up that conversation.
+        self.resume_from_args = resume_from_args
+        self._resume_token: str | None = None
+        self._handed_over = asyncio.Event()  # a newer connection took this one's conversation up
+        self._deadline: float | None = None  # the session limit, on the event loop's clock
         self._packets: ReceiveCounts | None = None
         self.clock: ConversationClock | None = None
         self.record: ConversationRecord | None = None
@@ -156,6 +170,7 @@ class MoshiHandler(AsyncStreamHandler):
             metrics=self.metrics,
             voice=self.voice,
             receive_counts=self.receive_counts,
+            resume_from_args=self.resume_from_args,
         )
 
     @property
@@ -166,6 +181,12 @@ class MoshiHandler(AsyncStreamHandler):
     def conversation_id(self) -> str:
         """The conversation's id, in its log lines, its recording's name and the page's details."""
         return self.record.conversation_id if self.record else "?"
+
+    def refusal(self) -> str | None:
+        """Why this connection's conversation cannot be taken up by another (`door.resume`)."""
+        if self._conversation is None or self._ending is not None or self._handed_over.is_set():
+            return "that conversation has ended; start a new one"
+        return None
 
     async def start_up(self) -> None:
         """Open and start this connection's conversation with the page's sampling, in line while
@@ -185,6 +206,9 @@ class MoshiHandler(AsyncStreamHandler):
             self.record.sampling = sampling
             if self._ending is not None:  # stopped while waiting for the page
                 return
+            if self._resume_token:
+                self._take_up(self._resume_token)
+                return
             conversation = await self._unless_stopped(self._open(sampling))
             if conversation is None:  # stopped while waiting in line: it left the line
                 return
@@ -199,12 +223,51 @@ class MoshiHandler(AsyncStreamHandler):
                 await conversation.close()
             else:
                 self._last_heard = asyncio.get_running_loop().time()
+                self._deadline = self._last_heard + self.limits.max_session_s
                 self.clock.talking()
+                self.record.resume_token = self.conversations.tokens.issue(self)
                 self._watchdog = asyncio.create_task(self._watch(), name=f"moshi-rtc-watch-{self.record.webrtc_id}")
                 voice = f" on voice {self.record.voice}" if self.record.voice else ""
                 log.info("conversation started%s (%s)", voice, sampling)
         finally:
             self._started.set()
+
+    def _take_up(self, token: str) -> None:
+        """This new connection carries on the conversation of an older one of the page's, whose
+        path went dead (a handover): its slot, Moshi's state, its clock, recording, transcript and
+        session limit. A wrong, used or expired token ends this connection with the reason and
+        touches no conversation."""
+        tokens = self.conversations.tokens
+        try:
+            old, _ = tokens.claim(token)
+        except ResumeRefused as refused:
+            self.clock.resume_attempt(refused.outcome)
+            log.info("resume refused: %s", refused.reason)
+            self._end(Ending.LOST if refused.outcome == "expired" else Ending.ERROR, refused.reason)
+            return
+        tokens.retire(old)  # its next token goes: this connection holds the conversation now
+        conversation = old._hand_over()
+        self._conversation, self.clock, self._deadline = conversation, old.clock, old._deadline
+        self.recording, self._pieces = old.recording, old._pieces
+        self.record.continues = old.record.conversation_id
+        self.record.sampling, self.record.voice = old.record.sampling, old.record.voice
+        self.record.resume_token = tokens.issue(self)
+        self.clock.resume_attempt(RESUMED)
+        self.clock.reconnected(RESUMED)
+        self._last_heard = asyncio.get_running_loop().time()
+        self._watchdog = asyncio.create_task(self._watch(), name=f"moshi-rtc-watch-{self.record.webrtc_id}")
+        with conversation_context(self.record.conversation_id):
+            log.info("conversation taken up by a new WebRTC connection (%s)", self.record.webrtc_id[:8])
+
+    def _hand_over(self) -> Conversation:
+        """A newer connection takes this one's conversation: stop reading and watching it, and
+        let this connection's end touch it no more."""
+        self._handed_over.set()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self.conversations.live.discard(self)
+        conversation, self._conversation = self._conversation, None
+        return conversation
 
     async def _open(self, sampling: Sampling | None) -> Conversation:
         """A started conversation: in line until a slot is free, then started (its slot goes
@@ -273,6 +336,8 @@ class MoshiHandler(AsyncStreamHandler):
             return None
         try:
             inputs = list(self.latest_args[2:])
+            if self.resume_from_args is not None:
+                self._resume_token = self.resume_from_args(inputs)
             if self.voice_from_args is not None:
                 self.record.voice = self.voice_from_args(inputs)
                 self.clock.voice = self.record.voice or self.voice
@@ -312,10 +377,12 @@ class MoshiHandler(AsyncStreamHandler):
         await self._started.wait()
         while self._ending is None and self._conversation is not None:
             try:
-                out = await self._conversation.receive()
+                out = await self._next_output(self._conversation)
             except Exception as error:  # SessionClosed after _end(); else the backend ended it
                 if self._ending is None:
                     self._end(*ending_for(error))
+                break
+            if out is None:  # handed over: a newer connection reads the conversation now
                 break
             if isinstance(out, AudioOut):
                 self.recording.add_moshi(out.pcm)
@@ -324,12 +391,33 @@ class MoshiHandler(AsyncStreamHandler):
             if isinstance(out, TextOut):
                 self._pieces.append(out.text)
                 return AdditionalOutputs(self.transcript)
+        if self._handed_over.is_set():
+            return await self._idle_until_stopped()
         if self._ending is None:  # start_up failed before deciding why: it always ends first
             self._end(Ending.ERROR, "the conversation did not start")
         if not self._close_sent and self._ending is not Ending.STOPPED:
             self._close_sent = True
             await self._finished()
             return CloseStream(self.record.message if self.record else "Conversation ended.")
+        return await self._idle_until_stopped()
+
+    async def _next_output(self, conversation: Conversation):
+        """The conversation's next output, or None once a newer connection took it up."""
+        if self._handed_over.is_set():
+            return None
+        receiving = asyncio.ensure_future(conversation.receive())
+        handed_over = asyncio.ensure_future(self._handed_over.wait())
+        try:
+            await asyncio.wait({receiving, handed_over}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            handed_over.cancel()
+        if receiving.done():
+            return receiving.result()
+        receiving.cancel()  # a queue's get: nothing is taken from it
+        await asyncio.gather(receiving, return_exceptions=True)
+        return None
+
+    async def _idle_until_stopped(self) -> None:
         try:
             await asyncio.wait_for(self._stopped.wait(), timeout=30)
         except TimeoutError:
@@ -343,8 +431,15 @@ class MoshiHandler(AsyncStreamHandler):
         await asyncio.shield(self._end(Ending.RESTART, reason))
 
     async def shutdown(self) -> None:
-        """FastRTC closed the connection (stop button, tab closed, time limit, failure)."""
+        """FastRTC closed the connection (stop button, tab closed, time limit, failure). One whose
+        path had gone quiet keeps its slot for the rest of the grace, for a new connection to take
+        it up (a closed tab sends audio to its last moment: it ends at once)."""
         self._stopped.set()
+        if self._handed_over.is_set():
+            return
+        if self.clock is not None and self.clock.interrupted_at is not None and self._ending is None \
+                and self._conversation is not None:
+            return  # the watchdog ends it as lost when the grace runs out
         self._end(Ending.STOPPED)
         await self._finished()
 
@@ -358,7 +453,7 @@ class MoshiHandler(AsyncStreamHandler):
         every 20 ms while its connection works), and end it when the connection stayed
         lost for the reconnect grace (an outage that did not end, a browser that vanished)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.limits.max_session_s
+        deadline = self._deadline if self._deadline is not None else loop.time() + self.limits.max_session_s
         while True:
             now = loop.time()
             if now >= deadline:
@@ -403,6 +498,7 @@ class MoshiHandler(AsyncStreamHandler):
             except Exception:
                 log.exception("closing the conversation failed")
         self.conversations.live.discard(self)
+        self.conversations.tokens.retire(self)
         record = self.record
         if record is None:  # shut down before start-up began
             return

@@ -48,6 +48,7 @@ from .ice import (
     browser_rtc_configuration,
     ice_source,
     keep_consent_through_outages,
+    webrtc_id_of,
 )
 from .layout import CSS, download_link, free_slots, layout, status_line, voice_status
 from .opus_rtp import receive_counts, use_fec_opus
@@ -62,6 +63,7 @@ STATUS_REFRESH_S = 1.0
 # first with a message, so FastRTC's only backs it up.
 TIME_LIMIT_GRACE_S = 5.0
 ABANDON_PATH = "/webrtc/abandon"
+RESUME_PATH = "/webrtc/resume-token"
 
 StatusSource = Callable[[], dict | None] | Callable[[], Awaitable[dict | None]]
 
@@ -103,6 +105,7 @@ def build_page(
     conversations: ConversationLog | None = None,
     chat_path: str | None = None,
     abandon_path: str = ABANDON_PATH,
+    resume_path: str = RESUME_PATH,
     static_path: str = STATIC_PATH,
     voices: list[str] | None = None,
     metrics: Metrics | None = None,
@@ -133,6 +136,7 @@ def build_page(
         limits=limits,
         metrics=metrics,
         voice=(voices or [""])[0],
+        resume_from_args=resume_from_inputs,
     )
 
     async def rtc_configuration() -> dict:  # a plain function: FastRTC calls it per connection
@@ -150,7 +154,7 @@ def build_page(
 
     theme = gr.themes.Soft(font=["system-ui", "sans-serif"])  # no web fonts to fetch
     config = page_config(limits, line_timeout_s=line_timeout_s, places=line_places, chat_path=chat_path,
-                         abandon_path=abandon_path)
+                         abandon_path=abandon_path, resume_path=resume_path)
     head = page_head(config, static_path)
     with gr.Blocks(title="Moshi voice chat", theme=theme, css=CSS, head=head) as blocks:
         shown_page = layout(voices, remote, host, rtc_configuration, default_sampling)
@@ -163,10 +167,11 @@ def build_page(
 
         webrtc.stream(
             handler,
-            inputs=[webrtc, *controls] + ([voice] if picking else []),
+            inputs=[webrtc, *controls] + ([voice] if picking else []) + [shown_page.resume],
             outputs=[webrtc],
-            # Visitors in line hold a connection too, and their time in line is not talk time.
-            concurrency_limit=capacity + line_places,
+            # Visitors in line hold a connection too, and their time in line is not talk time; a
+            # handover holds two for a moment (the dead one lingers until its consent expires).
+            concurrency_limit=2 * capacity + line_places,
             time_limit=limits.max_session_s + line_timeout_s + TIME_LIMIT_GRACE_S,
         )
         # Unlimited: each connection holds one of these streams open while it lasts, so
@@ -221,6 +226,12 @@ def build_page(
     return MoshiPage(blocks=blocks, webrtc=webrtc, conversations=conversations, handler=handler)
 
 
+def resume_from_inputs(inputs: list[Any]) -> str | None:
+    """The resume token the page sent for a handover: always the last input (None: a new conversation)."""
+    token = inputs[-1] if len(inputs) > 5 else None
+    return str(token) if isinstance(token, str) and token.strip() else None
+
+
 def voice_from_inputs(inputs: list[Any]) -> str | None:
     """The voice picked on the page: the input after the sampling controls."""
     return str(inputs[5]) if len(inputs) > 5 and inputs[5] else None
@@ -265,6 +276,7 @@ def mount_ui(
     where = {
         "chat_path": Protocol.MOSHI.path if serves_chat else None,
         "abandon_path": base + ABANDON_PATH,
+        "resume_path": base + RESUME_PATH,
         "static_path": base + STATIC_PATH,
     }
     if engine is not None:
@@ -317,6 +329,20 @@ def mount_ui(
         if record is None:
             raise HTTPException(404, "no such recording")
         return FileResponse(record.recording, media_type="audio/wav", filename=record.recording.name)
+
+    @app.post(base + RESUME_PATH, include_in_schema=False)
+    async def resume_token(request: Request) -> JSONResponse:
+        """The resume token of this browser's WebRTC conversation (its offer's ICE ufrag names it):
+        what takes the conversation up on a new connection if this one's path dies. Null until
+        the conversation has started, and for any other browser."""
+        try:
+            ufrag = str((await request.json())["ufrag"])
+        except (ValueError, KeyError, TypeError):
+            raise HTTPException(400, 'expected JSON {"ufrag": "<the offer\'s ICE ufrag>"}') from None
+        record = page.conversations.claim(webrtc_id_of(page.webrtc.pcs, ufrag),
+                                          cookie_value(request.headers, BROWSER_COOKIE))
+        token = record.resume_token if record is not None and not record.ended else None
+        return JSONResponse({"token": token})
 
     @app.post(base + ABANDON_PATH, include_in_schema=False)
     async def abandon_webrtc(request: Request) -> JSONResponse:

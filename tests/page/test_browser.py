@@ -106,6 +106,8 @@ def open_page(browser, url: str, token: str | None = None) -> Page:
     page.add_init_script(HOOK_PEER_CONNECTIONS)
     page.goto(f"{url}/?token={token}" if token else url)
     assert "token" not in page.url
+    # the page's script watches every click on Talk: a click before it runs would go to FastRTC alone
+    page.wait_for_function("() => window.moshiPage?.ready", timeout=60_000)
     page.click("#moshi-webrtc button", timeout=30_000)  # "Click to Access Microphone"
     page.wait_for_selector(TALK_BUTTON, timeout=30_000)
     return page

@@ -159,19 +159,27 @@ async def test_a_second_connection_waits_in_line_and_talks_once_the_first_hangs_
         await until(lambda: single_engine.active == 0, timeout=15)
 
 
-async def test_a_connection_beyond_the_slots_and_the_line_is_refused(single_engine, monkeypatch):
+async def test_a_connection_beyond_the_slots_is_told_busy_and_one_beyond_the_handover_room_is_refused(
+        single_engine, monkeypatch):
     monkeypatch.setattr(single_engine.line, "places", 0)  # --queue 0
     async with page_server(single_engine) as (page, http):
         first = Peer(page, "first")
         await first.offer(http)
         await until(lambda: first.received_seconds() > 0.5, timeout=30)
+        # FastRTC takes a second connection per slot (a handover holds the dead one for a while),
+        # and the page tells it why there is no conversation for it ...
         second = Peer(page, "second")
-        answer = await second.offer(http)
-        await second.close()
-        await first.close()
+        await second.offer(http)
+        await until(lambda: "end_stream" in second.types(), timeout=30)
+        # ... and refuses any more
+        third = Peer(page, "third")
+        answer = await third.offer(http)
+        for peer in (third, second, first):
+            await peer.close()
         await until(lambda: single_engine.active == 0, timeout=15)
-    # the page's concurrency limit is the number of slots
-    assert answer == {"status": "failed", "meta": {"error": "concurrency_limit_reached", "limit": 1}}
+    end = next(message for message in second.messages if message["type"] == "end_stream")
+    assert end["data"] == ending_message(Ending.BUSY)
+    assert answer == {"status": "failed", "meta": {"error": "concurrency_limit_reached", "limit": 2}}
 
 
 async def test_a_busy_engine_with_a_full_line_ends_the_stream_with_the_busy_message(single_engine, monkeypatch):

@@ -21,7 +21,7 @@ import { SAMPLE_RATE } from "./opus.js";
 import { PageWords } from "./page-words.js";
 import { Readout } from "./readout.js";
 import { Recording, recordingName } from "./recording.js";
-import { watchPeerConnections, WebRTCAttempt } from "./webrtc-watch.js";
+import { offerUfrag, watchPeerConnections, WebRTCAttempt } from "./webrtc-watch.js";
 
 const CONFIG = JSON.parse(document.getElementById("moshi-page-config").textContent);
 const WORDS = new PageWords(CONFIG.words, CONFIG.reasons);
@@ -78,6 +78,8 @@ const page = (window.moshiPage = {
   microphone: undefined, // why this page cannot have a microphone (microphone.js), null if it can
   peerConnections: new Set(), // FastRTC's connections not yet closed
   conversationId: null, // the server's id of the last websocket conversation (WebRTC's: in its details)
+  resuming: null, // a handover under way: {token, until}, while a new WebRTC connection takes the call up
+  handovers: 0, // calls taken up on a new connection
 });
 // How late Moshi's voice arrives and the time left, during a conversation (readout.js).
 const readout = (page.readout = new Readout(() => $("#moshi-transport"), CONFIG.words.readout, CONFIG.sessionLimitS));
@@ -286,6 +288,96 @@ let talkPressedAt = null; // Talk went to FastRTC; its connection is not made ye
 const TALK_STARTS_MS = 10_000; // FastRTC makes its connection well within this of the click
 let primedContext = null; // an AudioContext made during that click, for a fallback later
 
+// ## Handover: the same conversation on a new WebRTC connection
+//
+// When the visitor's address changes (wifi to 4G), the call's path is dead for good, and aiortc
+// cannot restart ICE. The server answers the page's requests while the call stays silent: then
+// the page ends the call quietly and presses Talk again with the conversation's resume token
+// (`#moshi-resume`, among the inputs the server reads), and the server's new connection takes the
+// conversation up in its slot. An outage is told apart by the server not answering either.
+const RESUME_INPUT = "#moshi-resume textarea, #moshi-resume input";
+const HANDOVER_CONFIRM_MS = 3000; // the server answered while the call stayed silent this long
+const PROBE_EVERY_MS = 1000;
+
+/** The conversation's resume token, from the server (null: none yet, or the server is unreachable). */
+async function resumeToken(pc) {
+  if (!CONFIG.resume) return null;
+  try {
+    const response = await fetch(CONFIG.resume, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ ufrag: offerUfrag(pc) }),
+      signal: AbortSignal.timeout(PROBE_EVERY_MS * 2),
+    });
+    if (!response.ok) return null;
+    return (await response.json()).token ?? "";
+  } catch {
+    return null;
+  }
+}
+
+/** Learn the connected call's token once its conversation has started. */
+async function keepToken(attempt) {
+  while (attempt.state === "connected" && !attempt.token) {
+    const token = await resumeToken(attempt.pc);
+    if (token) attempt.token = token;
+    else await new Promise((resolve) => setTimeout(resolve, PROBE_EVERY_MS));
+  }
+}
+
+function setResumeInput(value) {
+  const box = $(RESUME_INPUT);
+  if (!box) return false;
+  box.value = value;
+  box.dispatchEvent(new Event("input", { bubbles: true })); // Gradio keeps its own copy of the value
+  return true;
+}
+
+/** While the call is interrupted: if the server answers and the call stays silent, hand it over. */
+function watchForHandover(attempt) {
+  let answeringSince = null;
+  const timer = setInterval(async () => {
+    if (!attempt.interrupted || attempt.state !== "connected") return clearInterval(timer);
+    const answered = (await resumeToken(attempt.pc)) !== null;
+    if (!attempt.interrupted || attempt.state !== "connected") return clearInterval(timer);
+    if (!answered) {
+      answeringSince = null;
+      return;
+    }
+    answeringSince ??= performance.now();
+    if (attempt.token && performance.now() - answeringSince >= HANDOVER_CONFIRM_MS) {
+      clearInterval(timer);
+      handOver(attempt);
+    }
+  }, PROBE_EVERY_MS);
+}
+
+function handOver(attempt) {
+  page.resuming = { token: attempt.token, until: attempt.interruptedAt + 1000 * CONFIG.reconnectGraceS,
+    startedAt: readout.startedAt }; // the countdown goes on from the conversation's start
+  attempt.end(); // FastRTC's component goes back to Talk, quietly
+  pressTalkAgain();
+}
+
+/** Press Talk once FastRTC's component shows it again, with the resume token among the inputs. */
+function pressTalkAgain() {
+  const resuming = page.resuming;
+  if (!resuming) return;
+  if (performance.now() > resuming.until) {
+    page.resuming = null;
+    setResumeInput("");
+    showMessage(WORDS.words.endings.lost);
+    return;
+  }
+  const button = $(TALK);
+  if (!button || !setResumeInput(resuming.token)) {
+    setTimeout(pressTalkAgain, 100);
+    return;
+  }
+  button.click();
+  showMessage(WORDS.words.reconnecting);
+}
+
 function onPeerConnection(pc) {
   page.peerConnections.add(pc);
   pc.addEventListener("connectionstatechange", () => {
@@ -302,22 +394,34 @@ function onPeerConnection(pc) {
     record.state = attempt.state;
     if (page.attempt === attempt && !["connecting", "connected"].includes(attempt.state)) page.attempt = null;
   };
+  const resuming = page.resuming; // this connection takes a conversation up (a handover)
   attempt.onConnected = () => {
     settle();
     page.transport = "webrtc";
     setStatus("webrtc");
     closePrimedContext();
     readout.watchWebrtc(pc);
+    if (resuming && page.resuming === resuming) {
+      readout.startedAt = resuming.startedAt;
+      page.resuming = null;
+      page.handovers++;
+      showMessage("");
+    }
+    // The server reads the inputs, the resume token among them, once the call is up: empty it
+    // once this call's own conversation has a token (it has taken the old one up by then).
+    keepToken(attempt).then(() => page.resuming || setResumeInput(""));
   };
   let lostTimer = null;
   attempt.onInterrupted = () => {
     // The server keeps the slot for the grace: so does the page, then it gives up.
+    attempt.interruptedAt = performance.now();
     showMessage(WORDS.words.reconnecting);
     readout.reconnecting(true);
     lostTimer = setTimeout(() => {
       attempt.end();
       showMessage(WORDS.words.endings.lost);
     }, 1000 * (CONFIG.reconnectGraceS + LOST_MARGIN_S));
+    watchForHandover(attempt);
   };
   attempt.onRecovered = () => {
     clearTimeout(lostTimer);
@@ -334,6 +438,13 @@ function onPeerConnection(pc) {
     closePrimedContext();
   };
   const giveUp = (why) => {
+    if (resuming && page.resuming === resuming) {
+      // Taking a conversation up: try WebRTC again until the grace runs out (its slot is WebRTC's).
+      attempt.abandon();
+      settle();
+      setTimeout(pressTalkAgain, PROBE_EVERY_MS);
+      return;
+    }
     if (MODE === "auto" && CAN_FALL_BACK) {
       attempt.abandon();
       record.fellBack = true;
@@ -352,11 +463,13 @@ function onPeerConnection(pc) {
   attempt.onTimeout = () => giveUp("timeout");
   // Nothing came through soon after the answer: where the page can fall back, it does not wait out the timeout.
   attempt.onUnreachable = () => {
-    if (MODE === "auto" && CAN_FALL_BACK) giveUp("unreachable");
+    if ((MODE === "auto" && CAN_FALL_BACK) || resuming) giveUp("unreachable");
   };
   attempt.onFailed = (event) => {
     // FastRTC would show "Connection failed!" for a failure the page recovers from.
-    if (MODE === "auto" && CAN_FALL_BACK && event.type === "connectionstatechange") event.stopImmediatePropagation();
+    if (((MODE === "auto" && CAN_FALL_BACK) || resuming) && event.type === "connectionstatechange") {
+      event.stopImmediatePropagation();
+    }
     giveUp("failed");
   };
 }
