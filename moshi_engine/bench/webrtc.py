@@ -137,7 +137,7 @@ async def stream_webrtc(base_url: str, seconds: float, offset_s: float = 0.0, ta
 
         async def send_inputs() -> None:
             await http.post("/gradio_api/queue/join", json={
-                "data": [webrtc_id, *PAGE_INPUTS], "event_data": None, "fn_index": tick,
+                "data": [webrtc_id, *PAGE_INPUTS, ""], "event_data": None, "fn_index": tick,  # "": no resume token
                 "trigger_id": component, "session_hash": session_hash})
 
         @channel.on("message")

@@ -78,6 +78,7 @@ class Peer:
     pc: RTCPeerConnection = field(default_factory=lambda: RTCPeerConnection(RTCConfiguration(iceServers=[])))
     messages: list[dict] = field(default_factory=list)
     received: list[np.ndarray] = field(default_factory=list)
+    resume: str | None = None  # a conversation's resume token, as the page sends it after a handover
     _reader: asyncio.Task | None = None
 
     async def offer(self, http: httpx.AsyncClient) -> dict:
@@ -87,7 +88,8 @@ class Peer:
         def on_message(message: str) -> None:
             self.messages.append(json.loads(message))
             if self.messages[-1]["type"] == "send_input":  # the page answers with its inputs
-                self.page.webrtc.set_input(self.webrtc_id, self.webrtc_id, *PAGE_INPUTS)
+                resume = [self.resume] if self.resume is not None else []
+                self.page.webrtc.set_input(self.webrtc_id, self.webrtc_id, *PAGE_INPUTS, *resume)
 
         @self.pc.on("track")
         def on_track(track) -> None:
@@ -304,3 +306,48 @@ async def test_a_page_in_front_of_a_remote_moshi_relays_its_websocket_path_there
             assert refused.close_code == CloseCode.TRY_AGAIN_LATER and "waiting line is full" in refused.close_reason
             await holder.close()
             await until(lambda: single_engine.active == 0, timeout=10)
+
+
+async def test_a_new_connection_with_the_token_takes_the_conversation_up_and_a_wrong_or_used_one_is_refused(
+        single_engine):
+    """A handover as the page makes it: a second connection sends the first one's resume token among
+    its inputs and carries on the same conversation in the same slot; a wrong or spent token ends
+    that connection with the reason and leaves the conversation alone."""
+    async with page_server(single_engine) as (page, http):
+        first = Peer(page, "first-connection")
+        await first.offer(http)
+        await until(lambda: first.received_seconds() > 0.5, timeout=30)
+        record = page.conversations.get("first-connection")
+        token = record.resume_token
+        assert token and single_engine.active == 1
+
+        wrong = Peer(page, "wrong-token", resume="not-a-token")
+        await wrong.offer(http)
+        await until(lambda: "end_stream" in wrong.types(), timeout=30)
+        heard = first.received_seconds()
+        await until(lambda: first.received_seconds() > heard + 0.3, timeout=30)  # untouched, still talking
+
+        second = Peer(page, "second-connection", resume=token)
+        await second.offer(http)
+        await until(lambda: second.received_seconds() > 0.5, timeout=30)
+        taken = page.conversations.get("second-connection")
+        assert taken.conversation_id == record.conversation_id and single_engine.active == 1
+
+        used = Peer(page, "used-token", resume=token)
+        await used.offer(http)
+        await until(lambda: "end_stream" in used.types(), timeout=30)
+
+        await first.close()  # the old connection goes: the conversation is the new one's now
+        heard = second.received_seconds()
+        await until(lambda: second.received_seconds() > heard + 0.3, timeout=30)
+        assert single_engine.active == 1
+        for peer in (used, second, wrong):
+            await peer.close()
+        await until(lambda: single_engine.active == 0, timeout=15)
+
+    def ending(peer: Peer) -> str:
+        return next(message["data"] for message in peer.messages if message["type"] == "end_stream")
+
+    assert "unknown resume token" in ending(wrong)
+    assert "used already" in ending(used)
+    assert taken.ending is Ending.STOPPED and record.ending is None  # one conversation, ended once
