@@ -269,22 +269,30 @@ LIVE = {"webrtc": "window.moshiPage.attempt?.state === 'connected'",
         "websocket": "window.moshiPage.socket?.state === 'live'"}
 
 
+def _start_call(context, wired: AppBehindWire, path: str):
+    """A page in `context` that pressed Talk on `path` and whose conversation is live."""
+    from .browser import PAGE_PROBE, TALK_BUTTON
+
+    page = context.new_page()
+    page.add_init_script(path=str(PAGE_PROBE))
+    page.goto(f"{wired.base}/?transport={path}")
+    page.wait_for_function("() => window.moshiPage?.ready", timeout=60_000)
+    page.click("#moshi-webrtc button", timeout=60_000)  # "Click to Access Microphone"
+    page.wait_for_selector(TALK_BUTTON, timeout=60_000)
+    page.click(TALK_BUTTON)
+    page.wait_for_function(f"() => {LIVE[path]}", timeout=60_000)
+    return page
+
+
 def page_events(browser, wired: AppBehindWire, path: str, seconds: float, events: tuple[str, ...]) -> dict:
     """One conversation on that page path: the concealed share over `seconds` of steady talk,
     then the events one after the other while it lasts."""
-    from .browser import PAGE_PROBE, STOP_BUTTON, TALK_BUTTON
+    from .browser import STOP_BUTTON, TALK_BUTTON
 
     context = browser.new_context()
     result: dict = {"events": {}}
     try:
-        page = context.new_page()
-        page.add_init_script(path=str(PAGE_PROBE))
-        page.goto(f"{wired.base}/?transport={path}")
-        page.wait_for_function("() => window.moshiPage?.ready", timeout=60_000)
-        page.click("#moshi-webrtc button", timeout=60_000)  # "Click to Access Microphone"
-        page.wait_for_selector(TALK_BUTTON, timeout=60_000)
-        page.click(TALK_BUTTON)
-        page.wait_for_function(f"() => {LIVE[path]}", timeout=60_000)
+        page = _start_call(context, wired, path)
         page.wait_for_function(f"() => ({TRANSCRIPT_LENGTH})() > 0", timeout=60_000)
         if path == "webrtc":
             time.sleep(1.0)
@@ -326,18 +334,9 @@ def page_hold(browser, wired: AppBehindWire, path: str = "webrtc") -> dict:
     """One call on that page path, kept talking until the server ends it (its session limit, if
     the link holds it up that long): how long it was live, how the server ended it, the
     interruptions it saw, and what the browser concealed of Moshi's audio over the call."""
-    from .browser import PAGE_PROBE, TALK_BUTTON
-
     context = browser.new_context()
     try:
-        page = context.new_page()
-        page.add_init_script(path=str(PAGE_PROBE))
-        page.goto(f"{wired.base}/?transport={path}")
-        page.wait_for_function("() => window.moshiPage?.ready", timeout=60_000)
-        page.click("#moshi-webrtc button", timeout=60_000)
-        page.wait_for_selector(TALK_BUTTON, timeout=60_000)
-        page.click(TALK_BUTTON)
-        page.wait_for_function(f"() => {LIVE[path]}", timeout=60_000)
+        page = _start_call(context, wired, path)
         before = wired.figures()
         started = time.monotonic()
         first = last = page.evaluate(CONCEALED) if path == "webrtc" else None

@@ -154,21 +154,19 @@ def server_rtc_configuration(host: str, env: Mapping[str, str] = os.environ) -> 
 # ## Attempts that never connected
 
 
-def _offered_with(ufrag: str):
-    return re.compile(rf"^a=ice-ufrag:{re.escape(ufrag)}\r?$", re.MULTILINE)
+def _offered_with(pcs: dict[str, Any], ufrag: str) -> list[tuple[str, Any]]:
+    """(id, connection) of FastRTC's peer connections (`WebRTC.pcs`) whose offer carried the ICE
+    username fragment `ufrag`: what the page knows of its connection."""
+    if not ufrag:
+        return []
+    line = re.compile(rf"^a=ice-ufrag:{re.escape(ufrag)}\r?$", re.MULTILINE)
+    return [(webrtc_id, pc) for webrtc_id, pc in list(pcs.items())
+            if pc.remoteDescription is not None and line.search(pc.remoteDescription.sdp)]
 
 
 def webrtc_id_of(pcs: dict[str, Any], ufrag: str) -> str | None:
-    """The id of FastRTC's peer connection (`WebRTC.pcs`) whose offer carried the ICE username
-    fragment `ufrag` (what the page knows of its connection), or None."""
-    if not ufrag:
-        return None
-    line = _offered_with(ufrag)
-    for webrtc_id, pc in list(pcs.items()):
-        offer = pc.remoteDescription
-        if offer is not None and line.search(offer.sdp):
-            return webrtc_id
-    return None
+    """The id of the connection whose offer carried `ufrag`, or None."""
+    return next((webrtc_id for webrtc_id, _ in _offered_with(pcs, ufrag)), None)
 
 
 async def abandon_unconnected(pcs: dict[str, Any], ufrag: str) -> int:
@@ -181,13 +179,9 @@ async def abandon_unconnected(pcs: dict[str, Any], ufrag: str) -> int:
     attempt that never connected is closed: its handler never started (FastRTC starts it once
     the data channel opens), so it holds no slot and no place in line.
     """
-    if not ufrag:
-        return 0
-    line = _offered_with(ufrag)
     closed = 0
-    for pc in list(pcs.values()):
-        offer = pc.remoteDescription
-        if offer is None or pc.connectionState == "connected" or not line.search(offer.sdp):
+    for _, pc in _offered_with(pcs, ufrag):
+        if pc.connectionState == "connected":
             continue
         await pc.close()  # FastRTC's "closed" listener cleans up the rest (and shuts the handler down)
         closed += 1

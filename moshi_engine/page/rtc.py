@@ -44,7 +44,7 @@ from ..conversation import (
     TextOut,
 )
 from ..door.line import LinePosition
-from ..door.resume import ResumeRefused
+from ..door.resume import EXPIRED, ResumeRefused
 from ..watch.logs import conversation_context
 from ..watch.metrics import (
     CLIENT_GONE,
@@ -243,7 +243,7 @@ class MoshiHandler(AsyncStreamHandler):
         except ResumeRefused as refused:
             self.clock.resume_attempt(refused.outcome)
             log.info("resume refused: %s", refused.reason)
-            self._end(Ending.LOST if refused.outcome == "expired" else Ending.ERROR, refused.reason)
+            self._end(Ending.LOST if refused.outcome == EXPIRED else Ending.ERROR, refused.reason)
             return
         tokens.retire(old)  # its next token goes: this connection holds the conversation now
         conversation = old._hand_over()

@@ -78,7 +78,7 @@ const page = (window.moshiPage = {
   microphone: undefined, // why this page cannot have a microphone (microphone.js), null if it can
   peerConnections: new Set(), // FastRTC's connections not yet closed
   conversationId: null, // the server's id of the last websocket conversation (WebRTC's: in its details)
-  resuming: null, // a handover under way: {token, until}, while a new WebRTC connection takes the call up
+  resuming: null, // a handover under way: {token, until, startedAt}, while a new connection takes the call up
   handovers: 0, // calls taken up on a new connection
 });
 // How late Moshi's voice arrives and the time left, during a conversation (readout.js).
@@ -299,7 +299,7 @@ const RESUME_INPUT = "#moshi-resume textarea, #moshi-resume input";
 const HANDOVER_CONFIRM_MS = 3000; // the server answered while the call stayed silent this long
 const PROBE_EVERY_MS = 1000;
 
-/** The conversation's resume token, from the server (null: none yet, or the server is unreachable). */
+/** The conversation's resume token, from the server ("": the server answered, with none yet; null: no answer). */
 async function resumeToken(pc) {
   if (!CONFIG.resume) return null;
   try {
