@@ -227,18 +227,28 @@ def test_after_a_handover_the_page_takes_its_webrtc_call_up_on_a_new_connection_
             assert time.monotonic() < deadline, page.evaluate("() => moshiPage.attempts.map((a) => a.state)")
             slots.append(wired.active())
             time.sleep(0.5)
-        # Moshi's voice arrives on the new call, and the server's answers are back to their usual lag.
+        # Moshi's voice arrives on the new call (once the server has read the page's inputs, the token
+        # among them, over Gradio), and the server's answers are back to their usual lag.
+        page.wait_for_function(RECEIVED_PACKETS, timeout=15_000)
         received = [page.evaluate(RECEIVED_PACKETS)]
         time.sleep(2.0)
         received.append(page.evaluate(RECEIVED_PACKETS))
         wait_until(lambda: total(wired.figures(), "moshi_lag_recovery_seconds_count", transport=WEBRTC)
                    > total(before, "moshi_lag_recovery_seconds_count", transport=WEBRTC), timeout=10)
+        # Gradio's event stream came along (it was on the dead path too): Moshi's words go on
+        # showing, and the ending's recording link arrives.
+        words = page.evaluate(TRANSCRIPT_LENGTH)
+        page.wait_for_function(f"() => ({TRANSCRIPT_LENGTH})() > {words}", timeout=15_000)
         states = page.evaluate("() => moshiPage.attempts.map((a) => a.state)")
+        moved = page.evaluate("() => moshiPage.streamsMoved")
         after = wired.figures()
         page.click(TALK_BUTTON)  # Stop
         assert wired.wait_idle(10) == 0  # the conversation ends with its new connection
+        page.wait_for_selector("#moshi-recording a", state="visible", timeout=15_000)
     finally:
         page.close()
+
+    assert moved == 1
 
     assert set(slots) == {1}  # one slot, held for the visitor throughout
     assert states[-1] == "connected" and states.count("connected") == 1, states  # the old call ended

@@ -34,9 +34,14 @@ RECORDING_TTL_S = 15 * 60
 
 
 class LiveConnection(Protocol):
-    """A connection that is still in line or talking (`rtc.MoshiHandler`), as the log drains it."""
+    """A connection that is still in line or talking (`rtc.MoshiHandler`), as the log drains or
+    stops it."""
+
+    record: ConversationRecord | None
 
     async def end_for_restart(self, reason: str) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 @dataclass
@@ -146,6 +151,14 @@ class ConversationLog:
         restarting: the page says so; every slot is released."""
         ending = [handler.end_for_restart(reason) for handler in list(self.live)]
         await asyncio.gather(*ending, return_exceptions=True)
+
+    async def stop(self, record: ConversationRecord) -> bool:
+        """The visitor stopped `record`'s conversation: end it now; False if it is not live."""
+        for connection in list(self.live):
+            if connection.record is record:
+                await connection.stop()
+                return True
+        return False
 
     def close(self) -> None:
         """Delete every recording and the directory."""

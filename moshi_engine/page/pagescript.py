@@ -14,10 +14,12 @@ no sentence is typed twice.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 from ..conversation import SessionLimits
 from ..wire.protocol import idle_reason, lost_reason, time_limit_reason
 from .endings import page_words
+from .event_stream import TAKE_OVER
 from .static_files import STATIC_PATH
 
 CONFIG_ID = "moshi-page-config"
@@ -41,8 +43,7 @@ def page_config(
     line_timeout_s: float,
     places: int,
     chat_path: str | None,
-    abandon_path: str,
-    resume_path: str | None = None,
+    webrtc_routes: Mapping[str, str],
 ) -> dict:
     """What `page.js` reads: where its websocket is (`chat`; None when this app has no
     `/api/chat`, e.g. a page in front of a remote Moshi), where to tell the server that an
@@ -50,8 +51,8 @@ def page_config(
     must recognise, and the page's sentences."""
     return {
         "chat": chat_path,
-        "abandon": abandon_path,
-        "resume": resume_path,
+        **webrtc_routes,  # abandon, resume, stop (ui.WEBRTC_ROUTES)
+        "takeOver": TAKE_OVER,  # in the query of Gradio's event stream moved after a handover
         "webrtcTimeoutS": WEBRTC_TIMEOUT_S,
         "sessionLimitS": limits.max_session_s,  # the readout counts down to it
         "reconnectGraceS": limits.reconnect_grace_s,  # how long a lost WebRTC connection may come back

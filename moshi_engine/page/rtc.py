@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -62,7 +63,7 @@ from ..watch.metrics import (
 )
 from .conversation_log import ConversationLog, ConversationRecord
 from .endings import LEFT_LINE_MESSAGE, STARTING_MESSAGE, Ending, duration_words, ending_for, ending_message
-from .opus_rtp import ReceiveCounts
+from .opus_rtp import ReceiveCounts, receive_counts
 from .recording import Recording
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class MoshiHandler(AsyncStreamHandler):
         slow_start_s: float = 3.0,
         metrics: Metrics | None = None,
         voice: str = "",
-        receive_counts: Callable[[str], ReceiveCounts | None] | None = None,
+        peer_connection: Callable[[str], Any | None] | None = None,
         resume_from_args: Callable[[list[Any]], str | None] | None = None,
     ) -> None:
         # input_sample_rate: FastRTC resamples the microphone to 24 kHz mono int16 itself
@@ -136,12 +137,14 @@ class MoshiHandler(AsyncStreamHandler):
         self.slow_start_s = slow_start_s
         self.metrics = metrics
         self.voice = voice
-        # The visitor's packets by outcome, by WebRTC id (opus_rtp.receive_counts of its connection).
-        self.receive_counts = receive_counts
+        # FastRTC's peer connection (aiortc) by WebRTC id, while it has it: the visitor's packets
+        # by outcome are counted on it (opus_rtp.receive_counts), and a handover closes the old one.
+        self.peer_connection = peer_connection
         # The resume token among the page's inputs: this connection takes up that conversation.
         self.resume_from_args = resume_from_args
         self._resume_token: str | None = None
         self._handed_over = asyncio.Event()  # a newer connection took this one's conversation up
+        self._closing_old: asyncio.Future | None = None  # the connection this one took over, closing
         self._deadline: float | None = None  # the session limit, on the event loop's clock
         self._packets: ReceiveCounts | None = None
         self.clock: ConversationClock | None = None
@@ -169,7 +172,7 @@ class MoshiHandler(AsyncStreamHandler):
             slow_start_s=self.slow_start_s,
             metrics=self.metrics,
             voice=self.voice,
-            receive_counts=self.receive_counts,
+            peer_connection=self.peer_connection,
             resume_from_args=self.resume_from_args,
         )
 
@@ -194,8 +197,8 @@ class MoshiHandler(AsyncStreamHandler):
         context = current_context.get()
         self.record = self.conversations.open(context.webrtc_id if context else uuid.uuid4().hex)
         self.clock = ConversationClock(self.metrics, self.voice, WEBRTC, self.record.conversation_id)
-        if self.receive_counts is not None:  # kept: FastRTC forgets the connection once it closes
-            self._packets = self.receive_counts(self.record.webrtc_id)
+        if self.peer_connection is not None:  # kept: FastRTC forgets the connection once it closes
+            self._packets = receive_counts(self.peer_connection(self.record.webrtc_id))
         self.conversations.live.add(self)
         with conversation_context(self.record.conversation_id):
             await self._start_up()
@@ -258,6 +261,16 @@ class MoshiHandler(AsyncStreamHandler):
         self._watchdog = asyncio.create_task(self._watch(), name=f"moshi-rtc-watch-{self.record.webrtc_id}")
         with conversation_context(self.record.conversation_id):
             log.info("conversation taken up by a new WebRTC connection (%s)", self.record.webrtc_id[:8])
+        self._close_old(old.record.webrtc_id)
+
+    def _close_old(self, webrtc_id: str) -> None:
+        """Close the old connection's side here: its path is dead, and FastRTC would hold it (and
+        the page's transcript event, which reads its outputs and lets no newer one start) until
+        its consent checks give up."""
+        pc = self.peer_connection(webrtc_id) if self.peer_connection is not None else None
+        if pc is not None:
+            closing = asyncio.ensure_future(pc.close())  # FastRTC's "closed" listener cleans up the rest
+            self._closing_old = closing  # held until done
 
     def _hand_over(self) -> Conversation:
         """A newer connection takes this one's conversation: stop reading and watching it, and
@@ -434,12 +447,18 @@ class MoshiHandler(AsyncStreamHandler):
         """FastRTC closed the connection (stop button, tab closed, time limit, failure). One whose
         path had gone quiet keeps its slot for the rest of the grace, for a new connection to take
         it up (a closed tab sends audio to its last moment: it ends at once)."""
+        if self.clock is not None and self.clock.interrupted_at is not None and self._ending is None \
+                and self._conversation is not None and not self._handed_over.is_set():
+            self._stopped.set()
+            return  # the watchdog ends it as lost when the grace runs out
+        await self.stop()
+
+    async def stop(self) -> None:
+        """End this connection's conversation now (or leave the line): the visitor stopped it
+        (the page says so, `ui.WEBRTC_ROUTES["stop"]`), or its connection closed."""
         self._stopped.set()
         if self._handed_over.is_set():
             return
-        if self.clock is not None and self.clock.interrupted_at is not None and self._ending is None \
-                and self._conversation is not None:
-            return  # the watchdog ends it as lost when the grace runs out
         self._end(Ending.STOPPED)
         await self._finished()
 
@@ -502,8 +521,9 @@ class MoshiHandler(AsyncStreamHandler):
         record = self.record
         if record is None:  # shut down before start-up began
             return
-        if ending is Ending.STOPPED and self.recording.samples:
-            detail = duration_words(round(self.recording.samples / SAMPLE_RATE))
+        if ending is Ending.STOPPED and self.clock.started is not None:
+            # How long it lasted, outages and handovers included (its recording has their silence left out).
+            detail = duration_words(round(time.monotonic() - self.clock.started))
         message = ending_message(ending, self.limits, detail)
         label = ENDING_LABELS[ending]
         if ending is Ending.STOPPED and (record.line is not None or self.clock.started is None):

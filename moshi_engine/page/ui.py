@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -41,8 +41,9 @@ from ..engine import MoshiEngine, Voices
 from ..watch.metrics import Metrics
 from ..wire.protocol import Protocol
 from ..wire.remote import RemoteSession, with_query
-from .conversation_log import ConversationLog
+from .conversation_log import ConversationLog, ConversationRecord
 from .endings import Ending, ending_message, line_message
+from .event_stream import KeptEventStreams
 from .ice import (
     abandon_unconnected,
     browser_rtc_configuration,
@@ -51,7 +52,7 @@ from .ice import (
     webrtc_id_of,
 )
 from .layout import CSS, download_link, free_slots, layout, status_line, voice_status
-from .opus_rtp import receive_counts, use_fec_opus
+from .opus_rtp import use_fec_opus
 from .pagescript import RECORDING_READY, page_config, page_head
 from .rtc import MoshiHandler, OpenConversation
 from .static_files import STATIC_PATH, mount_static
@@ -62,8 +63,9 @@ STATUS_REFRESH_S = 1.0
 # FastRTC's own time limit closes the connection abruptly; ours ends the conversation
 # first with a message, so FastRTC's only backs it up.
 TIME_LIMIT_GRACE_S = 5.0
-ABANDON_PATH = "/webrtc/abandon"
-RESUME_PATH = "/webrtc/resume-token"
+# The page's own WebRTC routes, under its mount (`page.js` reads them from its config): it abandons an
+# attempt that never connected, learns its call's resume token, and says that the visitor stopped.
+WEBRTC_ROUTES = {"abandon": "/webrtc/abandon", "resume": "/webrtc/resume-token", "stop": "/webrtc/stop"}
 
 StatusSource = Callable[[], dict | None] | Callable[[], Awaitable[dict | None]]
 
@@ -104,8 +106,7 @@ def build_page(
     host: str = "127.0.0.1",
     conversations: ConversationLog | None = None,
     chat_path: str | None = None,
-    abandon_path: str = ABANDON_PATH,
-    resume_path: str = RESUME_PATH,
+    webrtc_routes: Mapping[str, str] = WEBRTC_ROUTES,
     static_path: str = STATIC_PATH,
     voices: list[str] | None = None,
     metrics: Metrics | None = None,
@@ -154,14 +155,14 @@ def build_page(
 
     theme = gr.themes.Soft(font=["system-ui", "sans-serif"])  # no web fonts to fetch
     config = page_config(limits, line_timeout_s=line_timeout_s, places=line_places, chat_path=chat_path,
-                         abandon_path=abandon_path, resume_path=resume_path)
+                         webrtc_routes=webrtc_routes)
     head = page_head(config, static_path)
     with gr.Blocks(title="Moshi voice chat", theme=theme, css=CSS, head=head) as blocks:
         shown_page = layout(voices, remote, host, rtc_configuration, default_sampling)
         status_md, voice, webrtc, controls = shown_page.status, shown_page.voice, shown_page.webrtc, shown_page.controls
         message_md, transcript = shown_page.message, shown_page.transcript
         recording = shown_page.recording
-        handler.receive_counts = lambda webrtc_id: receive_counts(webrtc.pcs.get(webrtc_id))
+        handler.peer_connection = webrtc.pcs.get
         shown = gr.State(None)  # the WebRTC id whose ending the page already shows
         timer = gr.Timer(STATUS_REFRESH_S)
 
@@ -275,8 +276,7 @@ def mount_ui(
     serves_chat = any(getattr(route, "path", None) == Protocol.MOSHI.path for route in app.routes)
     where = {
         "chat_path": Protocol.MOSHI.path if serves_chat else None,
-        "abandon_path": base + ABANDON_PATH,
-        "resume_path": base + RESUME_PATH,
+        "webrtc_routes": {name: base + route for name, route in WEBRTC_ROUTES.items()},
         "static_path": base + STATIC_PATH,
     }
     if engine is not None:
@@ -319,6 +319,7 @@ def mount_ui(
             **where,
         )
     app.add_middleware(BrowserIdentity)
+    app.add_middleware(KeptEventStreams)  # Gradio's event stream, moved to a new connection after a handover
     # Before the page: its mount at `path` would catch every path registered after it.
     mount_static(app, where["static_path"])
 
@@ -330,30 +331,41 @@ def mount_ui(
             raise HTTPException(404, "no such recording")
         return FileResponse(record.recording, media_type="audio/wav", filename=record.recording.name)
 
-    @app.post(base + RESUME_PATH, include_in_schema=False)
+    async def offer_ufrag(request: Request) -> str:
+        """The ICE ufrag of the page's offer, which names its WebRTC connection: {"ufrag": ...}."""
+        try:
+            return str((await request.json())["ufrag"])
+        except (ValueError, KeyError, TypeError):
+            raise HTTPException(400, 'expected JSON {"ufrag": "<the offer\'s ICE ufrag>"}') from None
+
+    async def browsers_record(request: Request) -> ConversationRecord | None:
+        """The record of the connection that the request's ufrag names, if it is this browser's."""
+        webrtc_id = webrtc_id_of(page.webrtc.pcs, await offer_ufrag(request))
+        return page.conversations.claim(webrtc_id, cookie_value(request.headers, BROWSER_COOKIE))
+
+    @app.post(base + WEBRTC_ROUTES["resume"], include_in_schema=False)
     async def resume_token(request: Request) -> JSONResponse:
         """The resume token of this browser's WebRTC conversation (its offer's ICE ufrag names it):
         what takes the conversation up on a new connection if this one's path dies. Null until
         the conversation has started, and for any other browser."""
-        try:
-            ufrag = str((await request.json())["ufrag"])
-        except (ValueError, KeyError, TypeError):
-            raise HTTPException(400, 'expected JSON {"ufrag": "<the offer\'s ICE ufrag>"}') from None
-        record = page.conversations.claim(webrtc_id_of(page.webrtc.pcs, ufrag),
-                                          cookie_value(request.headers, BROWSER_COOKIE))
+        record = await browsers_record(request)
         token = record.resume_token if record is not None and not record.ended else None
         return JSONResponse({"token": token})
 
-    @app.post(base + ABANDON_PATH, include_in_schema=False)
+    @app.post(base + WEBRTC_ROUTES["stop"], include_in_schema=False)
+    async def stop_webrtc(request: Request) -> JSONResponse:
+        """The visitor pressed Stop on this browser's WebRTC call (or closed its tab): end its
+        conversation now. The closing connection alone cannot say so: a call whose packets stopped
+        before its close looks like one whose path went quiet, and keeps its slot for a handover."""
+        record = await browsers_record(request)
+        return JSONResponse({"stopped": record is not None and await page.conversations.stop(record)})
+
+    @app.post(base + WEBRTC_ROUTES["abandon"], include_in_schema=False)
     async def abandon_webrtc(request: Request) -> JSONResponse:
         """The page gave up on a WebRTC attempt that never connected (it talks over the
         websocket instead): close the server's side of it now rather than in FastRTC's 30 s,
         so that it holds no place among the page's WebRTC connections."""
-        try:
-            ufrag = str((await request.json())["ufrag"])
-        except (ValueError, KeyError, TypeError):
-            raise HTTPException(400, 'expected JSON {"ufrag": "<the offer\'s ICE ufrag>"}') from None
-        return JSONResponse({"closed": await abandon_unconnected(page.webrtc.pcs, ufrag)})
+        return JSONResponse({"closed": await abandon_unconnected(page.webrtc.pcs, await offer_ufrag(request))})
 
     gr.mount_gradio_app(app, page.blocks, path=path, show_api=False)
     return page

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -26,7 +27,7 @@ from moshi_engine.audio import SAMPLE_RATE, rms  # noqa: E402
 from moshi_engine.conversation import SessionLimits  # noqa: E402
 from moshi_engine.engine import load_engine  # noqa: E402
 from moshi_engine.page.endings import Ending, ending_message, line_message  # noqa: E402
-from moshi_engine.page.ui import MoshiPage, mount_ui  # noqa: E402
+from moshi_engine.page.ui import WEBRTC_ROUTES, MoshiPage, mount_ui  # noqa: E402
 from moshi_engine.wire.server import create_api  # noqa: E402
 from tests.conftest import DEVICE, HELLO_WAV, until  # noqa: E402
 
@@ -351,3 +352,31 @@ async def test_a_new_connection_with_the_token_takes_the_conversation_up_and_a_w
     assert "unknown resume token" in ending(wrong)
     assert "used already" in ending(used)
     assert taken.ending is Ending.STOPPED and record.ending is None  # one conversation, ended once
+
+
+async def test_the_page_stopping_a_call_whose_sound_stopped_first_frees_its_slot_at_once(single_engine):
+    """FastRTC's Stop stops sending half a second before it closes the connection, and a call that
+    fell silent keeps its slot for a handover: the page's word that the visitor stopped ends the
+    conversation at once. Another connection's ufrag stops nothing."""
+    async with page_server(single_engine) as (page, http):
+        peer = Peer(page, "stopped-call")
+        await peer.offer(http)
+        await until(lambda: peer.received_seconds() > 0.5, timeout=30)
+        record = page.conversations.get("stopped-call")
+        (handler,) = [connection for connection in page.conversations.live if connection.record is record]
+        microphone = peer.pc.getSenders()[0].track
+        peer.pc.getSenders()[0].replaceTrack(None)  # the microphone goes quiet, the connection stays
+        await until(lambda: handler.clock.interrupted_at is not None, timeout=10)
+
+        stop = WEBRTC_ROUTES["stop"]  # the page is mounted at /
+        wrong = await http.post(stop, json={"ufrag": "not-this-call"})
+        assert wrong.json() == {"stopped": False} and single_engine.active == 1
+        assert (await http.post(stop, json={})).status_code == 400
+        ufrag = re.search(r"^a=ice-ufrag:(\S+)", peer.pc.localDescription.sdp, re.MULTILINE).group(1)
+        stopped = await http.post(stop, json={"ufrag": ufrag})
+        assert stopped.json() == {"stopped": True}
+        assert single_engine.active == 0 and record.ended  # at once, not after the grace
+        await peer.close()
+        microphone.stop()  # its player, no longer the connection's to stop
+
+    assert record.ending is Ending.STOPPED

@@ -21,7 +21,10 @@ import { SAMPLE_RATE } from "./opus.js";
 import { PageWords } from "./page-words.js";
 import { Readout } from "./readout.js";
 import { Recording, recordingName } from "./recording.js";
-import { offerUfrag, watchPeerConnections, WebRTCAttempt } from "./webrtc-watch.js";
+import { offerUfrag, tellServer, watchPeerConnections, WebRTCAttempt } from "./webrtc-watch.js";
+import { keepGradioStreams, reopenGradioStreams } from "./gradio-stream.js";
+
+keepGradioStreams(); // before Gradio opens its event stream: one that a handover can move
 
 const CONFIG = JSON.parse(document.getElementById("moshi-page-config").textContent);
 const WORDS = new PageWords(CONFIG.words, CONFIG.reasons);
@@ -80,6 +83,7 @@ const page = (window.moshiPage = {
   conversationId: null, // the server's id of the last websocket conversation (WebRTC's: in its details)
   resuming: null, // a handover under way: {token, until, startedAt}, while a new connection takes the call up
   handovers: 0, // calls taken up on a new connection
+  streamsMoved: 0, // Gradio event streams carried on a new connection after a handover
 });
 // How late Moshi's voice arrives and the time left, during a conversation (readout.js).
 const readout = (page.readout = new Readout(() => $("#moshi-transport"), CONFIG.words.readout, CONFIG.sessionLimitS));
@@ -325,6 +329,15 @@ async function keepToken(attempt) {
   }
 }
 
+/**
+ * Tell the server that the visitor stopped this call: it ends the conversation at once. The
+ * closing connection alone cannot say so: FastRTC stops sending half a second before it closes,
+ * and a call that fell silent keeps its slot for a handover.
+ */
+function tellStopped(pc) {
+  tellServer(CONFIG.stop, pc, "the call was stopped");
+}
+
 function setResumeInput(value) {
   const box = $(RESUME_INPUT);
   if (!box) return false;
@@ -352,10 +365,12 @@ function watchForHandover(attempt) {
   }, PROBE_EVERY_MS);
 }
 
-function handOver(attempt) {
+async function handOver(attempt) {
   page.resuming = { token: attempt.token, until: attempt.interruptedAt + 1000 * CONFIG.reconnectGraceS,
     startedAt: readout.startedAt }; // the countdown goes on from the conversation's start
   attempt.end(); // FastRTC's component goes back to Talk, quietly
+  // Gradio's event stream (the transcript, the ending) was on the dead path too: carry it on.
+  page.streamsMoved += await reopenGradioStreams(CONFIG.takeOver);
   pressTalkAgain();
 }
 
@@ -517,7 +532,10 @@ function onClick(event) {
     closePrimedContext();
     return;
   }
-  if (page.attempt?.state === "connected") return; // FastRTC's Stop
+  if (page.attempt?.state === "connected") {
+    tellStopped(page.attempt.pc); // FastRTC's Stop: it stops the call, the server ends its conversation
+    return;
+  }
   const websocket = (why) => {
     swallow(event);
     if (!CAN_FALL_BACK) {
@@ -549,7 +567,10 @@ watchPeerConnections(onPeerConnection);
 // slot until its idle limit; a closed connection is noticed at once. The websocket closes by
 // itself with the page.
 window.addEventListener("pagehide", () => {
-  for (const pc of page.peerConnections) pc.close();
+  for (const pc of page.peerConnections) {
+    tellStopped(pc);
+    pc.close();
+  }
   page.peerConnections.clear();
   page.conversation?.stop();
 });

@@ -42,8 +42,9 @@ export function offerUfrag(pc) {
  * answer came), `onEnded()` (closed or failed after it connected, or closed by its creator),
  * `onUnreachable()` (soon after the answer, no connectivity check has been answered either way:
  * UDP is blocked, or no path exists; the page need not wait out `timeoutMs`),
- * `onInterrupted()` and `onRecovered()` (a connected connection went "disconnected": no
- * packet came for a few seconds; and it came back by itself).
+ * `onInterrupted()` and `onRecovered()` (a connected call fell silent: no packet of Moshi's
+ * voice for QUIET_MS, which streams every 20 ms while it talks, or ICE went "disconnected";
+ * and it came back by itself).
  * States: "connecting" -> "connected" | "failed" | "abandoned" | "ended".
  *
  * A connected connection that goes "disconnected" is not over: an outage (a lift, a tunnel, a
@@ -53,6 +54,10 @@ export function offerUfrag(pc) {
  */
 const PROBE_MIN_MS = 600;
 const PROBE_AGAIN_MS = 300;
+// Silence this long on a call that had sound is an interruption, seconds before ICE says
+// "disconnected" (the server calls it so after 1.5 s): a handover has that much more of the grace.
+const QUIET_MS = 2000;
+const LISTEN_EVERY_MS = 500;
 
 export class WebRTCAttempt {
   constructor(pc, { timeoutMs = 5000, abandonUrl = null } = {}) {
@@ -65,6 +70,7 @@ export class WebRTCAttempt {
     this.interrupted = false;
     this.timer = null;
     this.probe = null;
+    this.listening = null;
     this.abandonPosted = false;
     const changed = (event) => this.#changed(event);
     const setLocalDescription = pc.setLocalDescription.bind(pc);
@@ -140,6 +146,7 @@ export class WebRTCAttempt {
         clearTimeout(this.timer);
         this.state = "connected";
         this.times.connected = performance.now();
+        this.#listen();
         this.onConnected?.();
       } else if (pc.connectionState === "failed" || pc.iceConnectionState === "failed") {
         clearTimeout(this.timer);
@@ -184,9 +191,34 @@ export class WebRTCAttempt {
     setTimeout(() => pc.close(), 1000);
   }
 
+  /** Count Moshi's packets while connected: silence after sound is an interruption. */
+  #listen() {
+    let packets = 0;
+    let heardAt = null;
+    this.listening = setInterval(async () => {
+      let now = 0;
+      (await this.pc.getStats()).forEach((report) => {
+        if (report.type === "inbound-rtp" && report.kind === "audio") now += report.packetsReceived ?? 0;
+      });
+      if (this.state !== "connected") return;
+      if (now > packets) {
+        packets = now;
+        heardAt = performance.now();
+        if (this.interrupted && this.pc.connectionState === "connected") {
+          this.interrupted = false;
+          this.onRecovered?.();
+        }
+      } else if (heardAt !== null && !this.interrupted && performance.now() - heardAt >= QUIET_MS) {
+        this.interrupted = true;
+        this.onInterrupted?.();
+      }
+    }, LISTEN_EVERY_MS);
+  }
+
   #ended() {
     clearTimeout(this.timer);
     clearTimeout(this.probe);
+    clearInterval(this.listening);
     this.state = "ended";
     this.times.ended = performance.now();
     this.onEnded?.();
@@ -210,14 +242,23 @@ export class WebRTCAttempt {
   }
 
   #postAbandon() {
-    const ufrag = offerUfrag(this.pc);
-    if (this.abandonPosted || !this.abandonUrl || !ufrag) return;
-    this.abandonPosted = true;
-    fetch(this.abandonUrl, {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: JSON.stringify({ ufrag }),
-      keepalive: true, // also when the visitor leaves the page right away
-    }).catch((error) => console.warn("could not tell the server that WebRTC was given up:", error));
+    if (this.abandonPosted) return;
+    this.abandonPosted = tellServer(this.abandonUrl, this.pc, "WebRTC was given up");
   }
+}
+
+/**
+ * POST the ufrag of `pc`'s offer to one of the page's WebRTC routes (`url`), also when the visitor
+ * leaves the page right away; whether it went (there is a route and an offer).
+ */
+export function tellServer(url, pc, what) {
+  const ufrag = offerUfrag(pc);
+  if (!url || !ufrag) return false;
+  fetch(url, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ ufrag }),
+    keepalive: true,
+  }).catch((error) => console.warn(`could not tell the server that ${what}:`, error));
+  return true;
 }
