@@ -159,13 +159,9 @@ export class WebRTCAttempt {
       const state = pc.connectionState;
       if (state === "disconnected") {
         if (event.type === "connectionstatechange") event.stopImmediatePropagation(); // not FastRTC's to end
-        if (!this.interrupted) {
-          this.interrupted = true;
-          this.onInterrupted?.();
-        }
-      } else if (state === "connected" && this.interrupted) {
-        this.interrupted = false;
-        this.onRecovered?.();
+        this.#interrupted(true);
+      } else if (state === "connected") {
+        this.#interrupted(false);
       } else if (state === "closed" || state === "failed") {
         this.#ended();
       }
@@ -204,15 +200,18 @@ export class WebRTCAttempt {
       if (now > packets) {
         packets = now;
         heardAt = performance.now();
-        if (this.interrupted && this.pc.connectionState === "connected") {
-          this.interrupted = false;
-          this.onRecovered?.();
-        }
-      } else if (heardAt !== null && !this.interrupted && performance.now() - heardAt >= QUIET_MS) {
-        this.interrupted = true;
-        this.onInterrupted?.();
+        if (this.pc.connectionState === "connected") this.#interrupted(false);
+      } else if (heardAt !== null && performance.now() - heardAt >= QUIET_MS) {
+        this.#interrupted(true);
       }
     }, LISTEN_EVERY_MS);
+  }
+
+  /** The call fell silent (true) or came back by itself (false): each told once. */
+  #interrupted(now) {
+    if (this.interrupted === now) return;
+    this.interrupted = now;
+    (now ? this.onInterrupted : this.onRecovered)?.();
   }
 
   #ended() {
