@@ -383,41 +383,50 @@ def network_section(profiles: tuple[str, ...] = PROFILE_ORDER, paths: tuple[str,
     results: dict = {"min_step_ms": min_step_ms, "profiles": {}}
     with AppBehindWire("loopback", seed=33, min_step_ms=min_step_ms, log_path=log_path) as wired, \
             sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=wired.net.chromium(CHROMIUM), args=[
-            *chromium_args(), f"--unsafely-treat-insecure-origin-as-secure={wired.base}"])
-        try:
-            for profile in profiles:
-                wired.net.set_profile(profile)
-                cells = results["profiles"][profile] = {}
-                for path in paths:
-                    log.info("network: %s over %s", path, profile)
-                    started = time.perf_counter()
-                    try:
-                        if path == "client":
-                            cell = client_path(wired, seconds, events)
-                        else:
+        def visitor():
+            """A browser of its own for each visitor: Chromium follows the first change of its
+            interface's address, not a second one in the same process (its next connection still
+            gathers the address before), so one browser for every cell would fail each later handover."""
+            return playwright.chromium.launch(executable_path=wired.net.chromium(CHROMIUM), args=[
+                *chromium_args(), f"--unsafely-treat-insecure-origin-as-secure={wired.base}"])
+
+        for profile in profiles:
+            wired.net.set_profile(profile)
+            cells = results["profiles"][profile] = {}
+            for path in paths:
+                log.info("network: %s over %s", path, profile)
+                started = time.perf_counter()
+                try:
+                    if path == "client":
+                        cell = client_path(wired, seconds, events)
+                    else:
+                        browser = visitor()
+                        try:
                             cell = _page_path(browser, wired.base, path, seconds, 2, 60.0)
                             wired.wait_idle()
                             cell.update(page_events(browser, wired, path, seconds, events))
-                    except Exception as error:  # one cell's failure is recorded, the others still run
-                        log.exception("network: %s over %s failed", path, profile)
-                        cell = {"error": f"{type(error).__name__}: {error}"}
-                    cell["duration_s"] = round(time.perf_counter() - started, 1)
-                    cells[path] = cell
-                    log.info("network: %s over %s: %s", path, profile, cell)
-                    wired.wait_idle(wired.grace_s + 10)
-            for profile in holds:
-                wired.net.set_profile(profile)
-                log.info("network: a WebRTC call held over %s", profile)
-                try:
-                    held = page_hold(browser, wired)
-                except Exception as error:
-                    log.exception("network: the call held over %s failed", profile)
-                    held = {"error": f"{type(error).__name__}: {error}"}
-                results.setdefault("holds", {})[profile] = held
-                log.info("network: held over %s: %s", profile, held)
-        finally:
-            browser.close()
+                        finally:
+                            browser.close()
+                except Exception as error:  # one cell's failure is recorded, the others still run
+                    log.exception("network: %s over %s failed", path, profile)
+                    cell = {"error": f"{type(error).__name__}: {error}"}
+                cell["duration_s"] = round(time.perf_counter() - started, 1)
+                cells[path] = cell
+                log.info("network: %s over %s: %s", path, profile, cell)
+                wired.wait_idle(wired.grace_s + 10)
+        for profile in holds:
+            wired.net.set_profile(profile)
+            log.info("network: a WebRTC call held over %s", profile)
+            browser = visitor()
+            try:
+                held = page_hold(browser, wired)
+            except Exception as error:
+                log.exception("network: the call held over %s failed", profile)
+                held = {"error": f"{type(error).__name__}: {error}"}
+            finally:
+                browser.close()
+            results.setdefault("holds", {})[profile] = held
+            log.info("network: held over %s: %s", profile, held)
     return results
 
 
