@@ -56,7 +56,10 @@ def network_section(runs: list[tuple[int, dict]]) -> list[str]:
         "*Concealed*: what Chromium's decoder made up of Moshi's audio over WebRTC (`getStats()`), in the",
         "steady window. Then, on the same conversation: a 3 s outage, a 10 s outage and a handover (the",
         "visitor's address changes), each survived or not, and how soon the server saw the lag back to",
-        "normal after it (`moshi_lag_recovery_seconds`).",
+        "normal after it (`moshi_lag_recovery_seconds`). Each page visitor is a Chromium of its own:",
+        "one Chromium follows the first change of its interface's address but not a second (its next",
+        "connection still gathers the old address), so one browser for every row failed each WebRTC",
+        "handover after the first.",
         "",
     ]
     notes = []
