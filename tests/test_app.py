@@ -302,7 +302,11 @@ def test_remote_mode_page_carries_a_browser_conversation_to_a_second_server():
             page.wait_for_function(
                 "() => document.querySelector('#moshi-transcript textarea').value.trim().length > 0", timeout=60_000
             )
-            page.wait_for_function(f"async () => ({INBOUND_AUDIO})().then(s => s.packets > 25)", timeout=30_000)
+            # Moshi's voice arrives: polled here, as wait_for_function takes an async predicate's Promise for true.
+            deadline = time.monotonic() + 30
+            while page.evaluate(INBOUND_AUDIO)["packets"] <= 25:
+                assert time.monotonic() < deadline, "no audio from Moshi over the relayed call"
+                time.sleep(0.2)
             assert moshi_status(moshi_url)["sessions"]["active"] == 1  # the second server holds the call
             page.click(TALK_BUTTON)  # stop
             wait_for_idle(moshi_url)

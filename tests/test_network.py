@@ -229,7 +229,8 @@ def test_after_a_handover_the_page_takes_its_webrtc_call_up_on_a_new_connection_
             time.sleep(0.5)
         # Moshi's voice arrives on the new call (once the server has read the page's inputs, the token
         # among them, over Gradio), and the server's answers are back to their usual lag.
-        page.wait_for_function(RECEIVED_PACKETS, timeout=15_000)
+        # Polled here: wait_for_function takes an async predicate's Promise for true.
+        wait_until(lambda: page.evaluate(RECEIVED_PACKETS) > 0, timeout=15)
         received = [page.evaluate(RECEIVED_PACKETS)]
         time.sleep(2.0)
         received.append(page.evaluate(RECEIVED_PACKETS))
