@@ -286,7 +286,15 @@ def test_remote_mode_page_carries_a_browser_conversation_to_a_second_server():
     from playwright.sync_api import sync_playwright
 
     from moshi_engine.bench.browser import STOP_BUTTON
-    from tests.page.test_browser import CHROMIUM, CHROMIUM_ARGS, INBOUND_AUDIO, TALK_BUTTON, TOKEN, open_page
+    from tests.page.test_browser import (
+        CHROMIUM,
+        CHROMIUM_ARGS,
+        INBOUND_AUDIO,
+        TALK_BUTTON,
+        TOKEN,
+        open_page,
+        wait_until,
+    )
 
     moshi, moshi_url = start_app("--model", "tiny", "--device", "cpu")
     page_only = None
@@ -303,10 +311,7 @@ def test_remote_mode_page_carries_a_browser_conversation_to_a_second_server():
                 "() => document.querySelector('#moshi-transcript textarea').value.trim().length > 0", timeout=60_000
             )
             # Moshi's voice arrives: polled here, as wait_for_function takes an async predicate's Promise for true.
-            deadline = time.monotonic() + 30
-            while page.evaluate(INBOUND_AUDIO)["packets"] <= 25:
-                assert time.monotonic() < deadline, "no audio from Moshi over the relayed call"
-                time.sleep(0.2)
+            wait_until(lambda: page.evaluate(INBOUND_AUDIO)["packets"] > 25, timeout=30)
             assert moshi_status(moshi_url)["sessions"]["active"] == 1  # the second server holds the call
             page.click(TALK_BUTTON)  # stop
             wait_for_idle(moshi_url)

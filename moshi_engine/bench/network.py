@@ -400,13 +400,10 @@ def network_section(profiles: tuple[str, ...] = PROFILE_ORDER, paths: tuple[str,
                     if path == "client":
                         cell = client_path(wired, seconds, events)
                     else:
-                        browser = visitor()
-                        try:
+                        with visitor() as browser:
                             cell = _page_path(browser, wired.base, path, seconds, 2, 60.0)
                             wired.wait_idle()
                             cell.update(page_events(browser, wired, path, seconds, events))
-                        finally:
-                            browser.close()
                 except Exception as error:  # one cell's failure is recorded, the others still run
                     log.exception("network: %s over %s failed", path, profile)
                     cell = {"error": f"{type(error).__name__}: {error}"}
@@ -417,14 +414,12 @@ def network_section(profiles: tuple[str, ...] = PROFILE_ORDER, paths: tuple[str,
         for profile in holds:
             wired.net.set_profile(profile)
             log.info("network: a WebRTC call held over %s", profile)
-            browser = visitor()
             try:
-                held = page_hold(browser, wired)
+                with visitor() as browser:
+                    held = page_hold(browser, wired)
             except Exception as error:
                 log.exception("network: the call held over %s failed", profile)
                 held = {"error": f"{type(error).__name__}: {error}"}
-            finally:
-                browser.close()
             results.setdefault("holds", {})[profile] = held
             log.info("network: held over %s: %s", profile, held)
     return results

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -523,7 +522,7 @@ class MoshiHandler(AsyncStreamHandler):
             return
         if ending is Ending.STOPPED and self.clock.started is not None:
             # How long it lasted, outages and handovers included (its recording has their silence left out).
-            detail = duration_words(round(time.monotonic() - self.clock.started))
+            detail = duration_words(round(self.clock.talked_s))
         message = ending_message(ending, self.limits, detail)
         label = ENDING_LABELS[ending]
         if ending is Ending.STOPPED and (record.line is not None or self.clock.started is None):

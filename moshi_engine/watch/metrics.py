@@ -281,6 +281,11 @@ class ConversationClock:
             return None
         return self.first_out - self.first_in
 
+    @property
+    def talked_s(self) -> float | None:
+        """How long it has had its slot, outages and handovers included (None before it got one)."""
+        return time.monotonic() - self.started if self.started is not None else None
+
     def end(self, ending: str, reason: str = "", **figures: object) -> bool:
         """Count the conversation as ended so (one of ENDINGS) and log its one end line; only the
         first call counts. Returns whether this call did."""
@@ -294,12 +299,12 @@ class ConversationClock:
             if self.interrupted_at is not None:  # it ended while interrupted: lost for good
                 self.metrics.interruptions.labels(self.voice, self.transport, LOST).inc()
         now = time.monotonic()
-        first_audio = self.first_audio_s
+        first_audio, talked = self.first_audio_s, self.talked_s
         fields = {
             "transport": self.transport,
             "voice": self.voice or None,
             "ending": ending,
-            "duration_s": round(now - self.started, 3) if self.started is not None else 0.0,
+            "duration_s": round(talked, 3) if talked is not None else 0.0,
             "waited_s": round((self.started or now) - self.opened, 3),
             "first_audio_s": round(first_audio, 3) if first_audio is not None else None,
             "frames_out": self.frames_out,
